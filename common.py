@@ -1,0 +1,664 @@
+"""Shared model layer of mgsd: everything more than one stage needs, in one small module.
+
+What lives here (and nowhere else):
+- distributed set-up for torchrun (`compute_init`, `compute_cleanup`, `print0`): gloo on CPU,
+  NCCL on GPU, same seed on every rank;
+- model loading (`load_model`): one path for a local folder or a hub id, the real
+  Qwen/Qwen3-VL-4B-Instruct and our offline tiny models alike (AutoModelForImageTextToText +
+  AutoProcessor), asserting that a real multimodal processor came back;
+- prompt encoding (`encode_prompts`, left padding) and the per-token log-prob gather
+  (`response_logprobs`) on the layout `[left-padded prompt P | right-padded response R]`;
+- a hand-rolled LoRA (`LoRALinear`, `add_lora`, `merge_lora`, `save_adapter`, `load_adapter`),
+  saved in PEFT's adapter format so that `peft` can load it;
+- atomic checkpoint writes (`atomic_dir`, `save_model`): write to a temporary sibling, rename;
+- a tiny-model factory (`build_tiny`): a random Qwen3VLForConditionalGeneration of
+  configurable size with a byte-level BPE tokenizer trained on the project's own text
+  (prompts, reference responses, perception answers, teacher contexts from envs.py), a
+  Qwen-style chat template, and image + video processor configs — an ordinary HF folder.
+
+Choices worth knowing:
+- Tiny models see fixed-size images (128x128 by default): the image processor's min and max
+  pixel counts are both image_size**2, so the HF processor and vLLM never resize and agree on
+  16 image tokens (one token per 32x32 pixels: patch 16, merge 2).
+- Text head_dim is >= 32 (vLLM's CPU attention needs it); mrope_section sums to head_dim/2.
+- `load_model` defaults to float32 weights (fp32 master weights; stages autocast to bf16 on
+  GPU themselves).
+
+Command line:
+    python common.py tiny --out models/tiny --size tiny      # tests, < 1M parameters
+    python common.py tiny --out models/small --size small    # main CPU job, a few M
+    python common.py tiny --out models/medium --size medium  # >= 30M, vLLM-vs-generate bench
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ------------------------------------------------------------------------------------------
+# Distributed set-up and logging
+
+
+def compute_init(seed=0):
+    """torchrun-aware set-up. Returns (ddp, rank, local_rank, world_size, device)."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if ddp and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+@contextmanager
+def atomic_dir(path):
+    """Yield a temporary sibling folder; on success it replaces `path`, on error it is deleted.
+    A reader never sees a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def unwrap(model):
+    """The plain HF model inside a DDP / compiled wrapper."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def save_model(model, processor, out_dir):
+    """Save a from_pretrained-loadable folder (safetensors + processor files), atomically."""
+    model = unwrap(model)
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("save_model: the model still holds LoRA layers; merge_lora(model) first")
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+# ------------------------------------------------------------------------------------------
+# Loading, encoding, log-probs
+
+
+def load_model(path, device="cpu", dtype=None):
+    """Model + processor from a local folder or a hub id. dtype None -> float32 weights."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
+
+    path = str(path)
+    local = Path(path)
+    if (local.exists() or path.startswith((".", "/"))) and not (local / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {path} (missing config.json)")
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: cannot load a processor ({str(e).splitlines()[0]})") from None
+    if not isinstance(processor, ProcessorMixin) or getattr(processor, "image_processor", None) is None:
+        # AutoProcessor silently falls back to the bare tokenizer when the processor cannot be built.
+        raise ValueError(f"{path}: no multimodal processor (got {type(processor).__name__}; "
+                         "need preprocessor_config.json, video_preprocessor_config.json and a tokenizer)")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32)
+    model.to(device)
+    tok = processor.tokenizer
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, processor
+
+
+def load_image(image):
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if not Path(image).is_file():
+        raise FileNotFoundError(f"image not found: {image}")
+    with Image.open(image) as im:
+        return im.convert("RGB")
+
+
+def message_images(messages):
+    """The images of a chat, in order (entries {"type": "image", "image": path or PIL})."""
+    images = []
+    for m in messages:
+        if isinstance(m["content"], list):
+            images += [load_image(c["image"]) for c in m["content"] if c.get("type") == "image"]
+    return images
+
+
+def encode_prompts(processor, messages_list, add_generation_prompt=True):
+    """A left-padded batch of chat prompts: input_ids, attention_mask, mm_token_type_ids and,
+    when any prompt has an image, pixel_values + image_grid_thw."""
+    texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=add_generation_prompt)
+             for m in messages_list]
+    images = [im for m in messages_list for im in message_images(m)]
+    batch = processor(text=texts, images=images or None, padding=True, padding_side="left",
+                      return_tensors="pt")
+    batch = dict(batch)
+    if "mm_token_type_ids" not in batch:
+        batch["mm_token_type_ids"] = torch.zeros_like(batch["input_ids"])
+    return batch
+
+
+def vision_token_ids(processor):
+    """Ids that must never be sampled: the vision special tokens."""
+    tok = processor.tokenizer
+    names = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+    ids = [tok.convert_tokens_to_ids(n) for n in names]
+    return [i for i in ids if i is not None and i != tok.unk_token_id]
+
+
+def token_logprobs(logits, token_ids):
+    """log softmax(logits)[token] without materialising the full log-softmax:
+    gathered logit - logsumexp, in float32."""
+    picked = logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1).float()
+    return picked - torch.logsumexp(logits.float(), dim=-1)
+
+
+def response_logprobs(model, prompt_batch, response_ids, response_mask):
+    """Log-prob of each response token. Sequence = [left-padded prompt P | right-padded
+    response R]; the token at P+j is predicted from position P+j-1, so the logits of positions
+    [P-1, P+R-1) are needed, and only those are computed (logits_to_keep). Returns [B, R]
+    (padding positions hold garbage; multiply by response_mask)."""
+    P, R = prompt_batch["input_ids"].shape[1], response_ids.shape[1]
+    response_mask = response_mask.to(prompt_batch["attention_mask"].dtype)
+    extra = {k: v for k, v in prompt_batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    input_ids = torch.cat([prompt_batch["input_ids"], response_ids.masked_fill(response_mask == 0, 0)], 1)
+    attention_mask = torch.cat([prompt_batch["attention_mask"], response_mask], 1)
+    mm = prompt_batch.get("mm_token_type_ids")
+    mm = torch.zeros_like(prompt_batch["input_ids"]) if mm is None else mm
+    mm_token_type_ids = torch.cat([mm, torch.zeros_like(response_ids)], 1)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
+                logits_to_keep=R + 1, use_cache=False, **extra)
+    return token_logprobs(out.logits[:, :-1], response_ids)
+
+
+@torch.no_grad()
+def generate_responses(model, processor, messages_list, max_new_tokens=256, temperature=0.0, top_p=1.0):
+    """Decode one response per chat (greedy when temperature is 0); vision tokens forbidden."""
+    model = unwrap(model)
+    batch = {k: v.to(model.device) for k, v in encode_prompts(processor, messages_list).items()}
+    tok = processor.tokenizer
+    kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                         pad_token_id=tok.pad_token_id, bad_words_ids=[[i] for i in vision_token_ids(processor)],
+                         **kwargs)
+    return tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# ------------------------------------------------------------------------------------------
+# LoRA: y = W x + (alpha / r) * B(A(dropout(x))), B = 0 at start, A Kaiming-uniform.
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank=8, alpha=16, dropout=0.0):
+        super().__init__()
+        self.base_layer = base  # PEFT's attribute name, so state-dict names line up
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        w = base.weight
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def weight(self):  # some HF code reads module.weight.dtype
+        return self.base_layer.weight
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def merged(self):
+        """The plain nn.Linear with W + scaling * B @ A, merged in float32."""
+        base = self.base_layer
+        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        base.weight.data = (base.weight.data.float() + delta).to(base.weight.dtype)
+        return base
+
+
+def lora_target_regex(targets=LORA_TARGETS):
+    """PEFT target_modules regex: the named linears of the language model only."""
+    return r".*language_model\.layers\.\d+\.(self_attn|mlp)\.(" + "|".join(targets) + r")"
+
+
+def add_lora(model, rank=8, alpha=16, dropout=0.0, targets=LORA_TARGETS):
+    """Freeze every weight, wrap the language model's target linears in LoRALinear (trainable).
+    Returns the list of wrapped module names."""
+    import re
+
+    pattern = re.compile(lora_target_regex(targets))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
+    if not names:
+        raise ValueError(f"add_lora: no module matches {pattern.pattern}")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
+    model._lora_config = dict(rank=rank, alpha=alpha, dropout=dropout, targets=list(targets))
+    return names
+
+
+def merge_lora(model):
+    """Replace every LoRALinear by its merged nn.Linear (in place). Returns the model."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, m.merged())
+    return model
+
+
+def adapter_state_dict(model):
+    """LoRA weights under PEFT's key names: base_model.model.<module path>.lora_A.weight."""
+    model = unwrap(model)
+    sd = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            sd[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
+            sd[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+    return sd
+
+
+def save_adapter(model, out_dir, base_model_path):
+    """Save the LoRA adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""
+    from safetensors.torch import save_file
+
+    model = unwrap(model)
+    cfg = model._lora_config
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": str(base_model_path),
+        "r": cfg["rank"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg["dropout"],
+        "target_modules": lora_target_regex(cfg["targets"]), "bias": "none", "fan_in_fan_out": False,
+        "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "inference_mode": True,
+    }
+    with atomic_dir(out_dir) as tmp:
+        save_file({k: v.cpu() for k, v in adapter_state_dict(model).items()}, str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def load_adapter(model, adapter_dir):
+    """Add LoRA layers as described by adapter_config.json and load their weights."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    cfg_file, weights_file = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not cfg_file.is_file() or not weights_file.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: not a LoRA adapter (need adapter_config.json and adapter_model.safetensors)")
+    cfg = json.loads(cfg_file.read_text())
+    targets = cfg.get("target_modules") or LORA_TARGETS
+    if isinstance(targets, str):  # our regex: recover the names between the last parentheses
+        targets = targets.rsplit("(", 1)[1].rstrip(")").split("|")
+    add_lora(model, rank=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0), targets=targets)
+    weights = load_file(str(weights_file))
+    expected = adapter_state_dict(model)
+    missing = set(expected) - set(weights)
+    if missing:
+        raise ValueError(f"{adapter_dir}: adapter lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            m.lora_A.weight.data.copy_(weights[f"base_model.model.{name}.lora_A.weight"])
+            m.lora_B.weight.data.copy_(weights[f"base_model.model.{name}.lora_B.weight"])
+    return model
+
+
+# ------------------------------------------------------------------------------------------
+# Tiny models, built offline
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]  # Qwen's order
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' or 'image' in item -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif item['type'] == 'video' or 'video' in item -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in item -%}{{- item['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# text: (hidden, layers, heads, kv_heads, head_dim, mlp) ; vision: (hidden, depth, heads, mlp, deepstack layers)
+SIZES = {
+    "tiny": dict(text=(64, 2, 2, 1, 32, 128), vision=(32, 2, 2, 64, (1,))),
+    "small": dict(text=(192, 4, 6, 2, 32, 512), vision=(96, 4, 4, 256, (1, 2))),
+    "medium": dict(text=(512, 8, 8, 4, 64, 1536), vision=(256, 6, 4, 1024, (2, 4))),
+}
+TOKENIZER_VOCAB = 2048
+
+
+def tokenizer_corpus(n_per_level=4):
+    """The project's own text: prompts, reference responses, perception answers, teacher
+    contexts and text states of a few instances of every task and level."""
+    try:
+        import envs
+    except ImportError:
+        envs = None
+    if envs is None or not hasattr(envs, "perception_answer"):  # placeholder until envs.py lands
+        return _placeholder_corpus()
+    texts = []
+    for task in envs.TASKS:
+        for level in envs.DEFAULT_LEVELS[task]:
+            found, seed = 0, 0
+            while found < n_per_level and seed < 50 * n_per_level:
+                state = envs.generate(task, level, seed)
+                seed += 1
+                if state is None:
+                    continue
+                found += 1
+                chats = [envs.student_messages(state, "img.png"), envs.text_student_messages(state),
+                         envs.teacher_messages(state), envs.perception_messages(state, "img.png")]
+                for chat in chats:
+                    for m in chat:
+                        content = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+                        texts += [c["text"] for c in content if c.get("type") == "text"]
+                texts += [envs.reference_response(state), envs.perception_answer(state), envs.text_state(state)]
+    return texts
+
+
+def _placeholder_corpus():
+    rng = random.Random(0)
+    texts = []
+    for _ in range(200):
+        n = rng.randint(3, 8)
+        pos = lambda: f"({rng.randrange(n)}, {rng.randrange(n)})"
+        texts.append(f"Task: FrozenLake\nMap size: {n}x{n}\nStart: {pos()}\nGoal: {pos()}\nHoles: {pos()}, {pos()}\n"
+                     f"1. Map size: {n}x{n}\n2. Player position: {pos()}\n3. Goal position: {pos()}\n"
+                     f"The player walks right and down to the goal. <answer>DDRR</answer>\n"
+                     "You are a planning agent. Look at the image and answer the numbered questions. "
+                     "Open directions by cell: up, right, down, left. Agent, Printer, Table cells, PICK, DROP.")
+    return texts
+
+
+def train_tokenizer(texts, vocab_size=TOKENIZER_VOCAB):
+    """A byte-level BPE with Qwen's pre-tokenizer, trained on `texts`, wrapped as Qwen2Tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for t in SPECIAL_TOKENS:
+        vocab[t] = len(vocab)
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                         unk_token=None, model_max_length=32768)
+    from tokenizers import AddedToken
+
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True) for t in SPECIAL_TOKENS]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_tiny(out_dir, size="tiny", seed=0, image_size=128):
+    """Build and save a random Qwen3VLForConditionalGeneration + processor folder. Returns the path."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
+    if image_size % 32:
+        raise ValueError(f"image_size must be a multiple of 32 (one token per 32x32 pixels), got {image_size}")
+    tok = train_tokenizer(tokenizer_corpus())
+    hidden, layers, heads, kv_heads, head_dim, mlp = SIZES[size]["text"]
+    v_hidden, v_depth, v_heads, v_mlp, deepstack = SIZES[size]["vision"]
+    half = head_dim // 2
+    mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]  # Qwen: 24/20/20 of 64
+    vocab_size = (len(tok) + 63) // 64 * 64
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    grid = image_size // 16
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                         max_position_embeddings=4096 + 4096,
+                         rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=mrope,
+                                              mrope_interleaved=True),
+                         tie_word_embeddings=False, pad_token_id=ids["<|endoftext|>"],
+                         bos_token_id=None, eos_token_id=ids["<|im_end|>"]),
+        vision_config=dict(depth=v_depth, hidden_size=v_hidden, intermediate_size=v_mlp, num_heads=v_heads,
+                           out_hidden_size=hidden, num_position_embeddings=grid * grid, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=list(deepstack)),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).float()
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.bos_token_id = None
+    pixels = image_size * image_size  # min = max pixels: a fixed image size, never resized
+    image_processor = Qwen2VLImageProcessor(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=16,
+                                            temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3,
+                                            image_std=[0.5] * 3)
+    video_processor = Qwen3VLVideoProcessor(size={"shortest_edge": pixels, "longest_edge": pixels * 4},
+                                            patch_size=16, temporal_patch_size=2, merge_size=2,
+                                            image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
+                                 chat_template=CHAT_TEMPLATE)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        # Also the classic per-processor files, for loaders that look for them (older transformers, vLLM).
+        image_processor.save_pretrained(tmp)
+        video_processor.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="mgsd shared model layer: build tiny offline models")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("tiny", help="build a random tiny Qwen3-VL model + processor folder")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--size", default="tiny", choices=sorted(SIZES), help="tiny (<1M, tests), small (a few M), medium (>=30M)")
+    p.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    p.add_argument("--image-size", type=int, default=128, help="the fixed image side in pixels (multiple of 32)")
+    args = parser.parse_args()
+    try:
+        path = build_tiny(args.out, size=args.size, seed=args.seed, image_size=args.image_size)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    from transformers import AutoConfig
+
+    n = sum(p.numel() for p in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        str(path / "model.safetensors")).values())
+    print(f"wrote {path} ({args.size}, {n / 1e6:.2f}M parameters, {AutoConfig.from_pretrained(path).text_config.vocab_size} vocab)")
+
+
+if __name__ == "__main__":
+    main()
+
+
+# ------------------------------------------------------------------------------------------
+# vLLM: one in-process engine per rank, for rollouts (opcd.py) and evaluation (evaluate.py).
+# vllm is imported lazily: everything above works without it.
+#   llm = make_llm(path, seed=0, max_model_len=4096)          # under torchrun: one engine per rank
+#   outs = vllm_generate(llm, processor, messages_list, max_new_tokens=256, temperature=1.0, logprobs=True)
+#   push_weights(llm, model)                                   # after every optimiser step
+#   lps = vllm_score(llm, processor, messages_list, response_ids_list)
+
+
+def vllm_available():
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_llm(path, seed=0, max_model_len=4096, dtype="float32", kv_cache_bytes=256 << 20, gpu_memory_utilization=0.3):
+    """An in-process vLLM engine for the model folder `path`.
+
+    Under torchrun (WORLD_SIZE > 1) every rank gets its own engine (external_launcher,
+    data_parallel_size=WORLD_SIZE); all ranks must then call generate the same number of times.
+    On CPU the KV cache is sized in bytes (kv_cache_bytes); on GPU by gpu_memory_utilization.
+    The engine re-seeds torch's global RNG: the caller's RNG state is restored afterwards."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights can be handed over directly
+    os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")  # no first-request compile (needs a C compiler); same results
+    from vllm import LLM
+
+    kwargs = dict(model=str(path), dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
+                  limit_mm_per_prompt={"image": 1, "video": 0})
+    if torch.cuda.is_available():
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    else:
+        kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1:
+        kwargs.update(distributed_executor_backend="external_launcher", data_parallel_size=world_size)
+    rng = torch.get_rng_state()
+    llm = LLM(**kwargs)
+    torch.set_rng_state(rng)
+    return llm
+
+
+def hf_state_dict(model):
+    """The model's weights under Hugging Face names, LoRA layers merged (W + alpha/r * B @ A),
+    without modifying the model."""
+    model = unwrap(model)
+    sd = {}
+    lora = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    for key, value in model.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        if ".lora_A" in key or ".lora_B" in key:
+            continue
+        owner = module[: -len(".base_layer")] if module.endswith(".base_layer") else None
+        if owner in lora:
+            m = lora[owner]
+            if leaf == "weight":
+                delta = (m.lora_B.weight.float() @ m.lora_A.weight.float()) * m.scaling
+                value = (value.float() + delta).to(value.dtype)
+            key = f"{owner}.{leaf}"
+        sd[key] = value.detach()
+    return sd
+
+
+def push_weights(llm, model):
+    """Copy the trainer's current weights into the engine, then drop every cache computed with
+    the old ones: prefix (KV) cache, multimodal processor cache and encoder (vision) cache."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(hf_state_dict(model).items())})
+    llm.reset_prefix_cache()
+    llm.reset_mm_cache()
+    llm.llm_engine.reset_encoder_cache()  # without it a seen image fails with "Encoder cache miss"
+
+
+def vllm_prompts(processor, messages_list):
+    """vLLM prompt dicts: the chat template text plus the images (PIL) of each chat."""
+    prompts = []
+    for messages in messages_list:
+        prompt = {"prompt": processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)}
+        images = message_images(messages)
+        if images:
+            prompt["multi_modal_data"] = {"image": images[0] if len(images) == 1 else images}
+        prompts.append(prompt)
+    return prompts
+
+
+def vllm_generate(llm, processor, messages_list, max_new_tokens=256, temperature=0.0, top_p=1.0, seeds=None,
+                  logprobs=False):
+    """One response per chat (greedy when temperature is 0); vision tokens are never sampled.
+    seeds: one int per chat (reproducible sampling) or None. Returns one dict per chat:
+    token_ids (ending with the end-of-turn token when finished), logprobs (the model's raw
+    log-prob of each sampled token, or None), text, finished."""
+    from vllm import SamplingParams
+
+    banned = set(vision_token_ids(processor))
+    allowed = [i for i in range(len(processor.tokenizer)) if i not in banned]
+    params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=0,
+                             seed=None if seeds is None else int(seeds[i]), allowed_token_ids=allowed,
+                             logprobs=0 if logprobs else None, skip_special_tokens=True)
+              for i in range(len(messages_list))]
+    outs = llm.generate(vllm_prompts(processor, messages_list), params, use_tqdm=False)  # [] too: ranks in lockstep
+    results = []
+    for out in outs:
+        c = out.outputs[0]
+        token_ids = list(c.token_ids)
+        lps = [d[t].logprob for d, t in zip(c.logprobs, token_ids)] if logprobs else None
+        results.append(dict(token_ids=token_ids, logprobs=lps, text=c.text, finished=c.finish_reason == "stop"))
+    return results
+
+
+def vllm_score(llm, processor, messages_list, response_ids_list):
+    """Log-prob of each given response token after its chat prompt: prompt_logprobs of
+    [prompt ids | response ids]. The prompt goes in un-expanded (one image placeholder per
+    image); vLLM expands it as it does for text prompts. Returns a list of lists of floats."""
+    from vllm import SamplingParams
+
+    prompts = []
+    for p, response in zip(vllm_prompts(processor, messages_list), response_ids_list):
+        ids = processor.tokenizer(p.pop("prompt"), add_special_tokens=False)["input_ids"]
+        prompts.append(dict(p, prompt_token_ids=ids + list(response)))
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    scores = []
+    for out, response in zip(outs, response_ids_list):
+        entries = out.prompt_logprobs[len(out.prompt_logprobs) - len(response):]
+        scores.append([d[t].logprob for d, t in zip(entries, response)])
+    return scores
