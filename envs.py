@@ -1,0 +1,1032 @@
+"""The three grid-world planning tasks of MGSD: generation, pictures, text views, prompts, the one
+parser / simulator / scorer, question-answer data, and the data-set writer.
+
+Tasks (SPEC §1; level = grid side n, coordinates 0-based (row, col) from the top-left):
+  frozenlake     walk from S to G; a hole ends the episode, a move off the grid is illegal.
+  maze           a perfect maze carved by randomised DFS; moving through a wall is illegal.
+  minibehaviour  walk next to the printer, PICK it, walk next to the 2x3 table, DROP it.
+Every instance is a pure function of (task, level, seed) (its own random.Random, never the global
+RNG) and carries its shortest plan, found by breadth-first search over the simulator's own `step`,
+so the planner, the simulator and the scorer can never disagree.
+
+One parser (`parse_plan`, SPEC §4) and one simulator (`simulate`) serve the training reward,
+validation and every evaluation. Pictures are PIL primitives only (no assets): each cell is a
+pasted tile, the cell centre always shows one flat colour per cell type (`LEGEND`, the same table
+the prompts describe), so the symbolic state can be read back from the pixels.
+
+Choices where the SPEC is silent:
+  - A seed whose FrozenLake map has no path, or whose MiniBehaviour printer/table cannot be
+    reached, or whose maze has no start/target pair in the seed's difficulty bucket, is skipped
+    (`generate` returns None).
+  - Maze difficulty buckets: seed % 3 picks easy / medium / hard, and a split fills an equal quota
+    of each bucket per level.
+  - Splits: each split reads its own seed range (train 0.., val 10^8.., test 2*10^8..), and a
+    state belongs to exactly one split by a stable hash of its content (train 80 %, val 10 %,
+    test 10 % of the hash space), so no state can appear in two splits; repeats inside a split
+    are skipped. A level that runs out of distinct states raises a one-line error.
+  - "Printer-adjacent" / "table-adjacent" cells are the in-grid, non-table cells 4-adjacent to
+    the printer / to any table cell. An empty <answer></answer> block does not parse.
+
+Commands:
+  python envs.py data --out data/train --split train --per-level 1000 --workers 2
+  python envs.py data --out data/val --split val --per-level 100 --kinds planning,perception,dynamics
+  python envs.py show maze --level 4 --seed 7 --out maze.png
+"""
+import argparse
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import sys
+from collections import deque
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+TASKS = ("frozenlake", "maze", "minibehaviour")
+DEFAULT_LEVELS = {"frozenlake": (3, 4, 5, 6, 7, 8), "maze": (3, 4, 5, 6), "minibehaviour": (5, 6)}
+LEVEL_RANGE = {"frozenlake": (2, 10), "maze": (2, 10), "minibehaviour": (4, 10)}
+NAMES = {"frozenlake": "FrozenLake", "maze": "Maze", "minibehaviour": "MiniBehaviour"}
+KINDS = ("planning", "text-planning", "perception", "dynamics")
+MOVES = {"U": (-1, 0), "R": (0, 1), "D": (1, 0), "L": (0, -1)}  # BFS tries actions in this order
+WORDS = {"U": "up", "R": "right", "D": "down", "L": "left"}
+ACTIONS = {"frozenlake": "URDL", "maze": "URDL", "minibehaviour": ("U", "R", "D", "L", "PICK", "DROP")}
+SPLITS = {"train": (0, 0.0, 0.8), "val": (10**8, 0.8, 0.9), "test": (2 * 10**8, 0.9, 1.0)}  # seed base, hash range
+HOLE_PROB = 0.1
+
+# One legend per task: (role, how the prompt describes it, RGB at the cell centre). The renderer
+# paints exactly these centre colours and the prompts quote exactly these descriptions (SPEC §10).
+LEGEND = {
+    "frozenlake": (("frozen", "ice-blue cells are frozen (safe)", (190, 225, 250)),
+                   ("hole", "dark navy cells are holes", (20, 30, 70)),
+                   ("goal", "the red gift box with a gold ribbon is the goal", (250, 200, 30)),
+                   ("player", "the purple figure is the player", (130, 60, 190))),
+    "maze": (("corridor", "white cells are corridors, black bars are walls", (255, 255, 255)),
+             ("player", "the yellow dot is the player", (250, 210, 0)),
+             ("target", "the blue dot is the target", (30, 90, 230))),
+    "minibehaviour": (("floor", "black cells are free floor", (0, 0, 0)),
+                      ("table", "tan cells are the table", (210, 180, 140)),
+                      ("printer", "the white box is the printer", (255, 255, 255)),
+                      ("agent", "the red triangle is the agent", (220, 30, 30))),
+}
+COLOR = {task: {role: rgb for role, _, rgb in rows} for task, rows in LEGEND.items()}
+
+
+def fmt(p, space=False):
+    return f"({p[0]}, {p[1]})" if space else f"({p[0]},{p[1]})"
+
+
+def fmt_list(cells, space=False):
+    return ", ".join(fmt(p, space) for p in sorted(map(tuple, cells))) or "none"
+
+
+def plan_text(plan, task):
+    return ",".join(plan) if task == "minibehaviour" else "".join(plan)
+
+
+# ---------------------------------------------------------------- simulator: one step function per task
+class World:
+    """Precomputed lookups of one state; `step(sim, action) -> (sim', status)`,
+    status in ok / illegal / fell / success. sim = (r, c) or (r, c, carrying)."""
+
+    def __init__(self, state):
+        self.task, self.n = state["task"], state["level"]
+        if self.task == "minibehaviour":
+            self.start = (*state["agent"], False)
+            self.printer = tuple(state["printer"])
+            self.table = {tuple(p) for p in state["table"]}
+        else:
+            self.start = tuple(state["start"])
+            self.goal = tuple(state["goal"] if self.task == "frozenlake" else state["target"])
+            self.holes = {tuple(p) for p in state.get("holes", ())}
+            self.open = state.get("open")
+
+    def step(self, sim, a):
+        n, r, c = self.n, sim[0], sim[1]
+        if self.task == "minibehaviour":
+            carrying = sim[2]
+            if a == "PICK":
+                ok = not carrying and abs(r - self.printer[0]) + abs(c - self.printer[1]) == 1
+                return ((r, c, True), "ok") if ok else (sim, "illegal")
+            if a == "DROP":
+                ok = carrying and any(abs(r - tr) + abs(c - tc) == 1 for tr, tc in self.table)
+                return (sim, "success") if ok else (sim, "illegal")
+            dr, dc = MOVES[a]
+            p = (r + dr, c + dc)
+            if not (0 <= p[0] < n and 0 <= p[1] < n) or p in self.table or (p == self.printer and not carrying):
+                return sim, "illegal"
+            return (*p, carrying), "ok"
+        if a not in MOVES:
+            return sim, "illegal"
+        dr, dc = MOVES[a]
+        p = (r + dr, c + dc)
+        if self.task == "maze" and a not in self.open[r][c]:
+            return sim, "illegal"
+        if not (0 <= p[0] < n and 0 <= p[1] < n):
+            return sim, "illegal"
+        if p in self.holes:
+            return p, "fell"
+        return p, ("success" if p == self.goal else "ok")
+
+
+def solve(state):
+    """Breadth-first search over World.step: a shortest plan (list of actions) or None."""
+    world = World(state)
+    parent = {world.start: None}
+    queue = deque([world.start])
+    while queue:
+        sim = queue.popleft()
+        for a in ACTIONS[state["task"]]:
+            nxt, status = world.step(sim, a)
+            if status == "success":
+                plan, back = [a], sim
+                while parent[back] is not None:
+                    back, act = parent[back]
+                    plan.append(act)
+                return plan[::-1]
+            if status == "ok" and nxt not in parent:
+                parent[nxt] = (sim, a)
+                queue.append(nxt)
+    return None
+
+
+def simulate(state, actions):
+    """Run `actions` from the initial state; stop at the first success or failure (SPEC §4)."""
+    world = World(state)
+    sim = world.start
+    for i, a in enumerate(actions):
+        sim, status = world.step(sim, a)
+        if status != "ok":
+            return {"success": status == "success", "illegal": status == "illegal",
+                    "fell": status == "fell", "steps": i + 1}
+    return {"success": False, "illegal": False, "fell": False, "steps": len(actions)}
+
+
+# ---------------------------------------------------------------- generation
+def _rng(task, level, seed):
+    return random.Random(f"{task}/{level}/{seed}")  # str seeds hash with sha512: stable everywhere
+
+
+def _cells(n):
+    return [(r, c) for r in range(n) for c in range(n)]
+
+
+def _maze_buckets(n):
+    easy, medium = max(1, n // 2), n
+    return {"easy": (1, easy), "medium": (easy + 1, medium), "hard": (medium + 1, n * n)}
+
+
+def _gen_frozenlake(n, rng, seed):
+    start, goal = rng.sample(_cells(n), 2)
+    holes = [list(p) for p in _cells(n) if p not in (start, goal) and rng.random() < HOLE_PROB]
+    return {"start": list(start), "goal": list(goal), "holes": holes}
+
+
+def _gen_maze(n, rng, seed):
+    open_ = [[set() for _ in range(n)] for _ in range(n)]
+    first = (rng.randrange(n), rng.randrange(n))
+    seen, stack = {first}, [first]
+    while stack:  # randomised depth-first carving: a perfect maze
+        r, c = stack[-1]
+        nbrs = [(a, (r + dr, c + dc)) for a, (dr, dc) in MOVES.items()
+                if 0 <= r + dr < n and 0 <= c + dc < n and (r + dr, c + dc) not in seen]
+        if not nbrs:
+            stack.pop()
+            continue
+        a, p = rng.choice(nbrs)
+        open_[r][c].add(a)
+        open_[p[0]][p[1]].add({"U": "D", "D": "U", "L": "R", "R": "L"}[a])
+        seen.add(p)
+        stack.append(p)
+    open_ = [["".join(a for a in "URDL" if a in cell) for cell in row] for row in open_]
+    difficulty = ("easy", "medium", "hard")[seed % 3]
+    lo, hi = _maze_buckets(n)[difficulty]
+    start = (rng.randrange(n), rng.randrange(n))
+    dist, queue = {start: 0}, deque([start])
+    while queue:
+        r, c = queue.popleft()
+        for a in open_[r][c]:
+            p = (r + MOVES[a][0], c + MOVES[a][1])
+            if p not in dist:
+                dist[p] = dist[(r, c)] + 1
+                queue.append(p)
+    targets = [p for p in _cells(n) if lo <= dist[p] <= hi]
+    if not targets:
+        return None
+    return {"start": list(start), "target": list(rng.choice(targets)), "open": open_, "difficulty": difficulty}
+
+
+def _gen_minibehaviour(n, rng, seed):
+    tr, tc = rng.randrange(n - 1), rng.randrange(n - 2)
+    table = [(tr + i, tc + j) for i in range(2) for j in range(3)]
+    printer, agent = rng.sample([p for p in _cells(n) if p not in table], 2)
+    return {"agent": list(agent), "printer": list(printer), "table": [list(p) for p in table]}
+
+
+GENERATORS = {"frozenlake": _gen_frozenlake, "maze": _gen_maze, "minibehaviour": _gen_minibehaviour}
+
+
+def generate(task, level, seed):
+    """The instance of (task, level, seed) with its BFS plan, or None when the seed is skipped."""
+    body = GENERATORS[task](level, _rng(task, level, seed), seed)
+    if body is None:
+        return None
+    state = {"task": task, "level": level, **body}
+    plan = solve(state)
+    if plan is None:
+        return None
+    state["plan"] = plan
+    return state
+
+
+# ---------------------------------------------------------------- pictures
+# Detail colours that never sit at a cell centre, then one fixed palette of every colour drawn:
+# pictures are palette images (fast to compose with numpy and to write as PNG), returned as RGB.
+INK = {"ice_line": (110, 150, 190), "gift": (210, 40, 40), "skin": (250, 210, 170), "wall": (0, 0, 0),
+       "corridor_line": (200, 200, 200), "floor_line": (70, 70, 70), "table_line": (170, 140, 100),
+       "paper": (150, 150, 150)}
+PALETTE = sorted({*INK.values(), *(rgb for rows in LEGEND.values() for _, _, rgb in rows)})
+BORDER = {"frozenlake": INK["ice_line"], "maze": INK["wall"], "minibehaviour": INK["floor_line"]}
+
+
+def geometry(n, size):
+    """Cell side in pixels and the margin: cell (r, c) spans x in [margin + c*cell, margin + (c+1)*cell)."""
+    cell = size // n
+    return cell, (size - n * cell) // 2
+
+
+@lru_cache(maxsize=None)
+def _tile(task, key, s):
+    """Palette indices (s x s uint8) of one cell whose content is `key`, drawn once per size."""
+    col = COLOR[task]
+    img = Image.new("RGB", (s, s), col.get("frozen", col.get("floor", col.get("corridor"))))
+    d = ImageDraw.Draw(img)
+    box = lambda f0, f1: [round(f0 * s), round(f0 * s), round(f1 * s) - 1, round(f1 * s) - 1]
+    mid, w = s // 2, max(2, s // 7)
+    if task == "frozenlake":
+        d.rectangle([0, 0, s - 1, s - 1], outline=INK["ice_line"])
+        if key == "hole":
+            d.ellipse(box(0.1, 0.9), fill=col["hole"])
+        elif key == "goal":  # a red gift box; its gold ribbon crosses the cell centre
+            d.rectangle(box(0.2, 0.8), fill=INK["gift"])
+            d.rectangle([mid - w // 2, round(0.2 * s), mid - w // 2 + w - 1, round(0.8 * s) - 1], fill=col["goal"])
+            d.rectangle([round(0.2 * s), mid - w // 2, round(0.8 * s) - 1, mid - w // 2 + w - 1], fill=col["goal"])
+        elif key == "player":  # a head over a purple robe that covers the cell centre
+            d.ellipse([round(0.36 * s), round(0.1 * s), round(0.64 * s), round(0.38 * s)], fill=INK["skin"])
+            d.polygon([(0.38 * s, 0.4 * s), (0.62 * s, 0.4 * s), (0.75 * s, 0.9 * s), (0.25 * s, 0.9 * s)], fill=col["player"])
+    elif task == "maze":  # key = (open directions, content); each cell draws its half of every wall
+        open_dirs, content = key
+        wall = max(2, s // 8)
+        d.rectangle([0, 0, s - 1, s - 1], outline=INK["corridor_line"])
+        sides = {"U": [0, 0, s - 1, wall - 1], "D": [0, s - wall, s - 1, s - 1],
+                 "L": [0, 0, wall - 1, s - 1], "R": [s - wall, 0, s - 1, s - 1]}
+        for a, rect in sides.items():
+            if a not in open_dirs:
+                d.rectangle(rect, fill=INK["wall"])
+        for x in (0, s - wall):  # wall posts at the corners
+            for y in (0, s - wall):
+                d.rectangle([x, y, x + wall - 1, y + wall - 1], fill=INK["wall"])
+        if content:
+            d.ellipse(box(0.22, 0.78), fill=col[content])
+    else:
+        d.rectangle([0, 0, s - 1, s - 1], fill=col["table"] if key == "table" else col["floor"],
+                    outline=INK["table_line"] if key == "table" else INK["floor_line"])
+        if key == "printer":  # a white box with a grey paper tray at the top
+            d.rectangle(box(0.2, 0.8), fill=col["printer"])
+            d.rectangle([round(0.3 * s), round(0.2 * s), round(0.7 * s) - 1, round(0.3 * s)], fill=INK["paper"])
+        elif key == "agent":
+            d.polygon([(s / 2, 0.1 * s), (0.88 * s, 0.88 * s), (0.12 * s, 0.88 * s)], fill=col["agent"])
+    rgb = np.asarray(img, dtype=np.int32)
+    codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    lookup = np.array([(r << 16) | (g << 8) | b for r, g, b in PALETTE])
+    index = np.searchsorted(lookup, codes)
+    assert (lookup[index] == codes).all(), "a tile uses a colour outside PALETTE"
+    return index.astype(np.uint8)
+
+
+def cell_roles(state):
+    """{(r, c): role} for every cell, roles from LEGEND[task]."""
+    task, n = state["task"], state["level"]
+    roles = {p: ("frozen" if task == "frozenlake" else "corridor" if task == "maze" else "floor") for p in _cells(n)}
+    if task == "frozenlake":
+        roles.update({tuple(p): "hole" for p in state["holes"]})
+        roles[tuple(state["goal"])], roles[tuple(state["start"])] = "goal", "player"
+    elif task == "maze":
+        roles[tuple(state["target"])], roles[tuple(state["start"])] = "target", "player"
+    else:
+        roles.update({tuple(p): "table" for p in state["table"]})
+        roles[tuple(state["printer"])], roles[tuple(state["agent"])] = "printer", "agent"
+    return roles
+
+
+def render_indexed(state, size=256):
+    """The picture as a palette ("P") image: cached tiles composed with numpy."""
+    task, n = state["task"], state["level"]
+    cell, margin = geometry(n, size)
+    if task == "maze":
+        keys = [(state["open"][r][c], "" if role == "corridor" else role) for (r, c), role in cell_roles(state).items()]
+    else:
+        keys = list(cell_roles(state).values())
+    tiles = np.stack([_tile(task, key, cell) for key in keys]).reshape(n, n, cell, cell)
+    canvas = np.full((size, size), PALETTE.index(BORDER[task]), dtype=np.uint8)
+    canvas[margin:margin + n * cell, margin:margin + n * cell] = tiles.transpose(0, 2, 1, 3).reshape(n * cell, n * cell)
+    img = Image.fromarray(canvas, mode="P")
+    img.putpalette([v for rgb in PALETTE for v in rgb])
+    return img
+
+
+def render(state, size=256):
+    """RGB picture of the initial state, size x size pixels (PIL primitives only, no assets)."""
+    return render_indexed(state, size).convert("RGB")
+
+
+def save_png(img, path):
+    img.save(path, format="PNG", compress_level=1)  # fast; flat colours compress well anyway
+
+
+# ---------------------------------------------------------------- text views (SPEC §2)
+def _adjacent(n, cells, blocked):
+    out = {(r + dr, c + dc) for r, c in cells for dr, dc in MOVES.values()}
+    return sorted(p for p in out if 0 <= p[0] < n and 0 <= p[1] < n and p not in blocked)
+
+
+def legal_moves(state):
+    """Words of the actions that are not illegal from the initial state (a hole is legal, fatal)."""
+    world = World(state)
+    return [WORDS.get(a, a.lower()) for a in ACTIONS[state["task"]] if world.step(world.start, a)[1] != "illegal"]
+
+
+def facts(state):
+    """Typed facts of a state, in the order of the perception questions (SPEC §5.1)."""
+    task, n = state["task"], state["level"]
+    pos = lambda key: tuple(state[key])
+    if task == "frozenlake":
+        return {"size": n, "player": pos("start"), "goal": pos("goal"), "holes": sorted(map(tuple, state["holes"]))}
+    if task == "maze":
+        open_ = {(r, c): [WORDS[a] for a in state["open"][r][c]] for r, c in _cells(n)}
+        return {"size": n, "player": pos("start"), "target": pos("target"), "open": open_, "legal_moves": legal_moves(state)}
+    table = [tuple(p) for p in state["table"]]
+    return {"size": n, "agent": pos("agent"), "printer": pos("printer"), "table": sorted(table),
+            "printer_adjacent": _adjacent(n, [pos("printer")], table), "table_adjacent": _adjacent(n, table, table),
+            "legal_moves": legal_moves(state)}
+
+
+def _open_lines(open_, space=False):
+    return [f"{fmt(p, space)}: {', '.join(words) or 'none'}" for p, words in open_.items()]
+
+
+def text_state(state):
+    """The symbolic state as plain text, one fact per line, without the reference plan (SPEC §2.2)."""
+    task, n, f = state["task"], state["level"], facts(state)
+    lines = [f"Task: {NAMES[task]}", f"Map size: {n}x{n}"]
+    if task == "frozenlake":
+        grid = [["F"] * n for _ in range(n)]
+        for r, c in f["holes"]:
+            grid[r][c] = "H"
+        (sr, sc), (gr, gc) = f["player"], f["goal"]
+        grid[sr][sc], grid[gr][gc] = "S", "G"
+        lines += [f"Start: {fmt(f['player'])}", f"Goal: {fmt(f['goal'])}", f"Holes: {fmt_list(f['holes'])}",
+                  "Text map:"] + ["".join(row) for row in grid]
+    elif task == "maze":
+        lines += [f"Start: {fmt(f['player'])}", f"Target: {fmt(f['target'])}", "Open directions by cell:"]
+        lines += _open_lines(f["open"])
+    else:
+        grid = [["."] * n for _ in range(n)]
+        for r, c in f["table"]:
+            grid[r][c] = "T"
+        (pr, pc), (ar, ac) = f["printer"], f["agent"]
+        grid[pr][pc], grid[ar][ac] = "P", "A"
+        lines += [f"Agent: {fmt(f['agent'])}", f"Printer: {fmt(f['printer'])}", f"Table cells: {fmt_list(f['table'])}",
+                  f"Printer-adjacent cells: {fmt_list(f['printer_adjacent'])}",
+                  f"Table-adjacent cells: {fmt_list(f['table_adjacent'])}",
+                  f"Legal first moves: {', '.join(f['legal_moves']) or 'none'}",
+                  "Text grid (A=agent, P=printer, T=table, .=free):"] + ["".join(row) for row in grid]
+    return "\n".join(lines)
+
+
+def teacher_context(state, with_plan=True):
+    """The teacher's privileged context (SPEC §2.1): the text state plus, by default, the plan."""
+    plan_line = f"\nReference action plan: {plan_text(state['plan'], state['task'])}" if with_plan else ""
+    return text_state(state) + plan_line
+
+
+# ---------------------------------------------------------------- prompts and the output contract (SPEC §3)
+GOAL = {"frozenlake": "move the player from its start cell to the goal without falling into a hole",
+        "maze": "move the player through the corridors to the target",
+        "minibehaviour": "walk the agent next to the printer, pick it up, carry it next to the table and drop it"}
+RULES = {"frozenlake": "Moves: L (left), D (down), R (right), U (up), one cell each. Stepping into a hole fails; "
+                       "moving off the grid is illegal and fails; reaching the goal succeeds.",
+         "maze": "Moves: L (left), D (down), R (right), U (up), one cell each. Moving through a wall (the outer "
+                 "border included) is illegal and fails; reaching the target succeeds.",
+         "minibehaviour": "Actions: L (left), D (down), R (right), U (up), one cell each, PICK and DROP. The agent may "
+                          "never leave the grid, enter a table cell, or enter the printer's cell before picking it up. "
+                          "PICK works only when 4-adjacent to the printer; DROP works only while carrying it and "
+                          "4-adjacent to a table cell, and completes the task. Any illegal action fails."}
+RECAP = {"frozenlake": "the map size, the player, the goal and the holes",
+         "maze": "the map size, the player, the target and the open directions of every cell",
+         "minibehaviour": "the room size, the agent, the printer and the table cells"}
+ANSWER_STYLE = {"frozenlake": "in compact letters, e.g. <answer>UUR</answer>", "maze": "in compact letters, e.g. <answer>UUR</answer>",
+                "minibehaviour": "comma-separated, e.g. <answer>U,PICK,R,R,DROP</answer>"}
+# Worked examples quoted in every prompt: small, hand-made, checked by a test to be valid and optimal.
+EXAMPLES = {
+    "frozenlake": {"task": "frozenlake", "level": 3, "start": [0, 0], "goal": [2, 2], "holes": [[1, 1]]},
+    "maze": {"task": "maze", "level": 3, "start": [0, 1], "target": [1, 1], "difficulty": "medium",
+             "open": [["R", "RL", "DL"], ["RD", "RL", "UL"], ["UR", "RL", "L"]]},
+    "minibehaviour": {"task": "minibehaviour", "level": 4, "agent": [0, 0], "printer": [0, 3],
+                      "table": [[2, 0], [2, 1], [2, 2], [3, 0], [3, 1], [3, 2]]},
+}
+for _example in EXAMPLES.values():
+    _example["plan"] = solve(_example)
+
+
+def _runs(moves):
+    runs = []
+    for a in moves:
+        if runs and runs[-1][0] == a:
+            runs[-1][1] += 1
+        else:
+            runs.append([a, 1])
+    words = [f"{WORDS[a]} {k}" for a, k in runs]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + ", then " + words[-1]
+
+
+def reference_response(state):
+    """A correct response: a short recap, one sentence about the route, the plan in <answer> tags."""
+    task, n, plan, f = state["task"], state["level"], state["plan"], facts(state)
+    if task == "frozenlake":
+        recap = f"Map {n}x{n}. Player at {fmt(f['player'])}, goal at {fmt(f['goal'])}. Holes: {fmt_list(f['holes'])}."
+        route = f"Route: {_runs(plan)}, {'avoiding the holes and ' if f['holes'] else ''}reaching the goal."
+    elif task == "maze":
+        recap = (f"Maze {n}x{n}. Player at {fmt(f['player'])}, target at {fmt(f['target'])}. "
+                 f"Open directions: {'; '.join(_open_lines(f['open']))}.")
+        route = f"Route: {_runs(plan)}, reaching the target."
+    else:
+        recap = (f"Room {n}x{n}. Agent at {fmt(f['agent'])}, printer at {fmt(f['printer'])}. "
+                 f"Table cells: {fmt_list(f['table'])}.")
+        pick = plan.index("PICK")
+        world, sim = World(state), World(state).start
+        for a in plan[:pick]:
+            sim = world.step(sim, a)[0]
+        at_printer = fmt(sim[:2])
+        for a in plan[pick + 1:-1]:
+            sim = world.step(sim, a)[0]
+        walk1 = f"walk to {at_printer}, " if pick else ""
+        walk2 = f"walk to {fmt(sim[:2])} and " if len(plan) - pick > 2 else "then "
+        route = f"Route: {walk1}pick up the printer, {walk2}drop it at the table."
+    return f"{recap}\n{route}\n<answer>{plan_text(plan, task)}</answer>"
+
+
+def _instructions(task):
+    return (f"Goal: {GOAL[task]}.\nCoordinates are (row, col), 0-based, (0,0) at the top-left; rows grow downward.\n"
+            f"Rules: {RULES[task]}\n"
+            f"Answer format: first briefly restate {RECAP[task]}; then write exactly one sentence describing the "
+            f"route; then give the shortest plan as exactly one <answer>...</answer> holding only the actions, "
+            f"{ANSWER_STYLE[task]}. No step-by-step narration.\n"
+            f"Example answer for another map:\n{reference_response(EXAMPLES[task])}")
+
+
+def picture_legend(task):
+    return "Picture: " + "; ".join(desc for _, desc, _ in LEGEND[task]) + "; thin lines separate the cells."
+
+
+def _user(*content):
+    return [{"role": "user", "content": list(content)}]
+
+
+def _text(text):
+    return {"type": "text", "text": text}
+
+
+def student_prompt(state):
+    task = state["task"]
+    return (f"You are a planning agent. The image shows a {NAMES[task]} map.\n{picture_legend(task)}\n"
+            f"{_instructions(task)}\nNow plan for the map in the image.")
+
+
+def student_messages(state, image):
+    """One user turn: instructions, then the image (a path or a PIL image) last. No system turn."""
+    return _user(_text(student_prompt(state)), {"type": "image", "image": image})
+
+
+def text_student_messages(state):
+    task = state["task"]
+    return _user(_text(f"You are a planning agent. Below is a text description of a {NAMES[task]} map.\n"
+                       f"{_instructions(task)}\nNow plan for this map:\n{text_state(state)}"))
+
+
+def teacher_messages(state, with_plan=True):
+    task = state["task"]
+    system = (f"You are a text-only planning teacher for {NAMES[task]}: you receive the exact state of a map as "
+              f"text.\n{_instructions(task)}\nDo not mention that a reference plan is given.")
+    return [{"role": "system", "content": [_text(system)]}] + _user(_text(teacher_context(state, with_plan)))
+
+
+# ---------------------------------------------------------------- the one parser and scorer (SPEC §4)
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+TOKENS = {"left": "L", "right": "R", "up": "U", "down": "D", "←": "L", "→": "R", "↑": "U", "↓": "D",
+          "pick": "PICK", "pickup": "PICK", "pick_up": "PICK", "drop": "DROP", "putdown": "DROP"}
+
+
+def parse_plan(text, task):
+    """Actions in the last <answer>...</answer> block of `text`, or None (no block, invalid token, empty)."""
+    blocks = ANSWER_RE.findall(text or "")
+    if not blocks:
+        return None
+    body = blocks[-1].replace("*", "").replace("`", "").strip().rstrip(".").lower()
+    body = re.sub(r"\bpick\s+up\b", "pickup", body)
+    body = re.sub(r"\bput\s+down\b", "putdown", body).replace("->", " ")
+    plan = []
+    for token in re.split(r"[,;\s]+", body):
+        if not token:
+            continue
+        if token in TOKENS:
+            plan.append(TOKENS[token])
+        elif re.fullmatch(r"[lrud]+|[←→↑↓]+", token):
+            plan += [TOKENS[ch] if ch in TOKENS else ch.upper() for ch in token]
+        else:
+            return None
+    if not plan or (task != "minibehaviour" and {"PICK", "DROP"} & set(plan)):
+        return None
+    return plan
+
+
+def score_planning(state, response):
+    """Per-episode metrics; response None (an errored episode) scores as a failure."""
+    plan = parse_plan(response, state["task"]) if response is not None else None
+    if plan is None:
+        return {"parse_ok": False, "success": False, "optimal": False, "illegal": False, "plan": None}
+    result = simulate(state, plan)
+    return {"parse_ok": True, "success": result["success"], "illegal": result["illegal"], "plan": plan,
+            "optimal": result["success"] and len(plan) == len(state["plan"])}
+
+
+def aggregate(episodes):
+    """Means per (task, level) and per task, and the macro mean over tasks of the per-task means."""
+    skip = {"task", "level", "seed", "error"}
+
+    def summarise(eps):
+        keys = sorted({k for e in eps for k, v in e.items() if k not in skip and isinstance(v, (bool, int, float))})
+        out = {k: sum(float(e.get(k) or 0) for e in eps) / len(eps) for k in keys}
+        return {**out, "n": len(eps), "errors": sum(bool(e.get("error")) for e in eps)}
+
+    by_task = {}
+    for e in episodes:
+        by_task.setdefault(e["task"], []).append(e)
+    per_level = {t: {lv: summarise([e for e in eps if e["level"] == lv]) for lv in sorted({e["level"] for e in eps})}
+                 for t, eps in by_task.items()}
+    per_task = {t: summarise(eps) for t, eps in by_task.items()}
+    metrics = set.intersection(*(set(s) - {"n", "errors"} for s in per_task.values())) if per_task else set()
+    macro = {k: sum(s[k] for s in per_task.values()) / len(per_task) for k in sorted(metrics)}
+    return {"per_level": per_level, "per_task": per_task, "macro": macro}
+
+
+# ---------------------------------------------------------------- perception QA (SPEC §5.1)
+QUESTIONS = {
+    "frozenlake": (("size", "What is the map size?"), ("player", "Where is the player?"),
+                   ("goal", "Where is the goal?"), ("holes", "Where are all the holes?")),
+    "maze": (("size", "What is the map size?"), ("player", "Where is the player?"), ("target", "Where is the target?"),
+             ("open", "What are the open directions of every cell? One line per cell, like (r, c): up, down."),
+             ("legal_moves", "Which moves are legal from the player's cell?")),
+    "minibehaviour": (("size", "What is the room size?"), ("agent", "Where is the agent?"),
+                      ("printer", "Where is the printer?"), ("table", "Which cells does the table cover?"),
+                      ("printer_adjacent", "Which free cells are 4-adjacent to the printer?"),
+                      ("table_adjacent", "Which free cells are 4-adjacent to the table?"),
+                      ("legal_moves", "Which actions are legal for the agent now?")),
+}
+POS_RE = re.compile(r"\(\s*(\d+)\s*,\s*(\d+)\s*\)")
+ACTION_WORDS_RE = re.compile(r"\b(up|right|down|left|pick|drop)\b")
+
+
+def _answer_text(value):
+    if isinstance(value, int):
+        return f"{value}x{value}"
+    if isinstance(value, tuple):
+        return fmt(value, space=True)
+    if isinstance(value, dict):
+        return "\n" + "\n".join(_open_lines(value, space=True))
+    if value and isinstance(value[0], str):
+        return ", ".join(value)
+    return fmt_list(value, space=True)
+
+
+def _answer_matches(value, text):
+    """Grade one answer: positions as sets (order-free), words as sets, sizes as numbers."""
+    if text is None:
+        return False
+    text = text.lower()
+    positions = {(int(r), int(c)) for r, c in POS_RE.findall(text)}
+    if isinstance(value, int):
+        m = re.search(r"(\d+)\s*[x×]\s*(\d+)", text)
+        return bool(m) and int(m.group(1)) == int(m.group(2)) == value
+    if isinstance(value, tuple):
+        return positions == {value}
+    if isinstance(value, dict):
+        got = {}
+        for line in text.splitlines():
+            m = POS_RE.search(line)
+            if m:
+                got[(int(m.group(1)), int(m.group(2)))] = set(ACTION_WORDS_RE.findall(line[m.end():]))
+        return got == {p: set(words) for p, words in value.items()}
+    if value and isinstance(value[0], str) or not value and not positions:
+        return set(ACTION_WORDS_RE.findall(text)) == set(value)
+    return positions == set(value)
+
+
+def _numbered(text):
+    """{question number: answer text} of a numbered answer `1. ...\n2. ...`."""
+    parts = re.split(r"(?m)^\s*(\d+)\s*[.):]", text or "")
+    return {int(parts[i]): parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+
+
+def perception_prompt(state):
+    task = state["task"]
+    questions = "\n".join(f"{i}. {q}" for i, (_, q) in enumerate(QUESTIONS[task], 1))
+    return (f"The image shows a {NAMES[task]} map.\n{picture_legend(task)}\nCoordinates are (row, col), 0-based, "
+            f"(0,0) at the top-left. Answer each question on its own numbered line: sizes like 4x4, positions like "
+            f"(r, c), lists comma-separated in row-major order (none when empty), directions as words.\n{questions}")
+
+
+def perception_messages(state, image):
+    return _user(_text(perception_prompt(state)), {"type": "image", "image": image})
+
+
+def perception_answer(state):
+    f = facts(state)
+    lines = (f"{i}.{'' if isinstance(f[key], dict) else ' '}{_answer_text(f[key])}"
+             for i, (key, _) in enumerate(QUESTIONS[state["task"]], 1))
+    return "\n".join(lines)
+
+
+def score_perception(state, response):
+    f, sections = facts(state), _numbered(response)
+    result = {key: _answer_matches(f[key], sections.get(i)) for i, (key, _) in enumerate(QUESTIONS[state["task"]], 1)}
+    return {**result, "all_correct": all(result.values())}
+
+
+# ---------------------------------------------------------------- dynamics QA, World2VLM-style (SPEC §5.2)
+STATUS_WORDS = {"ok": "ok", "fell": "fell into hole", "illegal": "illegal", "success": "goal reached"}
+STATUS_RE = re.compile(r"\b(fell into (?:a )?hole|goal reached|dropped|illegal|ok)\b")
+
+
+def rollout(state, actions, start=None):
+    """(final sim, status, steps) of `actions`; like `simulate`, but keeps the final position."""
+    world = World(state)
+    sim, status, steps = start or world.start, "ok", 0
+    for a in actions:
+        nxt, status = world.step(sim, a)
+        steps += 1
+        sim = nxt if status != "illegal" else sim
+        if status != "ok":
+            break
+    return sim, status, steps
+
+
+def _moved(state, pos):
+    key = "agent" if state["task"] == "minibehaviour" else "start"
+    return {**state, key: list(pos)}
+
+
+def _shortest_walk(state, src, dst):
+    """Shortest list of moves (status ok at every step) from position src to position dst."""
+    world = World(_moved(state, src))
+    parent, queue = {world.start: None}, deque([world.start])
+    while queue:
+        sim = queue.popleft()
+        if sim[:2] == tuple(dst):
+            walk = []
+            while parent[sim] is not None:
+                sim, a = parent[sim]
+                walk.append(a)
+            return walk[::-1]
+        for a in MOVES:
+            nxt, status = world.step(sim, a)
+            if status == "ok" and nxt not in parent:
+                parent[nxt] = (sim, a)
+                queue.append(nxt)
+    return None
+
+
+def dynamics_questions(state, seed):
+    """[(subkind, question, answer, query)] for one instance; deterministic in (task, level, seed).
+    forward: actions -> final (r, c) and status; inverse: before/after pictures -> a shortest walk;
+    verify: candidate plan -> yes/no. query holds what the scorer needs."""
+    task, rng = state["task"], _rng("dynamics/" + state["task"], state["level"], seed)
+    name, sep = NAMES[task], "," if task == "minibehaviour" else ""
+    actions = [rng.choice(ACTIONS[task]) for _ in range(rng.randint(1, 4))]
+    sim, status, _ = rollout(state, actions)
+    status_word = "dropped" if task == "minibehaviour" and status == "success" else STATUS_WORDS[status]
+    forward = (f"The image shows a {name} map. Starting from it, the actions {sep.join(actions)} are applied, stopping "
+               f"at the first failure or success. Give the final (r, c) position and the status (ok, fell into hole, "
+               f"illegal, goal reached, dropped) as: (r, c), status")
+    out = [("forward", forward, f"{fmt(sim[:2], True)}, {status_word}",
+            {"actions": actions, "final": list(sim[:2]), "status": status_word})]
+    world, sim, walk = World(state), World(state).start, []
+    for _ in range(rng.randint(1, 3)):  # a legal walk that neither finishes nor fails the task
+        options = [a for a in MOVES if world.step(sim, a)[1] == "ok"]
+        if not options:
+            break
+        a = rng.choice(options)
+        sim = world.step(sim, a)[0]
+        walk.append(a)
+    if sim[:2] != world.start[:2]:
+        after = list(sim[:2])
+        shortest = _shortest_walk(state, world.start[:2], after)
+        inverse = (f"The first image shows a {name} map, the second the same map after a few moves of the "
+                   f"{'agent' if task == 'minibehaviour' else 'player'}. Give a shortest move sequence between them "
+                   f"as <answer>...</answer>.")
+        out.append(("inverse", inverse, f"<answer>{sep.join(shortest)}</answer>", {"after": after, "length": len(shortest)}))
+    candidate = list(state["plan"])
+    if rng.random() < 0.5:  # a perturbed plan: one action replaced, dropped or repeated
+        i = rng.randrange(len(candidate))
+        edit = rng.choice(("replace", "drop", "repeat"))
+        candidate[i:i + 1] = {"replace": [rng.choice(ACTIONS[task])], "drop": [], "repeat": [candidate[i]] * 2}[edit]
+    verdict = "yes" if candidate and simulate(state, candidate)["success"] else "no"
+    verify = f"The image shows a {name} map. Does the plan {sep.join(candidate) or '(empty)'} solve it? Answer yes or no."
+    out.append(("verify", verify, verdict, {"candidate": candidate}))
+    return out
+
+
+def score_dynamics(row, response):
+    state, query, sub = row["state"], row["query"], row["subkind"]
+    text = (response or "").lower()
+    if sub == "forward":
+        positions = [[int(r), int(c)] for r, c in POS_RE.findall(text)]
+        statuses = {("fell into hole" if w.startswith("fell") else w) for w in STATUS_RE.findall(text)}
+        return {"correct": bool(positions) and positions[-1] == query["final"] and statuses == {query["status"]}}
+    if sub == "inverse":
+        walk = parse_plan(response, state["task"]) if response else None
+        start = World(state).start
+        end, status, _ = rollout(state, walk or [], start)
+        return {"correct": walk is not None and status == "ok" and list(end[:2]) == query["after"]
+                and len(walk) == query["length"]}
+    words = re.findall(r"\b(yes|no)\b", text)
+    return {"correct": bool(words) and words[0] == row["answer"]}
+
+
+def score_row(row, response):
+    """Score a response to any data row: planning / text-planning / perception / dynamics."""
+    if row["kind"] in ("planning", "text-planning"):
+        return score_planning(row["state"], response)
+    if row["kind"] == "perception":
+        return score_perception(row["state"], response)
+    if row["kind"] == "dynamics":
+        return score_dynamics(row, response)
+    raise ValueError(f"unknown row kind {row['kind']!r}")
+
+
+# ---------------------------------------------------------------- data sets on disk (SPEC §6)
+def _draw(task, level, seed):
+    """The state of a seed without its plan (cheap: no search), or None when skipped."""
+    body = GENERATORS[task](level, _rng(task, level, seed), seed)
+    return None if body is None else {"task": task, "level": level, **body}
+
+
+def collect(task, level, split, count):
+    """`count` distinct (seed, state) pairs of one level for one split, or a one-line ValueError.
+    A state belongs to the split whose share of the hash space its content hashes into."""
+    base, lo, hi = SPLITS[split]
+    quota = {"easy": -(-count // 3), "medium": -(-(count - 1) // 3) if count > 1 else 0} if task == "maze" else {}
+    if task == "maze":
+        quota["hard"] = count - quota["easy"] - quota["medium"]
+    max_seeds, patience = 20000 + int(20 * count / (hi - lo)), 20000
+    seen, found, last_new = set(), [], 0
+    for seed in range(base, base + max_seeds):
+        if seed - last_new > patience + base:
+            break
+        state = _draw(task, level, seed)
+        if state is None:
+            continue
+        key = json.dumps(state, sort_keys=True, separators=(",", ":"))
+        share = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
+        if not lo <= share < hi or key in seen:
+            continue
+        if quota and quota[state["difficulty"]] == 0:
+            continue
+        state["plan"] = solve(state)
+        if state["plan"] is None:
+            continue
+        seen.add(key)
+        last_new = seed - base
+        if quota:
+            quota[state["difficulty"]] -= 1
+        found.append((seed, state))
+        if len(found) == count:
+            return found
+    raise ValueError(f"{task} level {level}: only {len(found)} distinct instances found for split {split} "
+                     f"after {seed - base + 1} seeds; ask for fewer")
+
+
+def _message_row(base, kind, prompt_messages, answer, **extra):
+    messages = prompt_messages + [{"role": "assistant", "content": [_text(answer)]}]
+    return {**base, "kind": kind, **extra, "messages": messages, "answer": answer}
+
+
+def instance_rows(seed, state, split, kinds, image_size, out_dir):
+    """The data rows of one instance, in kind order; writes its pictures under out_dir/images/."""
+    task, level = state["task"], state["level"]
+    name = f"{task}-{level}-{seed:06d}"
+    image = f"images/{name}.png"
+    if {"planning", "perception", "dynamics"} & set(kinds):
+        save_png(render_indexed(state, image_size), Path(out_dir) / image)
+    base = {"id": name, "task": task, "level": level, "seed": seed, "split": split, "state": state, "plan": state["plan"]}
+    rows = []
+    for kind in kinds:
+        row_base = {**base, "id": f"{name}-{kind}"}
+        if kind == "planning":
+            rows.append(_message_row(row_base, kind, student_messages(state, image), reference_response(state), image=image))
+        elif kind == "text-planning":
+            rows.append(_message_row(row_base, kind, text_student_messages(state), reference_response(state), image=None))
+        elif kind == "perception":
+            rows.append(_message_row(row_base, kind, perception_messages(state, image), perception_answer(state), image=image))
+        elif kind == "dynamics":
+            for sub, question, answer, query in dynamics_questions(state, seed):
+                content = [_text(question), {"type": "image", "image": image}]
+                if sub == "inverse":
+                    after = f"images/{name}-after.png"
+                    save_png(render_indexed(_moved(state, query["after"]), image_size), Path(out_dir) / after)
+                    content.append({"type": "image", "image": after})
+                rows.append(_message_row({**base, "id": f"{name}-dynamics-{sub}"}, kind, _user(*content), answer,
+                                         image=image, subkind=sub, query=query))
+    return rows
+
+
+def _rows_chunk(job):
+    items, split, kinds, image_size, out_dir = job
+    return [json.dumps(row, separators=(",", ":")) for seed, state in items
+            for row in instance_rows(seed, state, split, kinds, image_size, out_dir)]
+
+
+def check_request(tasks, levels, kinds, image_size):
+    """One-line ValueError on an unknown task / kind or a level / image size out of range."""
+    for task in tasks:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
+        lo, hi = LEVEL_RANGE[task]
+        for level in levels.get(task, ()):
+            if not lo <= level <= hi:
+                raise ValueError(f"{task} level {level} is out of range {lo}..{hi}")
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r} (choose from {', '.join(KINDS)})")
+    if not 64 <= image_size <= 2048:
+        raise ValueError(f"image size {image_size} is out of range 64..2048")
+
+
+def make_split(out_dir, split, per_level, tasks=None, levels=None, kinds=("planning", "perception"), workers=1,
+               image_size=256):
+    """Write out_dir/data.jsonl and out_dir/images/ for one split, atomically (tmp dir, then rename).
+    levels: a list applied to every task, or {task: levels}; default DEFAULT_LEVELS."""
+    tasks = list(tasks or TASKS)
+    levels = {t: tuple(levels.get(t, DEFAULT_LEVELS[t])) if isinstance(levels, dict) else tuple(levels or DEFAULT_LEVELS[t])
+              for t in tasks if t in TASKS} if tasks else {}
+    check_request(tasks, levels, kinds, image_size)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
+    if per_level < 1:
+        raise ValueError(f"--per-level must be at least 1, got {per_level}")
+    out = Path(out_dir).absolute()
+    if out.exists() and not (out / "data.jsonl").exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not a data directory; refusing to overwrite it")
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise ValueError(f"cannot write into {out.parent}")
+    instances = [collect(task, level, split, per_level) for task in tasks for level in levels[task]]
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    try:
+        chunk = 50
+        jobs = [(items[i:i + chunk], split, tuple(kinds), image_size, str(tmp))
+                for items in instances for i in range(0, len(items), chunk)]
+        with open(tmp / "data.jsonl", "w") as f:
+            if workers > 1:
+                with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                    for lines in pool.imap(_rows_chunk, jobs):
+                        f.writelines(line + "\n" for line in lines)
+            else:
+                for job in jobs:
+                    f.writelines(line + "\n" for line in _rows_chunk(job))
+        if out.exists():
+            old = out.parent / f".{out.name}.old{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_split(data_dir, kinds=None):
+    """Rows of data_dir/data.jsonl (optionally only `kinds`), with image paths made absolute.
+    FileNotFoundError / ValueError with a one-line message on a missing or malformed split."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data directory not found: {root}")
+    path = root / "data.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no data.jsonl in {root}")
+
+    def resolve(rel, where):
+        full = (root / rel).resolve()
+        if not full.is_file():
+            raise FileNotFoundError(f"{where}: image not found: {full}")
+        return str(full)
+
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
+            missing = {"id", "task", "level", "kind", "state", "plan", "messages", "answer"} - set(row) \
+                if isinstance(row, dict) else {"a JSON object"}
+            if missing or row["task"] not in TASKS or row["kind"] not in KINDS:
+                raise ValueError(f"{where}: malformed row (missing {sorted(missing)} or unknown task/kind)")
+            if kinds and row["kind"] not in kinds:
+                continue
+            if row.get("image"):
+                row["image"] = resolve(row["image"], where)
+            for message in row["messages"]:
+                for item in message["content"]:
+                    if item.get("type") == "image" and isinstance(item.get("image"), str):
+                        item["image"] = resolve(item["image"], where)
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- command line
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit code 2
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _show(args):
+    state = generate(args.task, args.level, args.seed)
+    if state is None:
+        raise ValueError(f"{args.task} level {args.level} seed {args.seed} is skipped (no valid instance)")
+    out = Path(args.out or f"{args.task}-{args.level}-{args.seed}.png")
+    section = lambda title, text: print(f"===== {title}\n{text}\n")
+    section("state (JSON)", json.dumps(state))
+    section("teacher context", teacher_context(state))
+    section("text-student state", text_state(state))
+    section("student prompt (the image follows)", student_messages(state, str(out))[0]["content"][0]["text"])
+    section("text-student prompt", text_student_messages(state)[0]["content"][0]["text"])
+    teacher = teacher_messages(state)
+    section("teacher system turn", teacher[0]["content"][0]["text"])
+    section("reference response", reference_response(state))
+    section("perception prompt", perception_prompt(state))
+    section("perception answer", perception_answer(state))
+    for sub, question, answer, _ in dynamics_questions(state, args.seed):
+        section(f"dynamics {sub}", f"{question}\n-> {answer}")
+    render(state, args.image_size).save(out)
+    print(f"picture written to {out}")
+
+
+def main(argv=None):
+    parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    data = sub.add_parser("data", help="write one split: DIR/data.jsonl and DIR/images/")
+    data.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    data.add_argument("--split", required=True, choices=tuple(SPLITS), help="which split (disjoint seeds and states)")
+    data.add_argument("--per-level", type=int, required=True, help="instances per (task, level)")
+    data.add_argument("--tasks", nargs="+", default=list(TASKS), help="tasks to include (default: all three)")
+    data.add_argument("--levels", nargs="+", type=int, help="levels for every task (default: DEFAULT_LEVELS)")
+    data.add_argument("--kinds", default="planning,perception", help=f"comma-separated row kinds from {','.join(KINDS)}")
+    data.add_argument("--workers", type=int, default=1, help="processes rendering and writing rows")
+    data.add_argument("--image-size", type=int, default=256, help="picture side in pixels (tiny models use 128)")
+    show = sub.add_parser("show", help="print every view, prompt and QA pair of one instance and write its picture")
+    show.add_argument("task", choices=TASKS, help="the task")
+    show.add_argument("--level", type=int, required=True, help="grid side")
+    show.add_argument("--seed", type=int, required=True, help="instance seed")
+    show.add_argument("--out", help="picture path (default TASK-LEVEL-SEED.png)")
+    show.add_argument("--image-size", type=int, default=256, help="picture side in pixels")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "data":
+            if args.workers < 1:
+                raise ValueError("--workers must be at least 1")
+            kinds = [k for k in args.kinds.split(",") if k]
+            out = make_split(args.out, args.split, args.per_level, args.tasks, args.levels, kinds, args.workers,
+                             args.image_size)
+            print(f"wrote {out / 'data.jsonl'}")
+        else:
+            check_request([args.task], {args.task: [args.level]}, [], args.image_size)
+            _show(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
