@@ -56,7 +56,7 @@ NAMES = {"frozenlake": "FrozenLake", "maze": "Maze", "minibehaviour": "MiniBehav
 KINDS = ("planning", "text-planning", "perception", "dynamics")
 MOVES = {"U": (-1, 0), "R": (0, 1), "D": (1, 0), "L": (0, -1)}  # BFS tries actions in this order
 WORDS = {"U": "up", "R": "right", "D": "down", "L": "left"}
-ACTIONS = {"frozenlake": "URDL", "maze": "URDL", "minibehaviour": ("U", "R", "D", "L", "PICK", "DROP")}
+ACTIONS = {"frozenlake": ("U", "R", "D", "L"), "maze": ("U", "R", "D", "L"), "minibehaviour": ("U", "R", "D", "L", "PICK", "DROP")}
 SPLITS = {"train": (0, 0.0, 0.8), "val": (10**8, 0.8, 0.9), "test": (2 * 10**8, 0.9, 1.0)}  # seed base, hash range
 HOLE_PROB = 0.1
 
@@ -794,11 +794,14 @@ def collect(task, level, split, count):
     quota = {"easy": -(-count // 3), "medium": -(-(count - 1) // 3) if count > 1 else 0} if task == "maze" else {}
     if task == "maze":
         quota["hard"] = count - quota["easy"] - quota["medium"]
-    max_seeds, patience = 20000 + int(20 * count / (hi - lo)), 20000
-    seen, found, last_new = set(), [], 0
-    for seed in range(base, base + max_seeds):
-        if seed - last_new > patience + base:
-            break
+    max_seeds, window = 20000 + int(10 * count / (hi - lo)), 5000
+    seen, found, found_before = set(), [], 0
+    for tried in range(max_seeds):
+        if tried and tried % window == 0:  # new states only get rarer: give up once the cap is out of reach
+            if (len(found) - found_before) / window * (max_seeds - tried) < count - len(found):
+                break
+            found_before = len(found)
+        seed = base + tried
         state = _draw(task, level, seed)
         if state is None:
             continue
@@ -812,14 +815,13 @@ def collect(task, level, split, count):
         if state["plan"] is None:
             continue
         seen.add(key)
-        last_new = seed - base
         if quota:
             quota[state["difficulty"]] -= 1
         found.append((seed, state))
         if len(found) == count:
             return found
     raise ValueError(f"{task} level {level}: only {len(found)} distinct instances found for split {split} "
-                     f"after {seed - base + 1} seeds; ask for fewer")
+                     f"after {tried + 1 if tried == max_seeds - 1 else tried} seeds; ask for fewer")
 
 
 def _message_row(base, kind, prompt_messages, answer, **extra):
