@@ -552,6 +552,8 @@ def vllm_available():
         return False
     return True
 
+        # = TORCH_COMPILE_DISABLE=1: no first-request compile of a sampler helper (needs a C compiler, +5-20 s)
+        torch._dynamo.config.disable = True
 
 def make_llm(path, seed=0, max_model_len=4096, dtype="float32", kv_cache_bytes=256 << 20, gpu_memory_utilization=0.3):
     """An in-process vLLM engine for the model folder `path`.
@@ -561,12 +563,20 @@ def make_llm(path, seed=0, max_model_len=4096, dtype="float32", kv_cache_bytes=2
     On CPU the KV cache is sized in bytes (kv_cache_bytes); on GPU by gpu_memory_utilization.
     The engine re-seeds torch's global RNG: the caller's RNG state is restored afterwards."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights can be handed over directly
-    os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")  # no first-request compile (needs a C compiler); same results
+def close_llm(llm):
+    """Shut the engine down and drop vLLM's process groups (call before compute_cleanup)."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    llm.llm_engine.engine_core.shutdown()
+    cleanup_dist_env_and_memory()
+
+
     from vllm import LLM
 
-    kwargs = dict(model=str(path), dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
+    cuda = torch.cuda.is_available()
+    kwargs = dict(model=str(path), dtype=dtype, enforce_eager=not cuda, max_model_len=max_model_len, seed=seed,
                   limit_mm_per_prompt={"image": 1, "video": 0})
-    if torch.cuda.is_available():
+    if cuda:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     else:
         kwargs["kv_cache_memory_bytes"] = kv_cache_bytes

@@ -223,3 +223,301 @@ def all_reduce_grads(params, world_size):
     for p, g in zip(params, grads):
         p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
         offset += g.numel()
+
+
+# ------------------------------------------------------------------------------------------
+# Data, rollouts, batches
+
+
+def batch_rows(rows, step, batch_size, seed, rank, world_size):
+    """This rank's share of the global batch of `step`: epochs are fresh permutations seeded by
+    (seed, epoch), so the data position is a function of the step alone."""
+    per_epoch = len(rows) // batch_size
+    epoch, i = divmod(step, per_epoch)
+    order = list(range(len(rows)))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    chosen = order[i * batch_size:(i + 1) * batch_size]
+    return [rows[j] for j in chosen[rank::world_size]]
+
+
+def cut_at_end_of_turn(token_ids, eos_ids):
+    """Keep tokens up to and including the first end-of-turn token. Returns (ids, finished)."""
+    for j, t in enumerate(token_ids):
+        if t in eos_ids:
+            return token_ids[:j + 1], True
+    return token_ids, False
+
+
+def end_of_turn_ids(processor, model):
+    ids = {processor.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    eos = common.unwrap(model).generation_config.eos_token_id
+    return ids | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+
+@torch.no_grad()
+def rollout(backend, model, llm, processor, messages_list, max_new_tokens, temperature, top_p, seeds):
+    """One sampled response per chat. Returns dicts: token_ids (cut after the first
+    end-of-turn token), text, finished, rollout_logprobs (vLLM's, else None)."""
+    eos_ids = end_of_turn_ids(processor, model)
+    if backend == "vllm":
+        outs = common.vllm_generate(llm, processor, messages_list, max_new_tokens, temperature, top_p, seeds, logprobs=True)
+    else:
+        outs = []
+        if messages_list:
+            m = common.unwrap(model)
+            batch = {k: v.to(m.device) for k, v in common.encode_prompts(processor, messages_list).items()}
+            torch.manual_seed(seeds[0])
+            gen = m.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                             max_new_tokens=max_new_tokens, eos_token_id=sorted(eos_ids),
+                             pad_token_id=processor.tokenizer.pad_token_id,
+                             suppress_tokens=common.vision_token_ids(processor))
+            outs = [dict(token_ids=row.tolist(), logprobs=None) for row in gen[:, batch["input_ids"].shape[1]:]]
+    results = []
+    for o in outs:
+        ids, finished = cut_at_end_of_turn(o["token_ids"], eos_ids)
+        lps = o["logprobs"][:len(ids)] if o["logprobs"] is not None else None
+        results.append(dict(token_ids=ids, finished=finished, rollout_logprobs=lps,
+                            text=processor.tokenizer.decode(ids, skip_special_tokens=True)))
+    return results
+
+
+def pad_responses(responses, pad_id, device):
+    """Right-padded [B, R] response ids and mask (1 on every kept token, end-of-turn included)."""
+    R = max([len(r["token_ids"]) for r in responses] + [1])
+    ids = torch.full((len(responses), R), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(responses), R)
+    for i, r in enumerate(responses):
+        ids[i, :len(r["token_ids"])] = torch.tensor(r["token_ids"], dtype=torch.long)
+        mask[i, :len(r["token_ids"])] = 1
+    return ids.to(device), mask.to(device)
+
+
+def to_device(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def sample_seed(seed, step, rank, i, salt=0):
+    return (seed * 1_000_003 + step * 10_007 + rank * 101 + i + salt) % (2**31)
+
+
+# ------------------------------------------------------------------------------------------
+# One OPCD step: rollout -> teacher -> loss -> optimiser step (ALGO LOGIC)
+
+
+def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size, device):
+    rank, n, mb = int(os.environ.get("RANK", 0)), len(rows), args.micro_batch_size
+    micro = [list(range(i, min(i + mb, n))) for i in range(0, n, mb)]
+    times = [time.time()]
+    # 1. Rollout: the student sees the image and samples one response per prompt.
+    student_msgs = [envs.student_messages(r["state"], r["image"]) for r in rows]
+    responses = rollout(args.rollout, model, llm, processor, student_msgs, args.max_new_tokens, args.temperature,
+                        args.top_p, [sample_seed(args.seed, step, rank, i) for i in range(n)])
+    scores = [envs.score_planning(r["state"], o["text"]) for r, o in zip(rows, responses)]
+    resp = [pad_responses([responses[i] for i in ix], processor.tokenizer.pad_token_id, device) for ix in micro]
+    student_in = [to_device(common.encode_prompts(processor, [student_msgs[i] for i in ix]), device) for ix in micro]
+    times.append(time.time())
+    # 2. Teacher: text prompt (privileged state) + the student's exact response ids; frozen.
+    teacher_msgs = [envs.teacher_messages(r["state"], with_plan=not args.no_teacher_plan) for r in rows]
+    teacher_in = [to_device(common.encode_prompts(processor, [teacher_msgs[i] for i in ix]), device) for ix in micro]
+    with torch.no_grad():
+        score = response_hidden if args.loss == "full" else common.response_logprobs
+        teacher_out = [score(teacher, t, ids, mask) for t, (ids, mask) in zip(teacher_in, resp)]
+    times.append(time.time())
+    # 3. Loss: per-token reverse KL on the student's own tokens, token mean over the global batch.
+    sums = torch.tensor([sum(m.sum().item() for _, m in resp), sum(s["success"] for s in scores)], dtype=torch.float64)
+    if world_size > 1:
+        dist.all_reduce(sums)
+    n_tokens, mean_success = sums[0].item(), sums[1].item() / args.batch_size
+    success = torch.tensor([float(s["success"]) for s in scores], device=device)
+    reward_adv = args.reward_coef * (success - mean_success)  # 0 in the reference
+    old = [None] * len(micro)
+    if args.updates_per_batch > 1:  # the PPO form needs ℓ_old of the sampling policy
+        with torch.no_grad():
+            old = [common.response_logprobs(model, s, ids, mask) for s, (ids, mask) in zip(student_in, resp)]
+    stats = torch.zeros(4, dtype=torch.float64)  # Σ m(ℓS−ℓT), Σ loss, Σ |ℓ_vllm − ℓS|, tokens with ℓ_vllm
+    grad_norms = []
+    for update in range(args.updates_per_batch):
+        for j, ix in enumerate(micro):
+            ids, mask = resp[j]
+            if args.loss == "sampled":
+                logprobs = common.response_logprobs(model, student_in[j], ids, mask)
+                student_lp, teacher_lp = (old[j] if old[j] is not None else logprobs.detach()), teacher_out[j]
+                advantages = teacher_lp - student_lp + reward_adv[ix].unsqueeze(1)  # A_t = ℓ_T − ℓ_S (+ reward)
+                loss = sampled_loss(logprobs, advantages, mask, n_tokens, old[j], args.clip_low, args.clip_high)
+            else:
+                hidden = response_hidden(model, student_in[j], ids, mask)
+                loss, student_lp, teacher_lp = full_reverse_kl(hidden, common.unwrap(model).lm_head, teacher_out[j],
+                                                               common.unwrap(teacher).lm_head, ids, mask, n_tokens,
+                                                               args.kl_chunk)
+            loss.backward()
+            if update == 0:
+                stats[0] += ((student_lp - teacher_lp) * mask).sum().item()
+                stats[1] += loss.item()
+                for i, row in zip(ix, student_lp):
+                    if responses[i]["rollout_logprobs"] is not None and responses[i]["token_ids"]:
+                        k = len(responses[i]["token_ids"])
+                        stats[2] += (torch.tensor(responses[i]["rollout_logprobs"]) - row[:k].cpu()).abs().sum().item()
+                        stats[3] += k
+        # 4. Step: sum gradients over ranks, clip, AdamW (fp32 master weights).
+        all_reduce_grads(opt.params, world_size)
+        grad_norms.append(opt.step(args.max_grad_norm))
+    if llm is not None:
+        common.push_weights(llm, model)  # the next rollout samples from the updated student
+    times.append(time.time())
+    local = torch.tensor([sum(s["parse_ok"] for s in scores), sum(bool(ANSWER.search(o["text"])) for o in responses),
+                          sum(len(o["token_ids"]) for o in responses), sum(not o["finished"] for o in responses)],
+                         dtype=torch.float64)
+    if world_size > 1:
+        dist.all_reduce(stats)
+        dist.all_reduce(local)
+    seconds = [b - a for a, b in zip(times, times[1:])]
+    return {"step": step + 1, "reverse_kl": stats[0].item() / n_tokens, "loss": stats[1].item(),
+            "success": mean_success, "parse_rate": local[0].item() / args.batch_size,
+            "format_rate": local[1].item() / args.batch_size, "response_tokens": local[2].item() / args.batch_size,
+            "truncated_rate": local[3].item() / args.batch_size,
+            "vllm_logprob_diff": stats[2].item() / stats[3].item() if stats[3] > 0 else None,
+            "grad_norm": grad_norms[0], "lr": args.lr, "seconds_rollout": seconds[0], "seconds_teacher": seconds[1],
+            "seconds_train": seconds[2], "samples_per_second": args.batch_size / sum(seconds)}
+
+
+ANSWER = re.compile(r"<answer>.*?</answer>", re.IGNORECASE | re.DOTALL)  # format: an answer block is present
+
+
+# ------------------------------------------------------------------------------------------
+# Validation, checkpoints, the run
+
+
+@torch.no_grad()
+def validate(args, step, val_rows, model, llm, processor, rank, world_size):
+    """Sampled validation (T 0.6, top-p 0.95) of the student on its share of the val split;
+    returns envs.aggregate over all ranks' episodes."""
+    mine, chunk = val_rows[rank::world_size], max(1, args.batch_size // world_size)
+    calls = -(-(-(-len(val_rows) // world_size)) // chunk)  # the same number of generate calls on every rank
+    episodes = []
+    for c in range(calls):
+        rows = mine[c * chunk:(c + 1) * chunk]
+        outs = rollout(args.rollout, model, llm, processor, [envs.student_messages(r["state"], r["image"]) for r in rows],
+                       args.max_new_tokens, args.val_temperature, args.val_top_p,
+                       [sample_seed(args.seed, step, rank, c * chunk + i, salt=7_777_777) for i in range(len(rows))])
+        episodes += [dict(task=r["task"], level=r["level"], error=False, **envs.score_planning(r["state"], o["text"]))
+                     for r, o in zip(rows, outs)]
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, episodes)
+        episodes = [e for part in gathered for e in part]
+    return envs.aggregate(episodes)
+
+
+def save_checkpoint(path, model, processor, trainer_state=None):
+    """A from_pretrained-loadable folder (LoRA merged), plus trainer_state.pt for --resume; atomic."""
+    with common.atomic_dir(path) as tmp:
+        common.unwrap(model).save_pretrained(tmp, state_dict=common.hf_state_dict(model), safe_serialization=True)
+        processor.save_pretrained(tmp)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / "trainer_state.pt")
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    state_file = out / "last" / "trainer_state.pt"
+    if args.resume and not state_file.is_file():
+        fail(f"--resume: no {state_file}")
+    if args.loss == "full" and (args.reward_coef or args.updates_per_batch > 1):
+        fail("--reward-coef and --updates-per-batch > 1 need --loss sampled")
+    if args.rollout == "vllm" and not common.vllm_available():
+        fail("--rollout vllm: vllm is not installed (use --rollout hf)")
+    ddp, rank, local_rank, world_size, device = common.compute_init(args.seed)
+    if args.batch_size % world_size:
+        fail(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks")
+    try:
+        train_rows = envs.load_split(args.train_data, kinds=["planning"])
+        val_rows = envs.load_split(args.val_data, kinds=["planning"]) if args.val_data else []
+        dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+                 "bfloat16": torch.bfloat16}[args.dtype]
+        model, processor = common.load_model(args.student, device, dtype)
+        if args.teacher == "live":
+            teacher = model
+        else:
+            teacher, teacher_processor = common.load_model(args.teacher or args.student, device, dtype)
+            if teacher_processor.tokenizer.get_vocab() != processor.tokenizer.get_vocab():
+                fail(f"teacher {args.teacher} has a different tokenizer from the student")
+            teacher.requires_grad_(False).eval()
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e).splitlines()[0])
+    val_rows = val_rows[:args.val_size] if args.val_size else val_rows
+    steps_per_epoch = len(train_rows) // args.batch_size
+    if steps_per_epoch == 0:
+        fail(f"{args.train_data}: {len(train_rows)} planning rows, fewer than --batch-size {args.batch_size}")
+    total_steps = args.epochs * steps_per_epoch if not args.max_steps else min(args.max_steps, args.epochs * steps_per_epoch)
+    if args.lora_rank:
+        common.add_lora(model, rank=args.lora_rank, alpha=2 * args.lora_rank)
+    elif args.freeze_vision:
+        common.unwrap(model).model.visual.requires_grad_(False)
+    model.train()
+    opt = MasterAdamW(model.parameters(), args.lr, (args.beta1, args.beta2), args.weight_decay, args.bf16_master)
+    start_step, best = 0, -1.0
+    if args.resume:  # trainable weights come back from the optimiser's master copy, bit-exact
+        saved = torch.load(state_file, map_location=device, weights_only=False)
+        opt.load_state_dict(saved["optimizer"])
+        start_step, best = saved["step"], saved["best_macro_success"]
+    llm = None
+    if args.rollout == "vllm":
+        llm = common.make_llm(args.student, seed=args.seed, max_model_len=args.max_model_len,
+                              dtype=str(dtype).removeprefix("torch."), kv_cache_bytes=args.vllm_kv_cache_mb << 20,
+                              gpu_memory_utilization=args.vllm_gpu_memory)
+        common.push_weights(llm, model)
+    writer = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(out / "tb"))
+        except ImportError:
+            pass
+    common.print0(f"OPCD: {len(train_rows)} train rows, {steps_per_epoch} steps/epoch, steps {start_step}->{total_steps}, "
+                  f"{world_size} rank(s), rollout {args.rollout}, loss {args.loss}, teacher {args.teacher or 'frozen copy'}")
+    from tqdm import tqdm
+    bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc="opcd")
+    for step in range(start_step, total_steps):
+        rows = batch_rows(train_rows, step, args.batch_size, args.seed, rank, world_size)
+        log = opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size, device)
+        log["epoch"] = step // steps_per_epoch
+        if (step + 1) % args.val_every == 0 or step + 1 == total_steps:
+            if val_rows:
+                agg = validate(args, step, val_rows, model, llm, processor, rank, world_size)
+                log["val_macro_success"] = agg["macro"]["success"]
+                log.update({f"val_{task}_success": v["success"] for task, v in agg["per_task"].items()})
+                if rank == 0 and log["val_macro_success"] > best:
+                    best = log["val_macro_success"]
+                    save_checkpoint(out / "best", model, processor)
+            if rank == 0:
+                save_checkpoint(out / "last", model, processor, {"step": step + 1, "optimizer": opt.state_dict(),
+                                                                 "best_macro_success": best, "args": vars(args)})
+            if world_size > 1:
+                dist.barrier()
+        if rank == 0:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(log) + "\n")
+            if writer is not None:
+                for k, v in log.items():
+                    if isinstance(v, (int, float)):
+                        writer.add_scalar(k, v, step + 1)
+            bar.set_postfix(kl=f"{log['reverse_kl']:.3f}", success=f"{log['success']:.2f}")
+        bar.update(1)
+    bar.close()
+    common.print0(f"done: {total_steps} steps" + (f", best val macro success {best:.3f}" if val_rows else "")
+                  + f", checkpoints in {out}")
+    if llm is not None:
+        common.close_llm(llm)
+    common.compute_cleanup()
+
+
+if __name__ == "__main__":
+    main()
