@@ -1,0 +1,512 @@
+"""Evaluate a vision-language model on visual planning, perception and the modality gap (SPEC §9).
+
+What it measures
+- planning: the model sees one task image (student prompt, condition `image`) or the equivalent
+  symbolic text state (text-student prompt, condition `text`) and answers with a recap, one
+  sentence and `<answer>plan</answer>`. The plan is parsed and run in the simulator by
+  `envs.score_row`, the one parser/simulator the training code also uses. Metrics per episode:
+  parse_ok, success, optimal, illegal; aggregated per (task, level), per task, and the headline
+  macro (unweighted mean over tasks).
+- perception: numbered questions about one image, graded per question and all-correct.
+- dynamics: the World2VLM-style forward / inverse / verify questions stored in the split.
+- modality gap: `--condition both` runs every planning instance as image and as text and
+  reports text − image for every metric: the gap MGSD aims to close.
+
+Decoding is greedy, one sample, up to `--max-new-tokens` (4096 by default) new tokens; the
+vision special tokens (<|image_pad|> etc.) are never generated.
+
+Backends
+- hf: batched Hugging Face `generate` (left padding), common.load_model.
+- vllm: the vLLM `LLM` engine, prompts rendered by the same chat template as hf.
+- openai: any OpenAI-compatible `/v1/chat/completions` endpoint (standard library HTTP only);
+  the image goes as a base64 PNG data URL in an `image_url` part. Concurrent requests,
+  a per-request timeout, retries with exponential back-off. The API key is read from the
+  environment variable named by `--api-key-env` and is never written to any file or log.
+- oracle: answers with the reference response / perception answer: the upper bound (100 %)
+  and an end-to-end check of the data, prompts and scorer.
+
+Errors. An episode whose request failed after all retries (HTTP 5xx, timeout) is recorded with
+`error: true`, counts as a failure, and stays in every denominator; the number of errored
+episodes is reported per cell. An endpoint that cannot be reached at all (connection refused,
+unknown host) stops the run with one error line and exit code 2; what finished is kept.
+
+Resume. Finished episodes are appended to `OUT/episodes.jsonl` as they complete. `--resume`
+keeps the finished, non-errored episodes of that file and requests only the rest (missing and
+errored ones). At the end the file is rewritten in dataset order.
+
+Output (in --out): episodes.jsonl (id, task, level, condition, response, parsed plan, metrics,
+error), summary.json (per level / per task / macro per condition, the gap, the run config),
+report.md (the markdown tables, also printed) and success.png (headline metric per task and
+level, image and text side by side with the gap).
+
+Simplifications: one sample per prompt (no pass@k); hf runs on one device (no data parallel);
+`--limit` takes instances round-robin over (task, level) cells so that every cell is present.
+
+Usage
+  # the tiny model (tests) on a tiny split, all four backends
+  python common.py tiny --out runs/tiny
+  python envs.py data --out data/test --split test --per-level 4 --image-size 128
+  python evaluate.py --model runs/tiny --data data/test --backend oracle --condition both
+  python evaluate.py --model runs/tiny --data data/test --backend hf --max-new-tokens 64
+  python evaluate.py --model runs/tiny --data data/test --backend vllm --max-new-tokens 64
+  # a local Qwen3-VL checkpoint: visual planning, modality gap, perception
+  python evaluate.py --model runs/opcd/best --data data/test --backend vllm --condition both
+  python evaluate.py --model Qwen/Qwen3-VL-4B-Instruct --data data/test --kind perception
+  # an OpenAI-compatible endpoint (e.g. `vllm serve Qwen/Qwen3-VL-8B-Instruct`)
+  export OPENAI_API_KEY=...   # read from the environment, never written anywhere
+  python evaluate.py --backend openai --base-url http://localhost:8000/v1 \
+      --model Qwen/Qwen3-VL-8B-Instruct --data data/test --condition both --concurrency 32 --resume
+"""
+import argparse
+import base64
+import http.client
+import io
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import envs
+
+BACKENDS = ("hf", "vllm", "openai", "oracle")
+PLANNING_METRICS = ("success", "optimal", "parse_ok", "illegal")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit 2 (argparse prints the usage too)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def get_parser():
+    p = Parser(prog="evaluate.py", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="checkpoint directory or hub id (model name for --backend openai)")
+    p.add_argument("--data", required=True, help="split directory holding data.jsonl (python envs.py data ...)")
+    p.add_argument("--backend", default="hf", choices=BACKENDS, help="how responses are produced")
+    p.add_argument("--condition", default="image", choices=("image", "text", "both"),
+                   help="planning input: the image, the text state, or both (then the gap text - image is reported)")
+    p.add_argument("--kind", default="planning", choices=("planning", "perception", "dynamics"), help="which rows to evaluate")
+    p.add_argument("--max-new-tokens", type=int, default=4096, help="greedy decoding budget per response")
+    p.add_argument("--out", default=None, help="output directory (default runs/eval/<model>-<backend>-<kind>)")
+    p.add_argument("--batch-size", type=int, default=8, help="hf: prompts per generate call")
+    p.add_argument("--max-model-len", type=int, default=None, help="vllm: context length (default: longest prompt + max-new-tokens)")
+    p.add_argument("--base-url", default=None, help="openai: endpoint base URL, e.g. http://localhost:8000/v1")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: name of the environment variable holding the key")
+    p.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight")
+    p.add_argument("--timeout-seconds", type=float, default=600.0, help="openai: per-request timeout")
+    p.add_argument("--retries", type=int, default=3, help="openai: retries per request after the first attempt")
+    p.add_argument("--backoff-seconds", type=float, default=2.0, help="openai: first retry delay, doubled on each retry")
+    p.add_argument("--resume", action="store_true", help="keep finished episodes of OUT/episodes.jsonl, request only the rest")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most N instances, round-robin over (task, level)")
+    return p
+
+
+def fail(message):
+    print(f"evaluate.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- episodes
+
+def as_messages(turn):
+    """envs prompt builders return a chat (list of {role, content}); accept bare content parts too."""
+    return turn if turn and "role" in turn[0] else [{"role": "user", "content": turn}]
+
+
+def limit_round_robin(rows, limit):
+    """The first `limit` rows in the order: instance i of every (task, level), tasks interleaved."""
+    rank, level_rank, tasks = {}, {}, sorted({r["task"] for r in rows})
+    order = []
+    for row in rows:
+        cell = (row["task"], row["level"])
+        i = rank[cell] = rank.get(cell, -1) + 1
+        j = level_rank.setdefault(cell, sum(c[0] == row["task"] for c in level_rank))
+        order.append(((i, j, tasks.index(row["task"])), row))
+    return [row for _, row in sorted(order, key=lambda x: x[0])[:limit]]
+
+
+def build_episodes(rows, kind, conditions):
+    episodes = []
+    for row in rows:
+        for condition in conditions:
+            if kind == "planning":
+                turn = (envs.student_messages(row["state"], row["image"]) if condition == "image"
+                        else envs.text_student_messages(row["state"]))
+            elif kind == "perception":
+                turn = envs.perception_messages(row["state"], row["image"])
+            else:  # dynamics rows carry their own prompt; drop the assistant target
+                turn = [m for m in row["messages"] if m["role"] != "assistant"]
+            episodes.append({"row": row, "condition": condition, "messages": as_messages(turn)})
+    return episodes
+
+
+def oracle_response(row):
+    if row["kind"] == "perception":
+        return envs.perception_answer(row["state"])
+    if row["kind"] == "dynamics":
+        return row["answer"]
+    return envs.reference_response(row["state"])
+
+
+def score_episode(ep, response, error):
+    row = ep["row"]
+    scores = envs.score_row(row, None if error else response)
+    plan = scores.pop("plan", None)
+    metrics = {k: v for k, v in scores.items() if isinstance(v, (bool, int, float))}
+    return {"id": row["id"], "task": row["task"], "level": row["level"], "seed": row.get("seed"),
+            "kind": row["kind"], "condition": ep["condition"], "response": response, "plan": plan,
+            "metrics": metrics, "error": error is not None, "error_message": error}
+
+
+def key(record):
+    return record["id"], record["condition"]
+
+
+# ----------------------------------------------------------------------------- backends
+# A backend factory loads what it needs (timed as load_seconds) and returns run(emit), which
+# produces one response per episode and calls emit(index, response, error_message) as they come.
+
+def oracle_backend(args, episodes):
+    def run(emit):
+        for i, ep in enumerate(episodes):
+            emit(i, oracle_response(ep["row"]), None)
+    return run
+
+
+def hf_backend(args, episodes):
+    """Batched greedy `generate` (common.generate_responses: left padding, vision tokens forbidden)."""
+    import torch
+    from common import generate_responses, load_model
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor = load_model(args.model, device, dtype=torch.bfloat16 if device == "cuda" else None)
+    model.eval()
+    def run(emit):
+        for start in range(0, len(episodes), args.batch_size):
+            chunk = [ep["messages"] for ep in episodes[start:start + args.batch_size]]
+            for j, text in enumerate(generate_responses(model, processor, chunk, args.max_new_tokens)):
+                emit(start + j, text, None)
+    return run
+
+
+def vllm_backend(args, episodes):
+    from transformers import AutoProcessor
+    from vllm import LLM, SamplingParams
+    import torch
+    from common import message_images, vision_token_ids
+    processor = AutoProcessor.from_pretrained(args.model)
+    prompts = []
+    for ep in episodes:
+        text = processor.apply_chat_template(ep["messages"], tokenize=False, add_generation_prompt=True)
+        images = message_images(ep["messages"])
+        prompts.append({"prompt": text, **({"multi_modal_data": {"image": images}} if images else {})})
+    n_images = [len(p.get("multi_modal_data", {}).get("image", [])) for p in prompts]
+    tokens_per_image = 0  # all images of a split have one size (SPEC §1), so one image tells
+    if max(n_images):
+        image = next(p["multi_modal_data"]["image"][0] for p in prompts if "multi_modal_data" in p)
+        grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0]
+        tokens_per_image = int(grid.prod()) // processor.image_processor.merge_size ** 2
+    longest = max(len(processor.tokenizer(p["prompt"])["input_ids"]) + k * tokens_per_image
+                  for p, k in zip(prompts, n_images))
+    gpu = torch.cuda.is_available()
+    llm = LLM(model=args.model, dtype="bfloat16" if gpu else "float32", enforce_eager=not gpu, seed=0,
+              max_model_len=args.max_model_len or longest + args.max_new_tokens + 16,
+              limit_mm_per_prompt={"image": max(1, max(n_images))},
+              **({} if gpu else {"kv_cache_memory_bytes": 256 << 20}))
+    forbidden = set(vision_token_ids(processor))
+    vocab_size = llm.llm_engine.model_config.get_vocab_size()
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens, n=1, skip_special_tokens=True,
+                            stop_token_ids=[processor.tokenizer.convert_tokens_to_ids("<|im_end|>")],
+                            allowed_token_ids=[t for t in range(vocab_size) if t not in forbidden])
+    def run(emit):
+        chunk_size = 256  # emit (and so checkpoint to disk) every chunk
+        for start in range(0, len(prompts), chunk_size):
+            outputs = llm.generate(prompts[start:start + chunk_size], params, use_tqdm=False)
+            for j, out in enumerate(outputs):
+                # the hf tokenizer decodes, as in the hf backend (vLLM's incremental detokenizer
+                # holds back a trailing partial UTF-8 character)
+                emit(start + j, processor.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True), None)
+    return run
+
+
+class EndpointUnreachable(Exception):
+    pass
+
+
+def png_data_url(image):
+    from PIL import Image
+    if isinstance(image, (str, Path)) and str(image).lower().endswith(".png"):
+        data = Path(image).read_bytes()
+    else:
+        buf = io.BytesIO()
+        (Image.open(image) if isinstance(image, (str, Path)) else image).convert("RGB").save(buf, format="PNG")
+        data = buf.getvalue()
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def openai_messages(messages):
+    out = []
+    for m in messages:
+        if not isinstance(m["content"], list):
+            out.append({"role": m["role"], "content": m["content"]})
+            continue
+        parts = []
+        for part in m["content"]:
+            if part["type"] == "image":
+                parts.append({"type": "image_url", "image_url": {"url": png_data_url(part["image"])}})
+            else:
+                parts.append({"type": "text", "text": part["text"]})
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
+def chat_completion(args, api_key, messages):
+    """One request with retries. -> (text, None) or (None, error message); raises EndpointUnreachable."""
+    url = args.base_url.rstrip("/") + "/chat/completions"
+    body = json.dumps({"model": args.model, "messages": openai_messages(messages), "n": 1,
+                       "temperature": 0.0, "max_tokens": args.max_new_tokens}).encode()
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    error, unreachable = None, False
+    for attempt in range(args.retries + 1):
+        if attempt:
+            time.sleep(args.backoff_seconds * 2 ** (attempt - 1))
+        try:
+            request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+            with urllib.request.urlopen(request, timeout=args.timeout_seconds) as resp:
+                content = json.loads(resp.read())["choices"][0]["message"]["content"]
+            if content is None:
+                return None, "response without content"
+            return content, None
+        except urllib.error.HTTPError as e:
+            error, unreachable = f"HTTP {e.code} {e.reason}", False
+            if e.code != 429 and e.code < 500:
+                return None, error  # a client error will not go away on retry
+        except urllib.error.URLError as e:  # raised before any byte was sent
+            timeout = isinstance(e.reason, TimeoutError)
+            error, unreachable = ("timeout" if timeout else f"cannot reach {url}: {e.reason}"), not timeout
+        except (TimeoutError, http.client.HTTPException, ConnectionError) as e:
+            error, unreachable = ("timeout" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"), False
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            error, unreachable = f"malformed response: {type(e).__name__}", False
+    if unreachable:
+        raise EndpointUnreachable(f"{error} (after {args.retries + 1} attempts)")
+    return None, error
+
+
+def openai_backend(args, episodes):
+    api_key = os.environ.get(args.api_key_env)
+    print(f"openai: {args.base_url}, key {'from $' + args.api_key_env if api_key else 'not set'}, "
+          f"{args.concurrency} concurrent requests", flush=True)
+    def run(emit):
+        pool = ThreadPoolExecutor(max_workers=args.concurrency)
+        futures = {pool.submit(chat_completion, args, api_key, ep["messages"]): i for i, ep in enumerate(episodes)}
+        try:
+            for future in as_completed(futures):
+                emit(futures[future], *future.result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return run
+
+
+# ----------------------------------------------------------------------------- summary, report, plot
+
+def metric_names(table):
+    names = []
+    for cell in table.values():
+        names += [k for k in cell if k not in ("n", "errors") and k not in names]
+    ordered = [m for m in PLANNING_METRICS if m in names]
+    return ordered + [m for m in names if m not in ordered]
+
+
+def gap(text, image):
+    """text − image for every numeric metric, same nesting; counts are not subtracted."""
+    if isinstance(text, dict):
+        return {k: gap(text[k], image[k]) for k in text if k in image and k not in ("n", "errors")}
+    return text - image
+
+
+def summarize(records, conditions, config):
+    summary = {"config": config, "conditions": {}}
+    for condition in conditions:
+        episodes = [{"task": r["task"], "level": r["level"], "error": r["error"], **r["metrics"]}
+                    for r in records if r["condition"] == condition]
+        summary["conditions"][condition] = envs.aggregate(episodes)
+        summary["conditions"][condition]["errors"] = sum(e["error"] for e in episodes)
+        summary["conditions"][condition]["n"] = len(episodes)
+    if len(conditions) == 2:
+        image, text = summary["conditions"]["image"], summary["conditions"]["text"]
+        summary["gap_text_minus_image"] = {k: gap(text[k], image[k]) for k in ("per_level", "per_task", "macro")}
+    return summary
+
+
+def rows_of(agg):
+    """(task, level label, cell) rows: every level, then the task mean; finally the macro."""
+    rows = []
+    for task, levels in agg["per_level"].items():
+        for level, cell in levels.items():
+            rows.append((task, str(level), cell))
+        rows.append((task, "all", agg["per_task"][task]))
+    rows.append(("macro", "", agg["macro"]))
+    return rows
+
+
+def markdown_table(title, agg, metrics, counts=True):
+    head = ["task", "level"] + (["n", "errors"] if counts else []) + list(metrics)
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for task, level, cell in rows_of(agg):
+        count_cols = [str(cell.get("n", "")), str(cell.get("errors", ""))] if counts else []
+        values = [f"{100 * cell[m]:+.1f}" if not counts and m in cell else f"{100 * cell[m]:.1f}" if m in cell else ""
+                  for m in metrics]
+        lines.append("| " + " | ".join([task, level] + count_cols + values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(summary, out, kind):
+    conditions = summary["conditions"]
+    first = next(iter(conditions.values()))
+    metrics = metric_names({f"{t}/{l}": c for t, lv in first["per_level"].items() for l, c in lv.items()})
+    parts = [f"## {kind} evaluation of `{summary['config']['model']}` ({summary['config']['backend']})", "",
+             "Percent of episodes; errored episodes (no response) count as failures.", ""]
+    for condition, agg in conditions.items():
+        parts.append(markdown_table(f"condition: {condition} ({agg['n']} episodes, {agg['errors']} errored)", agg, metrics))
+    if "gap_text_minus_image" in summary:
+        parts.append(markdown_table("modality gap: text − image (percentage points)",
+                                    summary["gap_text_minus_image"], metrics, counts=False))
+    report = "\n".join(parts)
+    atomic_write(out / "report.md", report)
+    return report, metrics
+
+
+def plot(summary, metric, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    conditions = summary["conditions"]
+    first = next(iter(conditions.values()))
+    labels = [f"{task}\n{level}" for task, level, _ in rows_of(first)]
+    width = 0.8 / len(conditions)
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(labels) * len(conditions)), 4))
+    for j, (condition, agg) in enumerate(conditions.items()):
+        values = [100 * cell.get(metric, 0.0) for _, _, cell in rows_of(agg)]
+        xs = [i + (j - (len(conditions) - 1) / 2) * width for i in range(len(labels))]
+        ax.bar(xs, values, width, label=condition)
+    if "gap_text_minus_image" in summary:
+        gaps = [100 * cell.get(metric, 0.0) for _, _, cell in rows_of(summary["gap_text_minus_image"])]
+        text_values = [100 * cell.get(metric, 0.0) for _, _, cell in rows_of(conditions["text"])]
+        image_values = [100 * cell.get(metric, 0.0) for _, _, cell in rows_of(conditions["image"])]
+        for i, g in enumerate(gaps):
+            ax.annotate(f"{g:+.0f}", (i, max(text_values[i], image_values[i]) + 2), ha="center", fontsize=7)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_ylim(0, 110)
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"{metric} per task and level" + (" (labels: gap text − image)" if "gap_text_minus_image" in summary else ""))
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def atomic_write(path, text):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, records):
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_finished(path):
+    """Non-errored records of a (possibly partial) episodes file; a torn last line is ignored."""
+    finished = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "id" in record and not record.get("error", True):
+                finished[key(record)] = record
+    return finished
+
+
+# ----------------------------------------------------------------------------- main
+
+def evaluate(args):
+    if args.condition != "image" and args.kind != "planning":
+        fail(f"--condition {args.condition} applies to planning only (perception and dynamics are visual)")
+    if args.backend == "openai" and not args.base_url:
+        fail("--backend openai needs --base-url (e.g. http://localhost:8000/v1)")
+    if min(args.max_new_tokens, args.batch_size, args.concurrency) < 1 or args.retries < 0:
+        fail("--max-new-tokens, --batch-size and --concurrency must be >= 1, --retries >= 0")
+    try:
+        rows = envs.load_split(args.data, kinds=[args.kind])
+    except (OSError, ValueError) as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if not rows:
+        fail(f"{args.data}: no {args.kind} rows")
+    if args.limit:
+        rows = limit_round_robin(rows, args.limit)
+    conditions = ["image", "text"] if args.condition == "both" else [args.condition]
+    episodes = build_episodes(rows, args.kind, conditions)
+
+    out = Path(args.out or Path("runs/eval") / f"{Path(args.model).name}-{args.backend}-{args.kind}")
+    out.mkdir(parents=True, exist_ok=True)
+    episodes_path = out / "episodes.jsonl"
+    wanted = {(ep["row"]["id"], ep["condition"]) for ep in episodes}
+    finished = {k: r for k, r in read_finished(episodes_path).items() if k in wanted} if args.resume else {}
+    write_jsonl(episodes_path, finished.values())  # drops errored and torn lines of the previous run
+    todo = [ep for ep in episodes if (ep["row"]["id"], ep["condition"]) not in finished]
+    print(f"{len(episodes)} episodes ({args.kind}, {'+'.join(conditions)}), {len(finished)} resumed, "
+          f"{len(todo)} to run with {args.backend}", flush=True)
+
+    t0 = time.time()
+    backend = {"hf": hf_backend, "vllm": vllm_backend, "openai": openai_backend, "oracle": oracle_backend}[args.backend]
+    run = backend(args, todo) if todo else (lambda emit: None)
+    load_seconds, t0, log = time.time() - t0, time.time(), open(episodes_path, "a")
+
+    def emit(i, response, error):
+        record = score_episode(todo[i], response, error)
+        finished[key(record)] = record
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        done = len(finished)
+        if done % 50 == 0 or done == len(episodes):
+            print(f"  {done}/{len(episodes)} episodes, {time.time() - t0:.1f}s", flush=True)
+
+    try:
+        run(emit)
+    except EndpointUnreachable as e:
+        log.close()
+        fail(f"{e}; {len(finished)} finished episodes kept in {episodes_path} (use --resume)")
+    log.close()
+    generate_seconds = time.time() - t0
+
+    records = [finished[(ep["row"]["id"], ep["condition"])] for ep in episodes]
+    write_jsonl(episodes_path, records)
+    config = {k: v for k, v in vars(args).items()}  # holds the key's variable name, never the key
+    config.update(episodes=len(records), ran=len(todo), load_seconds=round(load_seconds, 3),
+                  generate_seconds=round(generate_seconds, 3))
+    summary = summarize(records, conditions, config)
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
+    report, metrics = write_report(summary, out, args.kind)
+    headline = next((m for m in ("success", "all_correct", "correct") if m in metrics), metrics[0])
+    plot(summary, headline, out / f"{headline}.png")
+    print(report)
+    print(f"wrote {out}/episodes.jsonl, summary.json, report.md, {headline}.png")
+    return summary
+
+
+def main(argv=None):
+    return evaluate(get_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
