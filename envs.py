@@ -34,6 +34,7 @@ Commands:
 """
 import argparse
 import hashlib
+import io
 import json
 import math
 import multiprocessing
@@ -43,6 +44,7 @@ import re
 import shutil
 import sys
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -188,14 +190,19 @@ def _gen_frozenlake(n, rng, seed):
     return {"start": list(start), "goal": list(goal), "holes": holes}
 
 
+@lru_cache(maxsize=None)
+def _neighbours(n):
+    return {(r, c): [(a, (r + dr, c + dc)) for a, (dr, dc) in MOVES.items() if 0 <= r + dr < n and 0 <= c + dc < n]
+            for r, c in _cells(n)}
+
+
 def _gen_maze(n, rng, seed):
     open_ = [[set() for _ in range(n)] for _ in range(n)]
-    first = (rng.randrange(n), rng.randrange(n))
+    first, neighbours = (rng.randrange(n), rng.randrange(n)), _neighbours(n)
     seen, stack = {first}, [first]
     while stack:  # randomised depth-first carving: a perfect maze
         r, c = stack[-1]
-        nbrs = [(a, (r + dr, c + dc)) for a, (dr, dc) in MOVES.items()
-                if 0 <= r + dr < n and 0 <= c + dc < n and (r + dr, c + dc) not in seen]
+        nbrs = [(a, p) for a, p in neighbours[(r, c)] if p not in seen]
         if not nbrs:
             stack.pop()
             continue
@@ -482,6 +489,7 @@ def reference_response(state):
     return f"{recap}\n{route}\n<answer>{plan_text(plan, task)}</answer>"
 
 
+@lru_cache(maxsize=None)
 def _instructions(task):
     return (f"Goal: {GOAL[task]}.\nCoordinates are (row, col), 0-based, (0,0) at the top-left; rows grow downward.\n"
             f"Rules: {RULES[task]}\n"
@@ -491,6 +499,7 @@ def _instructions(task):
             f"Example answer for another map:\n{reference_response(EXAMPLES[task])}")
 
 
+@lru_cache(maxsize=None)
 def picture_legend(task):
     return "Picture: " + "; ".join(desc for _, desc, _ in LEGEND[task]) + "; thin lines separate the cells."
 
@@ -829,13 +838,12 @@ def _message_row(base, kind, prompt_messages, answer, **extra):
     return {**base, "kind": kind, **extra, "messages": messages, "answer": answer}
 
 
-def instance_rows(seed, state, split, kinds, image_size, out_dir):
-    """The data rows of one instance, in kind order; writes its pictures under out_dir/images/."""
+def instance_rows(seed, state, split, kinds, image_size):
+    """(rows of one instance in kind order, [(relative path, picture)] they reference)."""
     task, level = state["task"], state["level"]
     name = f"{task}-{level}-{seed:06d}"
     image = f"images/{name}.png"
-    if {"planning", "perception", "dynamics"} & set(kinds):
-        save_png(render_indexed(state, image_size), Path(out_dir) / image)
+    pictures = [(image, render_indexed(state, image_size))] if {"planning", "perception", "dynamics"} & set(kinds) else []
     base = {"id": name, "task": task, "level": level, "seed": seed, "split": split, "state": state, "plan": state["plan"]}
     rows = []
     for kind in kinds:
@@ -851,17 +859,34 @@ def instance_rows(seed, state, split, kinds, image_size, out_dir):
                 content = [_text(question), {"type": "image", "image": image}]
                 if sub == "inverse":
                     after = f"images/{name}-after.png"
-                    save_png(render_indexed(_moved(state, query["after"]), image_size), Path(out_dir) / after)
+                    pictures.append((after, render_indexed(_moved(state, query["after"]), image_size)))
                     content.append({"type": "image", "image": after})
                 rows.append(_message_row({**base, "id": f"{name}-dynamics-{sub}"}, kind, _user(*content), answer,
                                          image=image, subkind=sub, query=query))
-    return rows
+    return rows, pictures
+
+
+def _write_file(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def _rows_chunk(job):
+    """JSON lines of a chunk of instances; PNGs are encoded here and written by two threads, because
+    creating a file mostly waits on the disk and would otherwise stall the rendering."""
     items, split, kinds, image_size, out_dir = job
-    return [json.dumps(row, separators=(",", ":")) for seed, state in items
-            for row in instance_rows(seed, state, split, kinds, image_size, out_dir)]
+    lines, writes = [], []
+    with ThreadPoolExecutor(2) as writer:
+        for seed, state in items:
+            rows, pictures = instance_rows(seed, state, split, kinds, image_size)
+            for path, picture in pictures:
+                buffer = io.BytesIO()
+                save_png(picture, buffer)
+                writes.append(writer.submit(_write_file, Path(out_dir) / path, buffer.getvalue()))
+            lines += [json.dumps(row, separators=(",", ":")) for row in rows]
+    for done in writes:
+        done.result()  # re-raise a failed write
+    return lines
 
 
 def check_request(tasks, levels, kinds, image_size):
@@ -895,13 +920,15 @@ def make_split(out_dir, split, per_level, tasks=None, levels=None, kinds=("plann
     out = Path(out_dir).absolute()
     if out.exists() and not (out / "data.jsonl").exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not a data directory; refusing to overwrite it")
-    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-        raise ValueError(f"cannot write into {out.parent}")
+    missing = [p for p in out.parents if not p.exists()]  # parents to create, deepest first
+    anchor = out.parents[len(missing)]
+    if not anchor.is_dir() or not os.access(anchor, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write into {anchor}")
     instances = [collect(task, level, split, per_level) for task in tasks for level in levels[task]]
     tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
     try:
+        (tmp / "images").mkdir(parents=True)
         chunk = 50
         jobs = [(items[i:i + chunk], split, tuple(kinds), image_size, str(tmp))
                 for items in instances for i in range(0, len(items), chunk)]
@@ -922,6 +949,9 @@ def make_split(out_dir, split, per_level, tasks=None, levels=None, kinds=("plann
             tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in missing:  # leave nothing behind
+            if parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
         raise
     return out
 
