@@ -14,18 +14,30 @@ validation and every evaluation. Pictures are PIL primitives only (no assets): e
 pasted tile, the cell centre always shows one flat colour per cell type (`LEGEND`, the same table
 the prompts describe), so the symbolic state can be read back from the pixels.
 
+Data rows (SPEC §6; one JSON line each, images as relative paths, see `instance_rows`):
+  planning       student prompt (image) -> reference_response   (direct visual SFT, the oracle)
+  text-planning  text-student prompt    -> reference_response   (text-planning pre-training)
+  perception     numbered questions (image) -> numbered answer  (stage-1 SFT, SPEC §5.1)
+  dynamics       forward / inverse (two images) / verify QA with exact labels (SPEC §5.2)
+
 Choices where the SPEC is silent:
   - A seed whose FrozenLake map has no path, or whose MiniBehaviour printer/table cannot be
-    reached, or whose maze has no start/target pair in the seed's difficulty bucket, is skipped
+    reached, or whose maze has no target in the seed's difficulty bucket, is skipped
     (`generate` returns None).
-  - Maze difficulty buckets: seed % 3 picks easy / medium / hard, and a split fills an equal quota
-    of each bucket per level.
+  - Maze difficulty: seed % 3 picks the bucket (easy / medium / hard by BFS length), and a split
+    fills an equal quota of each bucket per level.
   - Splits: each split reads its own seed range (train 0.., val 10^8.., test 2*10^8..), and a
     state belongs to exactly one split by a stable hash of its content (train 80 %, val 10 %,
     test 10 % of the hash space), so no state can appear in two splits; repeats inside a split
-    are skipped. A level that runs out of distinct states raises a one-line error.
+    are skipped. A level that runs out of distinct states raises a one-line error within seconds
+    (the search stops once the rate of new states cannot reach the count within its seed cap).
   - "Printer-adjacent" / "table-adjacent" cells are the in-grid, non-table cells 4-adjacent to
-    the printer / to any table cell. An empty <answer></answer> block does not parse.
+    the printer / to any table cell; MiniBehaviour's legal moves include `pick` when it is legal.
+    An empty <answer></answer> block does not parse.
+  - Dynamics: forward applies 1-4 random actions; inverse shows the state after a random legal
+    1-3 move walk (answer: a BFS-shortest walk); verify shows the reference plan or, half of the
+    time, a copy with one action replaced, dropped or repeated (label from the simulator).
+  - PNGs are palette images (one fixed PALETTE), zlib level 1: small and fast to write.
 
 Commands:
   python envs.py data --out data/train --split train --per-level 1000 --workers 2
@@ -36,7 +48,6 @@ import argparse
 import hashlib
 import io
 import json
-import math
 import multiprocessing
 import os
 import random
@@ -730,9 +741,11 @@ def dynamics_questions(state, seed):
     actions = [rng.choice(ACTIONS[task]) for _ in range(rng.randint(1, 4))]
     sim, status, _ = rollout(state, actions)
     status_word = "dropped" if task == "minibehaviour" and status == "success" else STATUS_WORDS[status]
+    statuses = {"frozenlake": "ok, fell into hole, illegal, goal reached", "maze": "ok, illegal, goal reached",
+                "minibehaviour": "ok, illegal, dropped"}[task]
     forward = (f"The image shows a {name} map. Starting from it, the actions {sep.join(actions)} are applied, stopping "
-               f"at the first failure or success. Give the final (r, c) position and the status (ok, fell into hole, "
-               f"illegal, goal reached, dropped) as: (r, c), status")
+               f"at the first failure or success. Give the final (r, c) position and the status ({statuses}) as: "
+               f"(r, c), status")
     out = [("forward", forward, f"{fmt(sim[:2], True)}, {status_word}",
             {"actions": actions, "final": list(sim[:2]), "status": status_word})]
     world, sim, walk = World(state), World(state).start, []
@@ -966,11 +979,15 @@ def load_split(data_dir, kinds=None):
     if not path.is_file():
         raise FileNotFoundError(f"no data.jsonl in {root}")
 
+    resolved = {}
+
     def resolve(rel, where):
-        full = (root / rel).resolve()
-        if not full.is_file():
-            raise FileNotFoundError(f"{where}: image not found: {full}")
-        return str(full)
+        if rel not in resolved:
+            full = (root / rel).resolve()
+            if not full.is_file():
+                raise FileNotFoundError(f"{where}: image not found: {full}")
+            resolved[rel] = str(full)
+        return resolved[rel]
 
     rows = []
     with open(path) as f:
