@@ -328,6 +328,28 @@ def test_prompt_legend_is_the_renderer_legend():
     assert "the red triangle is the agent" in envs.picture_legend("minibehaviour")
 
 
+# SPEC §1's colour words, and what each means in RGB.
+SPEC_COLOURS = {("frozenlake", "frozen"): "ice-blue", ("frozenlake", "hole"): "dark", ("maze", "corridor"): "white",
+                ("maze", "player"): "yellow", ("maze", "target"): "blue", ("minibehaviour", "floor"): "black",
+                ("minibehaviour", "table"): "tan", ("minibehaviour", "printer"): "white", ("minibehaviour", "agent"): "red"}
+COLOUR_WORDS = {"ice-blue": lambda r, g, b: b > 220 and g > 180 and r < b, "dark": lambda r, g, b: max(r, g, b) < 90,
+                "white": lambda r, g, b: min(r, g, b) > 230, "black": lambda r, g, b: max(r, g, b) < 30,
+                "yellow": lambda r, g, b: r > 200 and g > 180 and b < 80, "blue": lambda r, g, b: b > 180 and r < 100,
+                "tan": lambda r, g, b: r > g > b > 100, "red": lambda r, g, b: r > 180 and g < 80 and b < 80}
+
+
+def test_legend_colours_are_the_spec_colours_at_rendered_cell_centres():
+    for (task, role), word in SPEC_COLOURS.items():
+        state = envs.generate(task, envs.DEFAULT_LEVELS[task][-1], 11)
+        img = envs.render(state, 128)
+        cell, margin = envs.geometry(state["level"], 128)
+        centres = [img.getpixel((margin + c * cell + cell // 2, margin + r * cell + cell // 2))
+                   for (r, c), v in envs.cell_roles(state).items() if v == role]
+        description = {name: text for name, text, _ in envs.LEGEND[task]}[role]
+        assert centres and all(COLOUR_WORDS[word](*rgb) for rgb in centres), (task, role)
+        assert word in description and description in envs.picture_legend(task)
+
+
 # ---------------------------------------------------------------- QA and scoring (SPEC §4, §5)
 @pytest.mark.parametrize("task", envs.TASKS)
 def test_perception_answer_scores_correct_and_errors_are_caught(task):
@@ -377,10 +399,20 @@ def test_dynamics_labels_come_from_the_simulator(task):
                     assert not envs.score_row(row, "no" if expected else "yes")["correct"]
                 else:
                     walk = envs.parse_plan(answer, task)
-                    moved = envs._moved(state, query["after"])
-                    assert len(walk) == query["length"] >= 1
+                    assert len(walk) == query["length"] == walking_distance(state, query["after"]) >= 1
                     assert not envs.score_row(row, f"<answer>{envs.plan_text(walk + walk[-1:], task)}</answer>")["correct"]
-                    assert moved != state
+
+
+def walking_distance(state, target):
+    """Fewest moves (each with status ok) from the start to `target`, by breadth over reference_step."""
+    frontier, seen, steps = {start_of(state)}, {start_of(state)}, 0
+    while tuple(target) not in frontier:
+        frontier = {reference_step(state, p, False, a)[0] for p in frontier for a in "URDL"
+                    if reference_step(state, p, False, a)[2] == "ok"} - seen
+        seen |= frontier
+        steps += 1
+        assert frontier, "target unreachable"
+    return steps
 
 
 def test_aggregate_macro_is_the_unweighted_mean_over_tasks():
@@ -463,6 +495,12 @@ def test_load_split_resolves_images_and_rejects_broken_dirs(make_data, tmp_path)
     for row in rows:
         images = [i["image"] for m in row["messages"] for i in m["content"] if i["type"] == "image"]
         assert all(os.path.isabs(p) and os.path.isfile(p) for p in images + ([row["image"]] if row["image"] else []))
+        if row["kind"] == "perception":  # the PNG on disk encodes the state, at the tiny-model size
+            picture = Image.open(row["image"])
+            assert picture.size == (128, 128)
+            decoded = decode(picture, row["task"], row["level"])
+            assert decoded == {k: (sorted(v) if k in ("holes", "table") else v) for k, v in row["state"].items()
+                               if k in decoded}
         score = envs.score_row(row, row["answer"])
         assert score[{"planning": "optimal", "text-planning": "optimal", "perception": "all_correct",
                       "dynamics": "correct"}[row["kind"]]]
