@@ -497,6 +497,12 @@ def main(argv=None):
                 if rank == 0 and log["val_macro_success"] > best:
                     best = log["val_macro_success"]
                     save_checkpoint(out / "best", model, processor)
+            checksums = [sum(p.detach().double().sum().item() for p in opt.params)] * world_size
+            if world_size > 1:
+                dist.all_gather_object(checksums, checksums[0])
+            if len(set(checksums)) > 1:
+                raise RuntimeError(f"ranks diverged: weight checksums {checksums}")
+            log["rank_weight_checksums"] = checksums
             if rank == 0:
                 save_checkpoint(out / "last", model, processor, {"step": step + 1, "optimizer": opt.state_dict(),
                                                                  "best_macro_success": best, "args": vars(args)})

@@ -106,3 +106,242 @@ def test_fp32_master_weights_keep_updates_that_bf16_weights_round_away():
     assert results[True] == 1.0
     # fp32 master: 3000 steps of ~1e-6 accumulate to ~3e-3, visible after rounding to bf16.
     assert 1.0 - 0.004 < results[False] < 1.0 - 0.002
+
+
+# ------------------------------------------------------------------------------------------
+# Alignment: the teacher scores exactly the student's tokens, at the same response positions.
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    import common
+
+    model, processor = common.load_model(tiny_model)
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def train_dir(make_data):
+    return make_data("train", 1)
+
+
+def rows_of(data_dir, n):
+    import envs
+
+    return envs.load_split(data_dir, kinds=["planning"])[:n]
+
+
+def plain_logprobs(model, input_ids, prompt_len, **extra):
+    """Independent reference: one unpadded row, full logits, log_softmax, gather."""
+    mm = torch.zeros_like(input_ids)
+    if "image_grid_thw" in extra:
+        mm = extra.pop("mm_token_type_ids")
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), mm_token_type_ids=mm, **extra).logits
+    lp = torch.log_softmax(logits[0, prompt_len - 1:-1], -1)
+    return lp.gather(-1, input_ids[0, prompt_len:, None])[:, 0]
+
+
+def test_teacher_input_has_no_image_tokens_and_scores_the_students_exact_token_ids(tiny, train_dir):
+    import common
+    import envs
+
+    model, processor = tiny
+    rows = rows_of(train_dir, 3)
+    msgs = [envs.student_messages(r["state"], r["image"]) for r in rows]
+    responses = opcd.rollout("hf", model, None, processor, msgs, 12, 1.0, 1.0, [0, 1, 2])
+    ids, mask = opcd.pad_responses(responses, processor.tokenizer.pad_token_id, "cpu")
+    student = common.encode_prompts(processor, msgs)
+    teacher = common.encode_prompts(processor, [envs.teacher_messages(r["state"]) for r in rows])
+    vision = set(common.vision_token_ids(processor))
+    assert not vision & set(teacher["input_ids"].flatten().tolist()) and "pixel_values" not in teacher
+    assert vision & set(student["input_ids"].flatten().tolist())
+    for i, r in enumerate(responses):  # the same tensor row feeds both models: the ids, never re-tokenised
+        assert ids[i, :len(r["token_ids"])].tolist() == r["token_ids"] and mask[i].sum() == len(r["token_ids"])
+        assert not vision & set(r["token_ids"])
+    # Both sequences are [left-padded prompt | response]: response token j sits at P + j in each.
+    for batch in (student, teacher):
+        full = torch.cat([batch["input_ids"], ids], 1)
+        P = batch["input_ids"].shape[1]
+        assert torch.equal(full[:, P:][mask.bool()], ids[mask.bool()])
+
+
+def test_batched_logprobs_equal_single_row_logprobs(tiny, train_dir):
+    import common
+    import envs
+
+    model, processor = tiny
+    rows = rows_of(train_dir, 3)
+    msgs = [envs.student_messages(r["state"], r["image"]) for r in rows]
+    responses = [dict(token_ids=list(range(40, 40 + k)) + [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")])
+                 for k in (3, 9, 6)]
+    ids, mask = opcd.pad_responses(responses, processor.tokenizer.pad_token_id, "cpu")
+    for make in (lambda r: envs.student_messages(r["state"], r["image"]), lambda r: envs.teacher_messages(r["state"])):
+        chats = [make(r) for r in rows]
+        with torch.no_grad():
+            batched = common.response_logprobs(model, common.encode_prompts(processor, chats), ids, mask)
+        for i, chat in enumerate(chats):
+            single = common.encode_prompts(processor, [chat])
+            n = len(responses[i]["token_ids"])
+            extra = {k: v for k, v in single.items() if k in ("pixel_values", "image_grid_thw")}
+            if extra:
+                extra["mm_token_type_ids"] = torch.cat([single["mm_token_type_ids"], torch.zeros(1, n, dtype=torch.long)], 1)
+            full = torch.cat([single["input_ids"], ids[i:i + 1, :n]], 1)
+            ref = plain_logprobs(model, full, single["input_ids"].shape[1], **extra)
+            assert torch.allclose(batched[i, :n], ref, atol=1e-5), (batched[i, :n] - ref).abs().max()
+
+
+# ------------------------------------------------------------------------------------------
+# End to end: torchrun --nproc_per_node=2 opcd.py on the tiny model, each backend.
+
+CLEAN_ENV = dict(os.environ)  # before any in-process vLLM engine edits the environment
+
+
+def run_opcd(*args, nproc=2):
+    env = dict(CLEAN_ENV, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "opcd.py"), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def read_log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def master_weights(out):
+    return torch.load(Path(out) / "last" / "trainer_state.pt", weights_only=False)["optimizer"]["master"]
+
+
+@pytest.fixture(scope="module")
+def opcd_base(tiny_model, train_dir, make_data):
+    return ["--student", tiny_model, "--train-data", train_dir, "--val-data", make_data("val", 1), "--val-size", 6,
+            "--batch-size", 4, "--micro-batch-size", 2, "--max-new-tokens", 12, "--val-every", 2, "--lr", 1e-4,
+            "--max-model-len", 2048, "--vllm-kv-cache-mb", 64]
+
+
+@pytest.fixture(scope="module")
+def e2e(opcd_base, tmp_path_factory):
+    """torchrun, 2 ranks: hf for 2 steps then --resume to 3; vllm for 3 steps."""
+    runs = {}
+    out = tmp_path_factory.mktemp("opcd-hf")
+    run_opcd(*opcd_base, "--rollout", "hf", "--out", out, "--max-steps", 2)
+    runs["hf"] = (out, run_opcd(*opcd_base, "--rollout", "hf", "--out", out, "--max-steps", 3, "--resume"))
+    out = tmp_path_factory.mktemp("opcd-vllm")
+    runs["vllm"] = (out, run_opcd(*opcd_base, "--rollout", "vllm", "--out", out, "--max-steps", 3))
+    return runs
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_torchrun_two_ranks_run_three_steps_with_identical_weights(e2e, backend):
+    out, _ = e2e[backend]
+    log = read_log(out)
+    assert [e["step"] for e in log] == [1, 2, 3]
+    for e in log:
+        assert e["response_tokens"] > 0 and e["grad_norm"] > 0 and e["samples_per_second"] > 0
+    saved = [e for e in log if "rank_weight_checksums" in e]
+    assert [e["step"] for e in saved] == [2, 3] and all(len(set(e["rank_weight_checksums"])) == 1 for e in saved)
+    assert len(saved[0]["rank_weight_checksums"]) == 2
+    assert saved[0]["rank_weight_checksums"][0] != saved[1]["rank_weight_checksums"][0]  # the weights moved
+    assert 0 <= log[-1]["val_macro_success"] <= 1 and (out / "best" / "model.safetensors").is_file()
+    if backend == "vllm":  # rollout log-probs from vLLM = the trainer's recomputation, every step
+        assert all(e["vllm_logprob_diff"] < 1e-4 for e in log)
+
+
+def test_torchrun_resume_continues_where_it_stopped(e2e):
+    out, proc = e2e["hf"]
+    assert "steps 2->3" in proc.stdout + proc.stderr
+    assert torch.load(out / "last" / "trainer_state.pt", weights_only=False)["step"] == 3
+
+
+def test_resume_is_exact(opcd_base, tmp_path):
+    """Single process, in-process: 2 steps + --resume to 3 == 3 steps in one go."""
+    args = [str(a) for a in opcd_base] + ["--rollout", "hf"]
+    opcd.main(args + ["--out", str(tmp_path / "a"), "--max-steps", "2"])
+    opcd.main(args + ["--out", str(tmp_path / "a"), "--max-steps", "3", "--resume"])
+    opcd.main(args + ["--out", str(tmp_path / "b"), "--max-steps", "3"])
+    a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    assert [e["step"] for e in a] == [1, 2, 3]
+    assert a[2]["reverse_kl"] == pytest.approx(b[2]["reverse_kl"], abs=1e-7)
+    for x, y in zip(master_weights(tmp_path / "a"), master_weights(tmp_path / "b")):
+        assert torch.equal(x, y)
+
+
+def test_saved_checkpoint_loads_with_from_pretrained_and_holds_the_trained_weights(e2e, tiny_model):
+    from transformers import AutoModelForImageTextToText
+    import common
+
+    out, _ = e2e["hf"]
+    loaded = AutoModelForImageTextToText.from_pretrained(out / "last")
+    model, _ = common.load_model(tiny_model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    weights = dict(zip(trainable, master_weights(out)))
+    state = loaded.state_dict()
+    assert all(torch.equal(state[n], w) for n, w in weights.items())
+    assert any(not torch.equal(p, weights[n]) for n, p in model.named_parameters())  # differs from the start
+
+
+# ------------------------------------------------------------------------------------------
+# vLLM: rollouts agree with the trainer; pushed weights are the ones vLLM samples from.
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(e2e):
+    """An in-process engine on the checkpoint the torchrun run saved (so: it loads in vLLM)."""
+    import common
+
+    path = e2e["hf"][0] / "last"
+    llm = common.make_llm(path, seed=0, max_model_len=2048, kv_cache_bytes=64 << 20)
+    model, processor = common.load_model(path)
+    yield llm, model.eval(), processor
+    common.close_llm(llm)
+
+
+def trainer_logprobs(model, processor, msgs, responses):
+    import common
+
+    ids, mask = opcd.pad_responses(responses, processor.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        return common.response_logprobs(model, common.encode_prompts(processor, msgs), ids, mask), mask
+
+
+def test_vllm_rollout_logprobs_match_the_trainers_recomputation(vllm_engine, train_dir):
+    import common
+    import envs
+
+    llm, model, processor = vllm_engine
+    msgs = [envs.student_messages(r["state"], r["image"]) for r in rows_of(train_dir, 4)]
+    responses = opcd.rollout("vllm", model, llm, processor, msgs, 16, 1.0, 1.0, [11, 12, 13, 14])
+    assert all(len(r["token_ids"]) > 0 for r in responses)
+    assert not set(common.vision_token_ids(processor)) & {t for r in responses for t in r["token_ids"]}
+    again = opcd.rollout("vllm", model, llm, processor, msgs, 16, 1.0, 1.0, [11, 12, 13, 14])
+    assert [r["token_ids"] for r in again] == [r["token_ids"] for r in responses]  # seeded per request
+    recomputed, mask = trainer_logprobs(model, processor, msgs, responses)
+    for i, r in enumerate(responses):
+        n = len(r["token_ids"])
+        assert torch.allclose(torch.tensor(r["rollout_logprobs"]), recomputed[i, :n], atol=1e-4)
+
+
+def test_vllm_follows_pushed_weights_including_merged_lora(vllm_engine, train_dir):
+    import copy
+    import common
+    import envs
+
+    llm, model, processor = vllm_engine
+    msgs = [envs.student_messages(r["state"], r["image"]) for r in rows_of(train_dir, 3)]
+    responses = [dict(token_ids=list(range(50, 50 + k))) for k in (4, 7, 5)]
+    before, mask = trainer_logprobs(model, processor, msgs, responses)
+    changed = copy.deepcopy(model)
+    common.add_lora(changed, rank=4)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in changed.named_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))  # moves base weights (vision too) and LoRA B
+    after, _ = trainer_logprobs(changed, processor, msgs, responses)
+    assert ((after - before).abs() * mask).max() > 0.05
+    for weights, expected in ((changed, after), (model, before)):
+        common.push_weights(llm, weights)
+        scored = common.vllm_score(llm, processor, msgs, [r["token_ids"] for r in responses])
+        for i, s in enumerate(scored):
+            assert torch.allclose(torch.tensor(s), expected[i, :len(s)], atol=1e-4)
