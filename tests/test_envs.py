@@ -579,3 +579,15 @@ def test_cli_data_and_show_write_what_they_say(tmp_path):
     for text in (envs.teacher_context(state), envs.reference_response(state), envs.perception_answer(state)):
         assert text in result.stdout
     assert decode(Image.open(tmp_path / "mb.png"), "minibehaviour", 5)["agent"] == state["agent"]
+
+
+def test_png_writer_output_reads_back_in_pillow_as_the_same_picture():
+    import io
+    import numpy as np
+    for task in envs.TASKS:
+        for seed in range(4):
+            state = envs.generate(task, envs.DEFAULT_LEVELS[task][-1], seed)
+            picture = Image.open(io.BytesIO(envs.png_bytes(envs.render_indexed(state, 128))))
+            picture.load()
+            assert picture.format == "PNG" and picture.size == (128, 128)
+            assert np.array_equal(np.asarray(picture.convert("RGB")), np.asarray(envs.render(state, 128)))
