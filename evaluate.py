@@ -193,40 +193,40 @@ def hf_backend(args, episodes):
 
 
 def vllm_backend(args, episodes):
-    from transformers import AutoProcessor
-    from vllm import LLM, SamplingParams
+    """The vLLM engine of common.make_llm (in-process), greedy, vision tokens never sampled."""
     import torch
-    from common import message_images, vision_token_ids
+    from transformers import AutoProcessor
+    from vllm import SamplingParams
+    from common import make_llm, vision_token_ids, vllm_prompts
     processor = AutoProcessor.from_pretrained(args.model)
-    prompts = []
-    for ep in episodes:
-        text = processor.apply_chat_template(ep["messages"], tokenize=False, add_generation_prompt=True)
-        images = message_images(ep["messages"])
-        prompts.append({"prompt": text, **({"multi_modal_data": {"image": images}} if images else {})})
-    n_images = [len(p.get("multi_modal_data", {}).get("image", [])) for p in prompts]
+    prompts = vllm_prompts(processor, [ep["messages"] for ep in episodes])
+    images = [p.get("multi_modal_data", {}).get("image", []) for p in prompts]
+    images = [x if isinstance(x, list) else [x] for x in images]
+    if max(map(len, images)) > 1:  # make_llm allows one image per prompt; inverse-dynamics prompts have two
+        fail("--backend vllm takes one image per prompt; use --backend hf for dynamics rows with two images")
     tokens_per_image = 0  # all images of a split have one size (SPEC §1), so one image tells
-    if max(n_images):
-        image = next(p["multi_modal_data"]["image"][0] for p in prompts if "multi_modal_data" in p)
-        grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0]
-        tokens_per_image = int(grid.prod()) // processor.image_processor.merge_size ** 2
-    longest = max(len(processor.tokenizer(p["prompt"])["input_ids"]) + k * tokens_per_image
-                  for p, k in zip(prompts, n_images))
+    if any(images):
+        grid = processor.image_processor(images=[next(x for x in images if x)[0]], return_tensors="pt")["image_grid_thw"]
+        tokens_per_image = int(grid[0].prod()) // processor.image_processor.merge_size ** 2
+    longest = max(len(processor.tokenizer(p["prompt"])["input_ids"]) + len(x) * tokens_per_image
+                  for p, x in zip(prompts, images))
     gpu = torch.cuda.is_available()
-    llm = LLM(model=args.model, dtype="bfloat16" if gpu else "float32", enforce_eager=not gpu, seed=0,
-              max_model_len=args.max_model_len or longest + args.max_new_tokens + 16,
-              limit_mm_per_prompt={"image": max(1, max(n_images))},
-              **({} if gpu else {"kv_cache_memory_bytes": 256 << 20}))
+    llm = make_llm(args.model, seed=0, max_model_len=args.max_model_len or longest + args.max_new_tokens + 16,
+                   dtype="bfloat16" if gpu else "float32", gpu_memory_utilization=0.85)
+
+    # Greedy over the model's whole vocabulary minus the vision tokens: the same set as the hf
+    # backend (common.vllm_generate also bans the ids past the tokenizer, which a random tiny
+    # model does pick, so its outputs would differ from hf there).
     forbidden = set(vision_token_ids(processor))
-    vocab_size = llm.llm_engine.model_config.get_vocab_size()
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens, n=1, skip_special_tokens=True,
-                            stop_token_ids=[processor.tokenizer.convert_tokens_to_ids("<|im_end|>")],
-                            allowed_token_ids=[t for t in range(vocab_size) if t not in forbidden])
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens, n=1, allowed_token_ids=[
+        t for t in range(llm.llm_engine.model_config.get_vocab_size()) if t not in forbidden])
+
     def run(emit):
         chunk_size = 256  # emit (and so checkpoint to disk) every chunk
         for start in range(0, len(prompts), chunk_size):
             outputs = llm.generate(prompts[start:start + chunk_size], params, use_tqdm=False)
             for j, out in enumerate(outputs):
-                # the hf tokenizer decodes, as in the hf backend (vLLM's incremental detokenizer
+                # decoded by the hf tokenizer, as in the hf backend (vLLM's incremental detokenizer
                 # holds back a trailing partial UTF-8 character)
                 emit(start + j, processor.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True), None)
     return run

@@ -106,14 +106,16 @@ def test_oracle_scores_100_percent_success_and_optimal_on_every_task(data, tmp_p
     assert all(ep["plan"] == plans[ep["id"]] for ep in episodes)
 
 
-def test_oracle_scores_100_percent_on_every_perception_question(data, tmp_path):
-    summary = run("--model", "oracle", "--data", data, "--backend", "oracle", "--kind", "perception", "--out", tmp_path)
+@pytest.mark.parametrize("kind", ["perception", "dynamics"])
+def test_oracle_scores_100_percent_on_every_perception_and_dynamics_question(kind, make_data, tmp_path):
+    data = make_data("test", 2, kinds=("planning", "perception", "dynamics"))
+    summary = run("--model", "oracle", "--data", data, "--backend", "oracle", "--kind", kind, "--out", tmp_path)
     agg = summary["conditions"]["image"]
-    assert agg["n"] == len(envs.load_split(data, kinds=["perception"])) > 0
+    assert agg["n"] == len(envs.load_split(data, kinds=[kind])) > 0
     for task in envs.TASKS:
         cell = agg["per_task"][task]
         questions = [k for k in cell if k not in ("n", "errors")]
-        assert "all_correct" in questions and len(questions) >= 3
+        assert ("all_correct" in questions and len(questions) >= 3) if kind == "perception" else questions == ["correct"]
         assert all(cell[q] == 1.0 for q in questions)
 
 
