@@ -867,9 +867,23 @@ def collect(task, level, split, count):
                      f"after {tried + 1 if tried == max_seeds - 1 else tried} seeds; ask for fewer")
 
 
+# On disk every row has the same keys with the same types ("subkind" is "" outside dynamics), and
+# `state` / `query` (whose fields differ between tasks and between dynamics questions) are JSON-encoded
+# strings: `datasets` infers one schema from the first block of the file and cannot cast later rows
+# with other fields or types. `load_split` decodes them again.
+ROW_KEYS = ("id", "task", "level", "seed", "split", "kind", "subkind", "state", "plan", "image", "query", "messages",
+            "answer")
+
+
 def _message_row(base, kind, prompt_messages, answer, **extra):
     messages = prompt_messages + [{"role": "assistant", "content": [_text(answer)]}]
     return {**base, "kind": kind, **extra, "messages": messages, "answer": answer}
+
+
+def _disk_row(row):
+    encoded = {**row, "state": json.dumps(row["state"], separators=(",", ":")), "subkind": row.get("subkind", ""),
+               "query": json.dumps(row.get("query") or {}, separators=(",", ":"))}
+    return json.dumps({k: encoded.get(k) for k in ROW_KEYS}, separators=(",", ":"))
 
 
 def instance_rows(seed, state, split, kinds, image_size):
@@ -915,7 +929,7 @@ def _rows_chunk(job):
             rows, pictures = instance_rows(seed, state, split, kinds, image_size)
             for path, picture in pictures:
                 writes.append(writer.submit(_write_file, Path(out_dir) / path, png_bytes(picture)))
-            lines += [json.dumps(row, separators=(",", ":")) for row in rows]
+            lines += [_disk_row(row) for row in rows]
     for done in writes:
         done.result()  # re-raise a failed write
     return lines
@@ -1022,6 +1036,12 @@ def load_split(data_dir, kinds=None):
                 raise ValueError(f"{where}: malformed row (missing {sorted(missing)} or unknown task/kind)")
             if kinds and row["kind"] not in kinds:
                 continue
+            try:  # state and query are JSON strings on disk (see ROW_KEYS)
+                row.update({k: json.loads(row[k]) for k in ("state", "query") if isinstance(row.get(k), str)})
+            except json.JSONDecodeError:
+                raise ValueError(f"{where}: malformed row (state or query is not JSON)") from None
+            if not isinstance(row["state"], dict) or row["state"].get("task") != row["task"]:
+                raise ValueError(f"{where}: malformed row (state does not describe a {row['task']} instance)")
             if row.get("image"):
                 row["image"] = resolve(row["image"], where)
             for message in row["messages"]:
