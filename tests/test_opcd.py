@@ -345,3 +345,36 @@ def test_vllm_follows_pushed_weights_including_merged_lora(vllm_engine, train_di
         scored = common.vllm_score(llm, processor, msgs, [r["token_ids"] for r in responses])
         for i, s in enumerate(scored):
             assert torch.allclose(torch.tensor(s), expected[i, :len(s)], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------
+# It learns: against an opinionated teacher, the student's reverse KL falls.
+
+
+def test_student_reverse_kl_to_an_opinionated_teacher_falls_by_half(tiny_model, train_dir, tmp_path):
+    """The teacher is the tiny model briefly fine-tuned, on teacher prompts, to answer with one
+    fixed token repeated. The student (the untouched tiny model) is trained by opcd.main with
+    the exact loss at a high lr; the logged reverse-KL estimate mean(ℓS − ℓT) must halve."""
+    import common
+    import envs
+
+    model, processor = common.load_model(tiny_model)
+    rows = envs.load_split(train_dir, kinds=["planning"])
+    style = processor.tokenizer(" R" * 12, add_special_tokens=False)["input_ids"]
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for it in range(30):
+        batch = common.encode_prompts(processor, [envs.teacher_messages(r["state"]) for r in rows[it % 3::3][:8]])
+        ids = torch.tensor([style] * batch["input_ids"].shape[0])
+        loss = -common.response_logprobs(model, batch, ids, torch.ones_like(ids)).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.2  # the teacher now answers " R R R ..." with high probability
+    common.save_model(model, processor, tmp_path / "teacher")
+    opcd.main(["--student", tiny_model, "--teacher", str(tmp_path / "teacher"), "--train-data", train_dir,
+               "--out", str(tmp_path / "run"), "--rollout", "hf", "--loss", "full", "--lr", "3e-3", "--batch-size", "8",
+               "--micro-batch-size", "8", "--max-new-tokens", "8", "--max-steps", "30", "--epochs", "100",
+               "--val-every", "1000"])
+    kl = [e["reverse_kl"] for e in read_log(tmp_path / "run")]
+    first, last = sum(kl[:3]) / 3, sum(kl[-3:]) / 3
+    assert first > 1.0 and last < 0.5 * first, kl
