@@ -27,12 +27,14 @@ Backends
 
 Errors. An episode whose request failed after all retries (HTTP 5xx, timeout) is recorded with
 `error: true`, counts as a failure, and stays in every denominator; the number of errored
-episodes is reported per cell. An endpoint that cannot be reached at all (connection refused,
-unknown host) stops the run with one error line and exit code 2; what finished is kept.
+episodes is reported per cell. An endpoint that cannot serve any request (connection refused,
+unknown host, HTTP 401/403/404) stops the run with one error line and exit code 2; what
+finished is kept for --resume.
 
 Resume. Finished episodes are appended to `OUT/episodes.jsonl` as they complete. `--resume`
 keeps the finished, non-errored episodes of that file and requests only the rest (missing and
-errored ones). At the end the file is rewritten in dataset order.
+errored ones); it refuses a folder whose run.json names another model, data, kind or token
+budget. At the end the file is rewritten in dataset order.
 
 Output (in --out): episodes.jsonl (id, task, level, condition, response, parsed plan, metrics,
 error), summary.json (per level / per task / macro per condition, the gap, the run config),
@@ -112,11 +114,6 @@ def fail(message):
 
 # ----------------------------------------------------------------------------- episodes
 
-def as_messages(turn):
-    """envs prompt builders return a chat (list of {role, content}); accept bare content parts too."""
-    return turn if turn and "role" in turn[0] else [{"role": "user", "content": turn}]
-
-
 def limit_round_robin(rows, limit):
     """The first `limit` rows in the order: instance i of every (task, level), tasks interleaved."""
     rank, level_rank, tasks = {}, {}, sorted({r["task"] for r in rows})
@@ -134,13 +131,13 @@ def build_episodes(rows, kind, conditions):
     for row in rows:
         for condition in conditions:
             if kind == "planning":
-                turn = (envs.student_messages(row["state"], row["image"]) if condition == "image"
+                turn = (envs.student_messages(row["state"], row["image"]) if condition == "image"  # a chat
                         else envs.text_student_messages(row["state"]))
             elif kind == "perception":
                 turn = envs.perception_messages(row["state"], row["image"])
             else:  # dynamics rows carry their own prompt; drop the assistant target
                 turn = [m for m in row["messages"] if m["role"] != "assistant"]
-            episodes.append({"row": row, "condition": condition, "messages": as_messages(turn)})
+            episodes.append({"row": row, "condition": condition, "messages": turn})
     return episodes
 
 
@@ -232,8 +229,8 @@ def vllm_backend(args, episodes):
     return run
 
 
-class EndpointUnreachable(Exception):
-    pass
+class EndpointError(Exception):
+    """The endpoint cannot serve any request (unreachable, wrong key, wrong path): stop the run."""
 
 
 def png_data_url(image):
@@ -264,7 +261,7 @@ def openai_messages(messages):
 
 
 def chat_completion(args, api_key, messages):
-    """One request with retries. -> (text, None) or (None, error message); raises EndpointUnreachable."""
+    """One request with retries. -> (text, None) or (None, error message); raises EndpointError."""
     url = args.base_url.rstrip("/") + "/chat/completions"
     body = json.dumps({"model": args.model, "messages": openai_messages(messages), "n": 1,
                        "temperature": 0.0, "max_tokens": args.max_new_tokens}).encode()
@@ -284,8 +281,10 @@ def chat_completion(args, api_key, messages):
             return content, None
         except urllib.error.HTTPError as e:
             error, unreachable = f"HTTP {e.code} {e.reason}", False
+            if e.code in (401, 403, 404):  # every request would get the same answer
+                raise EndpointError(f"{url}: {error}") from None
             if e.code != 429 and e.code < 500:
-                return None, error  # a client error will not go away on retry
+                return None, error  # this request is rejected (e.g. too long); retrying will not help
         except urllib.error.URLError as e:  # raised before any byte was sent
             timeout = isinstance(e.reason, TimeoutError)
             error, unreachable = ("timeout" if timeout else f"cannot reach {url}: {e.reason}"), not timeout
@@ -294,7 +293,7 @@ def chat_completion(args, api_key, messages):
         except (ValueError, KeyError, IndexError, TypeError) as e:
             error, unreachable = f"malformed response: {type(e).__name__}", False
     if unreachable:
-        raise EndpointUnreachable(f"{error} (after {args.retries + 1} attempts)")
+        raise EndpointError(f"{error} (after {args.retries + 1} attempts)")
     return None, error
 
 
@@ -460,6 +459,10 @@ def evaluate(args):
     out = Path(args.out or Path("runs/eval") / f"{Path(args.model).name}-{args.backend}-{args.kind}")
     out.mkdir(parents=True, exist_ok=True)
     episodes_path = out / "episodes.jsonl"
+    settings = {k: str(getattr(args, k)) for k in ("model", "data", "kind", "max_new_tokens")}
+    if args.resume and (out / "run.json").exists() and json.loads((out / "run.json").read_text()) != settings:
+        fail(f"--resume: {out} holds a run with other settings ({(out / 'run.json').read_text()}); use another --out")
+    atomic_write(out / "run.json", json.dumps(settings))
     wanted = {(ep["row"]["id"], ep["condition"]) for ep in episodes}
     finished = {k: r for k, r in read_finished(episodes_path).items() if k in wanted} if args.resume else {}
     write_jsonl(episodes_path, finished.values())  # drops errored and torn lines of the previous run
@@ -483,7 +486,7 @@ def evaluate(args):
 
     try:
         run(emit)
-    except EndpointUnreachable as e:
+    except EndpointError as e:
         log.close()
         fail(f"{e}; {len(finished)} finished episodes kept in {episodes_path} (use --resume)")
     log.close()

@@ -35,8 +35,11 @@ def main():
     p.add_argument("--backends", nargs="+", default=["oracle", "hf", "vllm"], choices=("oracle", "hf", "vllm"),
                    help="backends to time")
     args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="eval_bench_") as work:
+        bench(args, Path(work))
 
-    work = Path(tempfile.mkdtemp(prefix="eval_bench_"))
+
+def bench(args, work):
     if args.model is None:
         import common
         args.model = str(common.build_tiny(work / "model", size=args.size, seed=0, image_size=128))

@@ -247,6 +247,9 @@ def test_openai_errors_count_as_failures_and_resume_fills_only_missing_episodes(
         assert len(server.requests) == 2 * n - 10
     assert [json.loads(line) for line in lines[:10]] == read_episodes(tmp_path)[:10]
     assert len(read_episodes(tmp_path)) == 2 * n and summary["conditions"]["text"]["errors"] == 0
+    with pytest.raises(SystemExit) as exit_info:  # resuming a run made with other settings is refused
+        run(*args, "--base-url", "http://127.0.0.1:1/v1", "--resume", "--max-new-tokens", 7)
+    assert exit_info.value.code == 2 and len(read_episodes(tmp_path)) == 2 * n
 
 
 def test_hf_and_vllm_give_identical_greedy_outputs_on_the_tiny_model(tiny_model, data, tmp_path):
@@ -268,15 +271,21 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("case", ["unknown_backend", "no_data_jsonl", "unreachable_endpoint"])
+@pytest.mark.parametrize("case", ["unknown_backend", "no_data_jsonl", "unreachable_endpoint", "rejected_key"])
 def test_bad_input_gives_one_line_error_and_exit_code_2(case, data, tmp_path):
-    argv = {"unknown_backend": ["--model", "m", "--data", data, "--backend", "tgi"],
-            "no_data_jsonl": ["--model", "m", "--data", tmp_path, "--backend", "oracle"],
-            "unreachable_endpoint": ["--model", "m", "--data", data, "--backend", "openai", "--retries", 0,
-                                     "--base-url", f"http://127.0.0.1:{free_port()}/v1"]}[case]
-    proc = subprocess.run([PY, str(ROOT / "evaluate.py"), *map(str, argv), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120)
+    with Server(lambda payload: (401, None, 0)) as server:
+        argv = {"unknown_backend": ["--model", "m", "--data", data, "--backend", "tgi"],
+                "no_data_jsonl": ["--model", "m", "--data", tmp_path, "--backend", "oracle"],
+                "unreachable_endpoint": ["--model", "m", "--data", data, "--backend", "openai", "--retries", 0,
+                                         "--base-url", f"http://127.0.0.1:{free_port()}/v1"],
+                "rejected_key": ["--model", "m", "--data", data, "--backend", "openai", "--base-url", server.url]}[case]
+        proc = subprocess.run([PY, str(ROOT / "evaluate.py"), *map(str, argv), "--out", str(tmp_path / "out")],
+                              capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0]
-    assert {"unknown_backend": "tgi", "no_data_jsonl": "data.jsonl", "unreachable_endpoint": "cannot reach"}[case] in lines[0]
+    expected = {"unknown_backend": "tgi", "no_data_jsonl": "data.jsonl", "unreachable_endpoint": "cannot reach",
+                "rejected_key": "HTTP 401"}[case]
+    assert expected in lines[0]
+    if case == "rejected_key":  # stopped at once: no retries of a request that cannot succeed
+        assert len(server.requests) <= 2 * 8  # at most the requests already in flight (--concurrency 8)
