@@ -37,7 +37,8 @@ Choices where the SPEC is silent:
   - Dynamics: forward applies 1-4 random actions; inverse shows the state after a random legal
     1-3 move walk (answer: a BFS-shortest walk); verify shows the reference plan or, half of the
     time, a copy with one action replaced, dropped or repeated (label from the simulator).
-  - PNGs are 8-bit palette images (one fixed PALETTE), zlib level 1: small and fast to write.
+  - PNGs are 4-bit palette images (one fixed PALETTE of <= 16 colours), zlib level 1: small and
+    fast to write.
 
 Commands:
   python envs.py data --out data/train --split train --per-level 1000 --workers 2
@@ -268,9 +269,9 @@ def generate(task, level, seed):
 # Detail colours that never sit at a cell centre, then one fixed palette of every colour drawn:
 # pictures are palette images (fast to compose with numpy and to write as PNG), returned as RGB.
 INK = {"ice_line": (110, 150, 190), "gift": (210, 40, 40), "skin": (250, 210, 170), "wall": (0, 0, 0),
-       "corridor_line": (200, 200, 200), "floor_line": (70, 70, 70), "table_line": (170, 140, 100),
-       "paper": (150, 150, 150)}
+       "light_grey": (200, 200, 200), "floor_line": (70, 70, 70), "table_line": (170, 140, 100)}
 PALETTE = sorted({*INK.values(), *(rgb for rows in LEGEND.values() for _, _, rgb in rows)})
+assert len(PALETTE) <= 16, "PNGs store 4-bit palette indices"
 BORDER = {"frozenlake": INK["ice_line"], "maze": INK["wall"], "minibehaviour": INK["floor_line"]}
 
 
@@ -302,7 +303,7 @@ def _tile(task, key, s):
     elif task == "maze":  # key = (open directions, content); each cell draws its half of every wall
         open_dirs, content = key
         wall = max(2, s // 8)
-        d.rectangle([0, 0, s - 1, s - 1], outline=INK["corridor_line"])
+        d.rectangle([0, 0, s - 1, s - 1], outline=INK["light_grey"])
         sides = {"U": [0, 0, s - 1, wall - 1], "D": [0, s - wall, s - 1, s - 1],
                  "L": [0, 0, wall - 1, s - 1], "R": [s - wall, 0, s - 1, s - 1]}
         for a, rect in sides.items():
@@ -318,7 +319,7 @@ def _tile(task, key, s):
                     outline=INK["table_line"] if key == "table" else INK["floor_line"])
         if key == "printer":  # a white box with a grey paper tray at the top
             d.rectangle(box(0.2, 0.8), fill=col["printer"])
-            d.rectangle([round(0.3 * s), round(0.2 * s), round(0.7 * s) - 1, round(0.3 * s)], fill=INK["paper"])
+            d.rectangle([round(0.3 * s), round(0.2 * s), round(0.7 * s) - 1, round(0.3 * s)], fill=INK["light_grey"])
         elif key == "agent":
             d.polygon([(s / 2, 0.1 * s), (0.88 * s, 0.88 * s), (0.12 * s, 0.88 * s)], fill=col["agent"])
     rgb = np.asarray(img, dtype=np.int32)
@@ -378,13 +379,15 @@ def render(state, size=256):
 
 
 def png_bytes(img):
-    """A palette image as PNG bytes (filter none, zlib level 1), written directly because PIL's
-    encoder takes ~2.5x longer on these pictures; PIL reads them back (tested)."""
+    """A palette image as PNG bytes (4-bit indices, filter none, zlib level 1), written directly:
+    PIL's encoder takes ~2.5x longer on these pictures. PIL reads them back (tested)."""
     pixels = np.asarray(img)
-    rows = np.zeros((pixels.shape[0], pixels.shape[1] + 1), np.uint8)  # filter byte 0 before each row
-    rows[:, 1:] = pixels
+    if pixels.shape[1] % 2:
+        pixels = np.pad(pixels, ((0, 0), (0, 1)))
+    rows = np.zeros((pixels.shape[0], pixels.shape[1] // 2 + 1), np.uint8)  # filter byte 0 before each row
+    rows[:, 1:] = (pixels[:, 0::2] << 4) | pixels[:, 1::2]  # two pixels per byte, high nibble first
     chunk = lambda tag, data: struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-    header = struct.pack(">IIBBBBB", pixels.shape[1], pixels.shape[0], 8, 3, 0, 0, 0)  # 8-bit palette
+    header = struct.pack(">IIBBBBB", img.size[0], img.size[1], 4, 3, 0, 0, 0)  # 4-bit palette
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"PLTE", bytes(v for rgb in PALETTE for v in rgb))
             + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + chunk(b"IEND", b""))
 

@@ -2,7 +2,10 @@
 
 Each measurement is one `envs.make_split` call for one task over its default levels: generation with
 BFS plans, distinct-state filtering, rendering, PNG writing and JSONL writing (planning + perception
-rows by default), timed in this process once with one process and once with --workers.
+rows by default), timed in this process once with one process and once with --workers. Besides
+wall-clock rates it prints instances per CPU-second of all processes, which stays meaningful on a
+machine shared with other jobs. Creating a file costs ~0.5-1 ms of kernel time on this VM's disk,
+so --dir on a faster filesystem (e.g. /dev/shm) shows the rate without that cost.
 For scale, the paper's generators measured on the 2-core CPU machine: 57 (FrozenLake), 388 (Maze)
 and 174 (MiniBehaviour) instances/s.
 
