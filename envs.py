@@ -1062,6 +1062,19 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _levels_arg(tokens):
+    """`3 4` -> [3, 4] for every task; `frozenlake=3,4 maze=3` -> {task: levels} (unnamed tasks: default)."""
+    if not tokens:
+        return None
+    try:
+        if all("=" not in t for t in tokens):
+            return [int(t) for t in tokens]
+        pairs = [t.split("=", 1) for t in tokens]
+        return {task: [int(level) for level in levels.split(",")] for task, levels in pairs}
+    except ValueError:
+        raise ValueError(f"--levels: expected integers or task=l1,l2 pairs, got {' '.join(tokens)!r}") from None
+
+
 def _show(args):
     state = generate(args.task, args.level, args.seed)
     if state is None:
@@ -1092,7 +1105,8 @@ def main(argv=None):
     data.add_argument("--split", required=True, choices=tuple(SPLITS), help="which split (disjoint seeds and states)")
     data.add_argument("--per-level", type=int, required=True, help="instances per (task, level)")
     data.add_argument("--tasks", nargs="+", default=list(TASKS), help="tasks to include (default: all three)")
-    data.add_argument("--levels", nargs="+", type=int, help="levels for every task (default: DEFAULT_LEVELS)")
+    data.add_argument("--levels", nargs="+",
+                      help="levels for every task (3 4), or per task (frozenlake=3,4 maze=3); default DEFAULT_LEVELS")
     data.add_argument("--kinds", default="planning,perception", help=f"comma-separated row kinds from {','.join(KINDS)}")
     data.add_argument("--workers", type=int, default=1, help="processes rendering and writing rows")
     data.add_argument("--image-size", type=int, default=256, help="picture side in pixels (tiny models use 128)")
@@ -1108,8 +1122,8 @@ def main(argv=None):
             if args.workers < 1:
                 raise ValueError("--workers must be at least 1")
             kinds = [k for k in args.kinds.split(",") if k]
-            out = make_split(args.out, args.split, args.per_level, args.tasks, args.levels, kinds, args.workers,
-                             args.image_size)
+            out = make_split(args.out, args.split, args.per_level, args.tasks, _levels_arg(args.levels), kinds,
+                             args.workers, args.image_size)
             print(f"wrote {out / 'data.jsonl'}")
         else:
             check_request([args.task], {args.task: [args.level]}, [], args.image_size)

@@ -552,6 +552,8 @@ def run_cli(*args, cwd=None):
     ["data", "--split", "holdout", "--per-level", "2"],
     ["data", "--split", "train", "--per-level", "2", "--image-size", "10"],
     ["data", "--split", "train", "--per-level", "two"],
+    ["data", "--split", "train", "--per-level", "2", "--levels", "maze=3,x"],
+    ["data", "--split", "train", "--per-level", "2", "--levels", "minibehaviour=3"],
 ])
 def test_bad_command_line_input_is_one_line_exit_2_nothing_written(tmp_path, args):
     out = tmp_path / "out"
@@ -584,6 +586,15 @@ def test_cli_data_and_show_write_what_they_say(tmp_path):
     for text in (envs.teacher_context(state), envs.reference_response(state), envs.perception_answer(state)):
         assert text in result.stdout
     assert decode(Image.open(tmp_path / "mb.png"), "minibehaviour", 5)["agent"] == state["agent"]
+
+
+def test_cli_levels_can_be_given_per_task(tmp_path):
+    result = run_cli("data", "--out", str(tmp_path / "d"), "--split", "val", "--per-level", "1",
+                     "--levels", "frozenlake=3", "maze=3,4", "minibehaviour=4", "--image-size", "128")
+    assert result.returncode == 0, result.stderr
+    rows = envs.load_split(tmp_path / "d")
+    assert sorted({(r["task"], r["level"]) for r in rows}) == [
+        ("frozenlake", 3), ("maze", 3), ("maze", 4), ("minibehaviour", 4)]
 
 
 def test_png_writer_output_reads_back_in_pillow_as_the_same_picture():
