@@ -63,13 +63,17 @@ def bench(args, work):
         results[backend] = (summary, responses)
 
     print(f"model {args.model}\ndata {args.data}, condition {args.condition}, max_new_tokens {args.max_new_tokens}\n")
-    print("| backend | episodes | load s | generate s | episodes/s | macro success (first condition) |")
-    print("|---|---|---|---|---|---|")
-    for backend, (summary, _) in results.items():
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(args.model)  # response lengths, re-tokenized (approximate)
+    print("| backend | episodes | load s | generate s | episodes/s | response tokens/s | macro success (first condition) |")
+    print("|---|---|---|---|---|---|---|")
+    for backend, (summary, responses) in results.items():
         c = summary["config"]
         first = next(iter(summary["conditions"].values()))
+        seconds = max(c["generate_seconds"], 1e-9)
+        tokens = sum(len(tokenizer(r)["input_ids"]) for r in responses if r)
         print(f"| {backend} | {c['episodes']} | {c['load_seconds']:.1f} | {c['generate_seconds']:.2f} | "
-              f"{c['episodes'] / max(c['generate_seconds'], 1e-9):.1f} | {100 * first['macro']['success']:.1f} |")
+              f"{c['episodes'] / seconds:.1f} | {tokens / seconds:.0f} | {100 * first['macro']['success']:.1f} |")
     if "hf" in results and "vllm" in results:
         same = sum(a == b for a, b in zip(results["hf"][1], results["vllm"][1]))
         print(f"\nhf and vllm identical responses: {same}/{len(results['hf'][1])}")
