@@ -42,7 +42,8 @@ report.md (the markdown tables, also printed) and success.png (headline metric p
 level, image and text side by side with the gap).
 
 Simplifications: one sample per prompt (no pass@k); hf runs on one device (no data parallel);
-`--limit` takes instances round-robin over (task, level) cells so that every cell is present.
+vllm takes one image per prompt (common.make_llm), so two-image inverse-dynamics rows need hf or
+openai; `--limit` takes instances round-robin over (task, level) cells, tasks interleaved.
 
 Usage
   # the tiny model (tests) on a tiny split, all four backends
