@@ -120,9 +120,18 @@ def save_model(model, processor, out_dir):
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("save_model: the model still holds LoRA layers; merge_lora(model) first")
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
+        write_model_files(model, processor, tmp)
     return Path(out_dir)
+
+
+def write_model_files(model, processor, folder):
+    """save_pretrained of model and processor into an existing folder, plus the classic
+    preprocessor_config.json / video_preprocessor_config.json that some loaders still look for."""
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    for part in ("image_processor", "video_processor"):
+        if getattr(processor, part, None) is not None:
+            getattr(processor, part).save_pretrained(folder)
 
 
 # ------------------------------------------------------------------------------------------
@@ -377,7 +386,7 @@ CHAT_TEMPLATE = (
 
 # text: (hidden, layers, heads, kv_heads, head_dim, mlp) ; vision: (hidden, depth, heads, mlp, deepstack layers)
 SIZES = {
-    "tiny": dict(text=(64, 2, 2, 1, 32, 128), vision=(32, 2, 2, 64, (1,))),
+    "tiny": dict(text=(128, 2, 4, 2, 32, 256), vision=(32, 2, 2, 64, (1,))),
     "small": dict(text=(192, 4, 6, 2, 32, 512), vision=(96, 4, 4, 256, (1, 2))),
     "medium": dict(text=(512, 8, 8, 4, 64, 1536), vision=(256, 6, 4, 1024, (2, 4))),
 }
@@ -387,12 +396,8 @@ TOKENIZER_VOCAB = 2048
 def tokenizer_corpus(n_per_level=4):
     """The project's own text: prompts, reference responses, perception answers, teacher
     contexts and text states of a few instances of every task and level."""
-    try:
-        import envs
-    except ImportError:
-        envs = None
-    if envs is None or not hasattr(envs, "perception_answer"):  # placeholder until envs.py lands
-        return _placeholder_corpus()
+    import envs
+
     texts = []
     for task in envs.TASKS:
         for level in envs.DEFAULT_LEVELS[task]:
@@ -410,20 +415,6 @@ def tokenizer_corpus(n_per_level=4):
                         content = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
                         texts += [c["text"] for c in content if c.get("type") == "text"]
                 texts += [envs.reference_response(state), envs.perception_answer(state), envs.text_state(state)]
-    return texts
-
-
-def _placeholder_corpus():
-    rng = random.Random(0)
-    texts = []
-    for _ in range(200):
-        n = rng.randint(3, 8)
-        pos = lambda: f"({rng.randrange(n)}, {rng.randrange(n)})"
-        texts.append(f"Task: FrozenLake\nMap size: {n}x{n}\nStart: {pos()}\nGoal: {pos()}\nHoles: {pos()}, {pos()}\n"
-                     f"1. Map size: {n}x{n}\n2. Player position: {pos()}\n3. Goal position: {pos()}\n"
-                     f"The player walks right and down to the goal. <answer>DDRR</answer>\n"
-                     "You are a planning agent. Look at the image and answer the numbered questions. "
-                     "Open directions by cell: up, right, down, left. Agent, Printer, Table cells, PICK, DROP.")
     return texts
 
 
@@ -491,6 +482,10 @@ def build_tiny(out_dir, size="tiny", seed=0, image_size=128):
     )
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).float()
+    # HF's init gives the vision position table std 0.02 against patch features of std ~0.6, so a
+    # random tower would hide where things are. A trained tower carries position strongly; so must a
+    # frozen random one, or no amount of language-model training can learn to read positions.
+    nn.init.normal_(model.model.visual.pos_embed.weight, std=0.5)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.bos_token_id = None
@@ -503,13 +498,7 @@ def build_tiny(out_dir, size="tiny", seed=0, image_size=128):
                                             image_mean=[0.5] * 3, image_std=[0.5] * 3)
     processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
                                  chat_template=CHAT_TEMPLATE)
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        # Also the classic per-processor files, for loaders that look for them (older transformers, vLLM).
-        image_processor.save_pretrained(tmp)
-        video_processor.save_pretrained(tmp)
-    return Path(out_dir)
+    return save_model(model, processor, out_dir)
 
 
 def main():
@@ -552,8 +541,6 @@ def vllm_available():
         return False
     return True
 
-        # = TORCH_COMPILE_DISABLE=1: no first-request compile of a sampler helper (needs a C compiler, +5-20 s)
-        torch._dynamo.config.disable = True
 
 def make_llm(path, seed=0, max_model_len=4096, dtype="float32", kv_cache_bytes=256 << 20, gpu_memory_utilization=0.3):
     """An in-process vLLM engine for the model folder `path`.
@@ -563,14 +550,6 @@ def make_llm(path, seed=0, max_model_len=4096, dtype="float32", kv_cache_bytes=2
     On CPU the KV cache is sized in bytes (kv_cache_bytes); on GPU by gpu_memory_utilization.
     The engine re-seeds torch's global RNG: the caller's RNG state is restored afterwards."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights can be handed over directly
-def close_llm(llm):
-    """Shut the engine down and drop vLLM's process groups (call before compute_cleanup)."""
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-    llm.llm_engine.engine_core.shutdown()
-    cleanup_dist_env_and_memory()
-
-
     from vllm import LLM
 
     cuda = torch.cuda.is_available()
@@ -580,6 +559,8 @@ def close_llm(llm):
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     else:
         kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
+        # = TORCH_COMPILE_DISABLE=1: no first-request compile of a sampler helper (needs a C compiler, +5-20 s)
+        torch._dynamo.config.disable = True
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size > 1:
         kwargs.update(distributed_executor_backend="external_launcher", data_parallel_size=world_size)
@@ -587,6 +568,14 @@ def close_llm(llm):
     llm = LLM(**kwargs)
     torch.set_rng_state(rng)
     return llm
+
+
+def close_llm(llm):
+    """Shut the engine down and drop vLLM's process groups (call before compute_cleanup)."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    llm.llm_engine.engine_core.shutdown()
+    cleanup_dist_env_and_memory()
 
 
 def hf_state_dict(model):

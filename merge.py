@@ -1,0 +1,115 @@
+"""Merge a LoRA adapter into its base model and save a plain Hugging Face checkpoint (SPEC §7).
+
+Algorithm: load the pristine base weights in float32, add the adapter's LoRA layers, compute
+the probe logits of base + adapter, fold each adapter into its weight, W <- W + (alpha/r) B A,
+in float32, and check that the merged model reproduces those logits (max |diff| printed; exit 1
+beyond --tolerance). The merged weights are then cast to the base checkpoint's dtype and saved
+with the processor files, atomically; the saved folder is reloaded and must hold exactly the
+merged weights, or nothing is written (its logit diff in the base dtype is printed too).
+
+The probe batch is two chats: one with a synthetic image and one text-only (or, with
+--probe-data, the prompts of the first rows of a split), so both the vision path and the text
+path are checked.
+
+--checkpoint turns a full fine-tuning training checkpoint (sft.py's OUT/checkpoint, e.g. of an
+interrupted run; finished --full runs already write OUT/model) into a plain model folder.
+
+Command lines:
+    python merge.py --base models/small --adapter runs/sft-small/adapter --out models/small-sft
+    python merge.py --base Qwen/Qwen3-VL-4B-Instruct --adapter runs/sft-4b/adapter --out models/sft-4b
+    python merge.py --base models/small --checkpoint runs/sft-full/checkpoint --out models/small-full
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import common
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="merge a LoRA adapter (or a full-FT checkpoint) into a plain HF model")
+    p.add_argument("--base", required=True, help="base model folder or hub id (the one the adapter was trained on)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--adapter", help="PEFT-format LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
+    src.add_argument("--checkpoint", help="sft.py --full training checkpoint folder (trainable.safetensors)")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="max allowed |logit diff| of merged vs base+adapter (fp32)")
+    p.add_argument("--probe-data", default=None, help="optional split directory whose first rows' prompts form the probe batch")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device for the probe forward")
+    return p.parse_args(argv)
+
+
+def probe_chats(probe_data=None, n=2):
+    if probe_data:
+        import envs
+
+        return [r["messages"][:-1] for r in envs.load_split(probe_data)[:n]]
+    pixels = (np.add.outer(np.arange(256), np.arange(256)) % 256).astype(np.uint8)
+    image = Image.fromarray(np.stack([pixels, pixels[::-1], pixels.T], -1))
+    return [[{"role": "user", "content": [{"type": "text", "text": "Describe the map."}, {"type": "image", "image": image}]}],
+            [{"role": "user", "content": [{"type": "text", "text": "Task: FrozenLake\nMap size: 4x4\nStart: (0,1)"}]}]]
+
+
+@torch.no_grad()
+def probe_logits(model, batch):
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    logits = model(**batch, use_cache=False).logits.float()
+    return logits[batch["attention_mask"].bool()]  # padding positions are meaningless
+
+
+def main(argv=None):
+    args = parse_args(None if argv is None else [str(a) for a in argv])
+    try:
+        source = Path(args.adapter or args.checkpoint)
+        needed = ["adapter_config.json", "adapter_model.safetensors"] if args.adapter else ["trainable.safetensors"]
+        if not all((source / name).is_file() for name in needed):  # fail before loading a large model
+            raise FileNotFoundError(f"{source}: not {'a LoRA adapter' if args.adapter else 'an sft.py checkpoint'} "
+                                    f"(need {' and '.join(needed)})")
+        model, processor = common.load_model(args.base, args.device, dtype=torch.float32)
+        from transformers import AutoConfig
+
+        base_dtype = getattr(AutoConfig.from_pretrained(args.base), "dtype", None) or torch.float32  # as stored
+        base_dtype = getattr(torch, base_dtype) if isinstance(base_dtype, str) else base_dtype
+        batch = common.encode_prompts(processor, probe_chats(args.probe_data))
+        if args.adapter:
+            common.load_adapter(model, args.adapter)
+        else:
+            from safetensors.torch import load_file
+
+            weights, params = load_file(str(source / "trainable.safetensors")), dict(model.named_parameters())
+            unknown = sorted(set(weights) - set(params))
+            if unknown:
+                raise ValueError(f"{args.checkpoint}: tensor {unknown[0]} is not a parameter of the base model "
+                                 "(a LoRA checkpoint? use sft.py's adapter/ with --adapter)")
+            for name, tensor in weights.items():
+                params[name].data.copy_(tensor)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(print(f"error: {e}", file=sys.stderr) or 2)
+
+    reference = probe_logits(model, batch)  # base + adapter, unmerged, float32
+    common.merge_lora(model)
+    diff = (probe_logits(model, batch) - reference).abs().max().item()
+    print(f"merged vs base+adapter (float32): max |logit diff| = {diff:.3g} over {reference.shape[0]} positions")
+    if diff > args.tolerance:
+        print(f"error: merged logits differ by {diff:.3g} > --tolerance {args.tolerance}; nothing written", file=sys.stderr)
+        sys.exit(1)
+
+    model.to(base_dtype)
+    merged_state = model.state_dict()
+    with common.atomic_dir(args.out) as tmp:
+        common.write_model_files(model, processor, tmp)
+        saved, _ = common.load_model(tmp, args.device, dtype=base_dtype)
+        for name, tensor in saved.state_dict().items():  # the folder holds exactly the merged weights
+            if not torch.equal(tensor, merged_state[name]):
+                raise RuntimeError(f"saved tensor {name} differs from the merged weights")
+        saved_diff = (probe_logits(saved, batch) - reference).abs().max().item()
+    dtype_name = str(base_dtype).replace("torch.", "")
+    print(f"wrote {args.out} ({dtype_name}); saved model vs float32 base+adapter: max |logit diff| = {saved_diff:.3g}")
+
+
+if __name__ == "__main__":
+    main()

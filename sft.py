@@ -1,0 +1,422 @@
+"""Stage 1 of MGSD: supervised fine-tuning of a Qwen-VL model on chat rows (SPEC §7).
+
+Algorithm: for each row, render the chat with the processor's template, tokenize it segment by
+segment, and put the loss on the assistant tokens only (each assistant turn up to and including
+its <|im_end|>; everything else -100). Minimise the token-mean negative log-likelihood over
+the global batch with AdamW, a cosine schedule with linear warm-up, and gradient accumulation
+up to the effective batch, across DDP ranks. Either a LoRA on the language model's
+q/k/v/o/gate/up/down projections (rank 8, alpha 16, dropout 0) or, with --full, every
+language-model weight. The vision tower and merger are frozen and run under no_grad; their
+image embeddings are handed to the language model as precomputed encoder outputs.
+
+The main use is perception SFT (perception rows), but any rows with `messages` train the same
+way: `planning` rows (a direct visual SFT baseline) and `text-planning` rows (text pre-training
+of a tiny base model). Text-only batches never touch the vision tower.
+
+Simplifications, on purpose:
+- The loss is the token mean over the *global* batch (sum of NLL / number of assistant tokens
+  across all micro-batches and ranks), so one process and N processes with the same global
+  batch take the same step. LLaMA-Factory averages per micro-batch instead.
+- Warm-up starts at lr/warmup on the first step (HF's schedule spends step 0 at lr 0).
+- The last partial global batch of an epoch is dropped; the epoch order is a seeded permutation,
+  so --resume reproduces an uninterrupted run exactly (same rows, same optimiser state).
+- Sequences longer than --max-length are cut on the right (an error if the cut hits an image).
+- Validation: loss on up to --val-samples rows of the val split, and task metrics from greedy
+  `generate` scored by envs.score_row (perception: accuracy per question and all-correct).
+
+Outputs in --out: adapter/ (PEFT format: adapter_config.json + adapter_model.safetensors; merge
+it with merge.py) or, with --full, model/ (a plain HF folder); checkpoint/ (latest, for
+--resume); metrics.jsonl; args.json; tb/ when TensorBoard is installed.
+
+Command lines:
+    # data and a tiny model (CPU)
+    python envs.py data --out data/train --split train --per-level 200 --kinds perception --image-size 128
+    python envs.py data --out data/val --split val --per-level 10 --kinds perception --image-size 128
+    python common.py tiny --out models/small --size small
+    # one process (CPU: fp32)
+    python sft.py --model models/small --data data/train --val-data data/val --out runs/sft-small \
+        --full --lr 1e-3 --batch-size 16 --micro-batch-size 8 --epochs 3
+    # two processes on CPU (gloo)
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 sft.py --model models/small --data data/train --out runs/sft-ddp
+    # Qwen3-VL-4B, 8 GPUs (bf16 autocast, LoRA r8, effective batch 64 = 8 GPUs x 2 x 4 accumulation)
+    torchrun --nproc_per_node=8 sft.py --model Qwen/Qwen3-VL-4B-Instruct --data data/train --val-data data/val \
+        --out runs/sft-4b --micro-batch-size 2 --eval-every 50 --save-every 50
+    python merge.py --base Qwen/Qwen3-VL-4B-Instruct --adapter runs/sft-4b/adapter --out models/sft-4b
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import print0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="MGSD stage 1: SFT (LoRA or full) of a Qwen-VL model on chat rows")
+    p.add_argument("--model", required=True, help="base model: local folder or hub id")
+    p.add_argument("--data", required=True, help="training split directory (data.jsonl + images)")
+    p.add_argument("--val-data", default=None, help="validation split directory (optional)")
+    p.add_argument("--out", required=True, help="output directory (adapter/ or model/, checkpoint/, metrics.jsonl)")
+    p.add_argument("--kinds", default=None, help="comma-separated row kinds to train on (default: every row with messages)")
+    p.add_argument("--full", action="store_true", help="train every language-model weight instead of a LoRA")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r")
+    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (scaling alpha/r)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps of linear warm-up")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
+    p.add_argument("--epochs", type=float, default=3, help="number of passes over the training rows")
+    p.add_argument("--batch-size", type=int, default=64, help="effective (global) batch in rows per optimiser step")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="rows per forward on each device (accumulation fills the rest)")
+    p.add_argument("--max-length", type=int, default=2048, help="maximum tokens per row (cut on the right)")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="non-reentrant gradient checkpointing of the decoder layers")
+    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: only at the end)")
+    p.add_argument("--save-every", type=int, default=0, help="write checkpoint/ every N steps (0: only at the end)")
+    p.add_argument("--val-samples", type=int, default=64, help="validation rows used for loss and generation")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="generation budget of validation answers")
+    p.add_argument("--max-steps", type=int, default=0,
+                   help="stop after this many steps (the schedule still spans all epochs; for smoke tests)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="seed of LoRA init and data order")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------
+# Data: chat row -> input ids + labels (assistant tokens only)
+
+
+def encode_chat(processor, messages, max_length=2048):
+    """Token ids, labels (-100 except assistant tokens) and image tensors of one chat.
+    Each assistant turn is labelled up to and including its <|im_end|>."""
+    tok = processor.tokenizer
+    render = processor.apply_chat_template
+    segments, prev = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = render(messages[:i], tokenize=False, add_generation_prompt=True)
+        full = render(messages[:i + 1], tokenize=False)
+        if not (prompt.startswith(prev) and full.startswith(prompt)):
+            raise ValueError("chat template is not prefix-stable; cannot locate the assistant tokens")
+        answer = full[len(prompt):]
+        end = answer.rfind("<|im_end|>") + len("<|im_end|>") if "<|im_end|>" in answer else len(answer)
+        segments += [(prompt[len(prev):], False), (answer[:end], True), (answer[end:], False)]
+        prev = full
+    if not segments:
+        raise ValueError("chat has no assistant turn to train on")
+    images = common.message_images(messages)
+    out = {}
+    n_tokens = []
+    if images:
+        vision = processor.image_processor(images=images, return_tensors="pt")
+        out = {"pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
+        merge = processor.image_processor.merge_size ** 2
+        n_tokens = [int(g.prod()) // merge for g in vision["image_grid_thw"]]
+    ids, labels = [], []
+    for text, trained in segments:
+        pieces = text.split("<|image_pad|>")  # expand each image placeholder to its token count
+        if len(pieces) - 1 > len(n_tokens):
+            raise ValueError("more image placeholders than images in the chat")
+        text = pieces[0] + "".join("<|image_pad|>" * n_tokens.pop(0) + p for p in pieces[1:])
+        seg = tok(text, add_special_tokens=False)["input_ids"] if text else []
+        ids += seg
+        labels += seg if trained else [-100] * len(seg)
+    if n_tokens:
+        raise ValueError("more images than image placeholders in the chat")
+    ids, labels = torch.tensor(ids), torch.tensor(labels)
+    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    if len(ids) > max_length:
+        if (ids[max_length:] == image_id).any():
+            raise ValueError(f"a prompt longer than --max-length {max_length} would cut an image")
+        ids, labels = ids[:max_length], labels[:max_length]
+    out.update(input_ids=ids, labels=labels, mm_token_type_ids=(ids == image_id).long())
+    return out
+
+
+def collate(examples, pad_id):
+    """Right-padded batch of encode_chat outputs."""
+    L = max(len(e["input_ids"]) for e in examples)
+    batch = {"input_ids": torch.full((len(examples), L), pad_id), "labels": torch.full((len(examples), L), -100),
+             "attention_mask": torch.zeros(len(examples), L, dtype=torch.long),
+             "mm_token_type_ids": torch.zeros(len(examples), L, dtype=torch.long)}
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        batch["input_ids"][i, :n], batch["labels"][i, :n] = e["input_ids"], e["labels"]
+        batch["attention_mask"][i, :n], batch["mm_token_type_ids"][i, :n] = 1, e["mm_token_type_ids"]
+    with_images = [e for e in examples if "pixel_values" in e]
+    if with_images:
+        batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
+        batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
+    return batch
+
+
+class SFTLoss(nn.Module):
+    """Wraps the HF model so that DDP sees the whole forward. Returns the summed NLL of the
+    labelled tokens. The frozen vision tower runs under no_grad."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        extra = {}
+        if "pixel_values" in batch:
+            with torch.no_grad():
+                image = self.model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
+            extra = {"mm_encoder_outputs": {"image": image}, "image_grid_thw": batch["image_grid_thw"]}
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         mm_token_type_ids=batch["mm_token_type_ids"], use_cache=False, **extra)
+        logits, targets = out.logits[:, :-1], batch["labels"][:, 1:]
+        keep = targets != -100  # only the labelled positions reach the (large-vocabulary) softmax
+        return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
+
+
+def lr_at(step, total_steps, peak_lr, warmup_ratio):
+    """Linear warm-up to peak_lr, then cosine decay to 0 (step counts from 0)."""
+    warmup = max(1, math.ceil(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
+    if step < warmup:
+        return peak_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def all_sum(value, device):
+    t = torch.as_tensor(value, dtype=torch.float64, device=device).clone()
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+# ------------------------------------------------------------------------------------------
+# Validation: loss + generate-and-score on the val split
+
+
+@torch.no_grad()
+def validate(model, processor, rows, args, rank, world, device, autocast):
+    import envs
+
+    raw = model
+    was_training = raw.training
+    raw.eval()
+    mine = rows[rank::world]
+    nll, n_tok, sums = 0.0, 0, {}
+    pad = processor.tokenizer.pad_token_id
+    for i in range(0, len(mine), args.micro_batch_size):
+        chunk = mine[i:i + args.micro_batch_size]
+        batch = {k: v.to(device) for k, v in collate([encode_chat(processor, r["messages"], args.max_length)
+                                                     for r in chunk], pad).items()}
+        with autocast:
+            nll += SFTLoss(raw)(batch).item()
+        n_tok += int((batch["labels"][:, 1:] != -100).sum())
+        prompts = [r["messages"][:-1] for r in chunk]
+        with autocast:
+            responses = common.generate_responses(raw, processor, prompts, max_new_tokens=args.max_new_tokens)
+        for row, response in zip(chunk, responses):
+            for key, value in envs.score_row(row, response).items():
+                if isinstance(value, bool):
+                    name = f"val/{row['kind']}/{key}"
+                    s = sums.setdefault(name, [0, 0])
+                    s[0], s[1] = s[0] + value, s[1] + 1
+    if dist.is_initialized():
+        gathered = [None] * world
+        dist.all_gather_object(gathered, sums)
+        sums = {}
+        for part in gathered:
+            for k, (a, b) in part.items():
+                s = sums.setdefault(k, [0, 0])
+                s[0], s[1] = s[0] + a, s[1] + b
+    totals = all_sum([nll, n_tok], device)
+    metrics = {"val/loss": float(totals[0] / max(1, totals[1]))}
+    metrics.update({k: a / b for k, (a, b) in sorted(sums.items())})
+    raw.train(was_training)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints: the trainable tensors + optimiser state + step, written atomically
+
+
+def trainable_state(model):
+    return {n: p.detach().cpu().contiguous() for n, p in common.unwrap(model).named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path, model, optimizer, step):
+    from safetensors.torch import save_file
+
+    with common.atomic_dir(path) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
+
+
+def load_checkpoint(path, model, optimizer):
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(common.unwrap(model).named_parameters())
+    if set(weights) != {n for n, p in params.items() if p.requires_grad}:
+        raise ValueError(f"{path}: checkpoint does not match this model/LoRA set-up (was it trained with other flags?)")
+    for n, t in weights.items():
+        params[n].data.copy_(t)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
+    return json.loads((path / "state.json").read_text())["step"]
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(None if argv is None else [str(a) for a in argv])
+    ddp, rank, local_rank, world, device = common.compute_init(args.seed)
+    try:
+        import envs
+
+        kinds = args.kinds.split(",") if args.kinds else None
+        rows = [r for r in envs.load_split(args.data, kinds=kinds) if r.get("messages")]
+        val_rows = envs.load_split(args.val_data, kinds=kinds) if args.val_data else []
+        val_rows = val_rows[::max(1, len(val_rows) // args.val_samples)][:args.val_samples]  # spread over tasks
+        if not rows:
+            raise ValueError(f"{args.data}: no rows with messages" + (f" of kinds {kinds}" if kinds else ""))
+        if args.batch_size % world or args.batch_size > len(rows):
+            raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {world} ranks and at most "
+                             f"the {len(rows)} training rows")
+        out = Path(args.out)
+        if args.resume and not (out / "checkpoint" / "state.json").is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoint'}")
+        model, processor = common.load_model(args.model, device)
+        for r in rows[:1] + val_rows[:1]:  # fail now, not after an hour, on a row the template cannot encode
+            encode_chat(processor, r["messages"], args.max_length)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        common.compute_cleanup()
+        sys.exit(2)
+
+    # Trainable set: a LoRA on the language model, or (--full) the whole language model + lm_head.
+    if args.full:
+        for n, p in model.named_parameters():
+            p.requires_grad_(not n.startswith("model.visual."))
+    else:
+        common.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    loss_model = SFTLoss(model)
+    if ddp:  # the vision tower is frozen, so every trainable weight is used on every rank
+        loss_model = nn.parallel.DistributedDataParallel(loss_model, device_ids=[local_rank] if device.type == "cuda" else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    steps_per_epoch = len(rows) // args.batch_size
+    total_steps = max(1, int(steps_per_epoch * args.epochs))
+    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    per_rank = args.batch_size // world
+    step = load_checkpoint(out / "checkpoint", model, optimizer) if args.resume else 0
+    n_params = sum(p.numel() for p in params)
+    print0(f"sft: {len(rows)} rows, {world} rank(s), {total_steps} steps of {args.batch_size} rows, "
+           f"{'full' if args.full else f'LoRA r{args.lora_rank}'} ({n_params / 1e6:.2f}M trainable), from step {step}")
+
+    log_file, writer, bar = None, None, None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        log_file = open(out / "metrics.jsonl", "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(out / "tb"))
+        except ImportError:
+            pass
+        from tqdm import tqdm
+        bar = tqdm(total=last_step, initial=step, desc="sft", dynamic_ncols=True)
+
+    def log(metrics):
+        if rank == 0:
+            log_file.write(json.dumps({"step": step, **metrics}) + "\n")
+            log_file.flush()
+            for k, v in metrics.items():
+                if writer is not None:
+                    writer.add_scalar(k, v, step)
+
+    pad = processor.tokenizer.pad_token_id
+    t0, tokens_seen = time.time(), 0
+    while step < last_step:
+        # ALGO LOGIC: the rows of this global batch, this rank's share, in micro-batches
+        epoch, index = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        batch_rows = [rows[i] for i in order[index * args.batch_size:(index + 1) * args.batch_size].tolist()]
+        mine = batch_rows[rank * per_rank:(rank + 1) * per_rank]
+        micro = [collate([encode_chat(processor, r["messages"], args.max_length)
+                          for r in mine[i:i + args.micro_batch_size]], pad)
+                 for i in range(0, len(mine), args.micro_batch_size)]
+        n_target = all_sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), device).item()
+        lr = lr_at(step, total_steps, args.lr, args.warmup_ratio)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        nll_sum = 0.0
+        for i, b in enumerate(micro):
+            b = {k: v.to(device) for k, v in b.items()}
+            sync = nullcontext() if not ddp or i == len(micro) - 1 else loss_model.no_sync()
+            with sync:
+                with autocast:
+                    nll = loss_model(b)
+                # DDP averages gradients over ranks; scale so the result is the global token mean.
+                (nll * world / max(1.0, n_target)).backward()
+            nll_sum += nll.item()
+            tokens_seen += int(b["attention_mask"].sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip) if args.grad_clip > 0 else torch.zeros(())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        loss = all_sum(nll_sum, device).item() / max(1.0, n_target)
+        metrics = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "epoch": step / steps_per_epoch,
+                   "tokens_per_second": tokens_seen * world / (time.time() - t0)}
+        log(metrics)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if val_rows and ((args.eval_every and step % args.eval_every == 0) or step == last_step):
+            val = validate(model, processor, val_rows, args, rank, world, device, autocast)
+            log(val)
+            print0(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in val.items()))
+        if (args.save_every and step % args.save_every == 0) or step == last_step:
+            if rank == 0:
+                save_checkpoint(out / "checkpoint", model, optimizer, step)
+            if ddp:
+                dist.barrier()
+
+    if ddp:  # DDP keeps replicas identical; check it rather than trust it
+        flat = torch.cat([p.detach().float().flatten() for p in params])
+        replicas = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(replicas, flat)
+        spread = max((r - replicas[0]).abs().max().item() for r in replicas)
+        log({"ddp/replica_max_abs_diff": spread})
+        print0(f"ddp: replicas differ by at most {spread:.3g}")
+    if rank == 0:  # the product of this run (after --max-steps: the weights at that step)
+        if args.full:
+            model.gradient_checkpointing_disable()
+            common.save_model(model, processor, out / "model")
+        else:
+            common.save_adapter(model, out / "adapter", args.model)
+        print0(f"wrote {out / ('model' if args.full else 'adapter')}")
+    if bar is not None:
+        bar.close()
+        log_file.close()
+        if writer is not None:
+            writer.close()
+    common.compute_cleanup()
+
+
+if __name__ == "__main__":
+    main()

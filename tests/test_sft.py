@@ -1,0 +1,205 @@
+"""sft.py: labels, gradients, DDP equivalence, resume, bad input, and that it learns."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import envs
+import sft
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _run(*args, torchrun=False):
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [PY]
+    return subprocess.run(cmd + [str(ROOT / "sft.py"), *map(str, args)], capture_output=True, text=True, env=_env(),
+                          timeout=600)
+
+
+def _weights(out):
+    return load_file(str(Path(out) / "checkpoint" / "trainable.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def train_dir(make_data):
+    return make_data("train", 4, tasks=["frozenlake", "maze"], levels=None, kinds=("perception", "planning"))
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model):
+    return common.load_model(tiny_model)[1]
+
+
+def test_labels_are_minus_100_except_assistant_tokens(processor, train_dir):
+    row = envs.load_split(train_dir, kinds=["perception"])[0]
+    enc = sft.encode_chat(processor, row["messages"])
+    ids, labels = enc["input_ids"].tolist(), enc["labels"].tolist()
+    tok = processor.tokenizer
+    # The whole sequence is the rendered chat, with the image placeholder expanded to 16 tokens.
+    rendered = processor.apply_chat_template(row["messages"], tokenize=False)
+    assert tok.decode(ids) == rendered.replace("<|image_pad|>", "<|image_pad|>" * 16)
+    # Token by token: labelled exactly from the first answer token through <|im_end|>.
+    prompt = processor.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True)
+    n_prompt = len(tok(prompt.replace("<|image_pad|>", "<|image_pad|>" * 16), add_special_tokens=False)["input_ids"])
+    answer_ids = tok(row["answer"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    for i, (t, lab) in enumerate(zip(ids, labels)):
+        inside = n_prompt <= i < n_prompt + len(answer_ids)
+        assert lab == (t if inside else -100), f"token {i} {tok.decode([t])!r}"
+    assert ids[n_prompt:n_prompt + len(answer_ids)] == answer_ids
+    assert tok.decode([ids[-1]]) == "\n" and labels[-1] == -100  # the newline after <|im_end|> is not trained
+    assert int(enc["mm_token_type_ids"].sum()) == 16 and enc["image_grid_thw"].tolist() == [[1, 8, 8]]
+
+
+def test_every_assistant_turn_is_labelled_in_a_multi_turn_chat(processor):
+    chat = [{"role": "user", "content": [{"type": "text", "text": "Map size?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "3x3"}]},
+            {"role": "user", "content": [{"type": "text", "text": "Player?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "(0, 1)"}]}]
+    enc = sft.encode_chat(processor, chat)
+    tok = processor.tokenizer
+    trained = [t for t, lab in zip(enc["input_ids"].tolist(), enc["labels"].tolist()) if lab != -100]
+    assert tok.decode(trained) == "3x3<|im_end|>(0, 1)<|im_end|>"
+    assert tok.decode(enc["input_ids"]) == processor.apply_chat_template(chat, tokenize=False)
+
+
+def _grads(model, batch):
+    model.zero_grad()
+    sft.SFTLoss(model)(batch).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_grad_checkpointing_gives_same_gradients(tiny_model, train_dir, processor):
+    rows = envs.load_split(train_dir)[:3]
+    batch = sft.collate([sft.encode_chat(processor, r["messages"]) for r in rows], processor.tokenizer.pad_token_id)
+    assert "pixel_values" in batch
+    model, _ = common.load_model(tiny_model)
+    common.add_lora(model)
+    for m in model.modules():  # a non-zero B so that every LoRA weight gets a gradient
+        if isinstance(m, common.LoRALinear):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+    model.train()
+    plain = _grads(model, batch)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = _grads(model, batch)
+    assert plain and set(plain) == set(checkpointed)
+    assert all(g.abs().sum() > 0 for g in plain.values())
+    for n in plain:
+        torch.testing.assert_close(checkpointed[n], plain[n], atol=1e-6, rtol=1e-5)
+
+
+def test_text_only_batch_skips_the_vision_tower(tiny_model, processor, make_data):
+    rows = envs.load_split(make_data("train", 2, tasks=["maze"], levels=[3], kinds=("text-planning",)))
+    batch = sft.collate([sft.encode_chat(processor, r["messages"]) for r in rows[:2]], processor.tokenizer.pad_token_id)
+    model, _ = common.load_model(tiny_model)
+    calls = []
+    model.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    loss = sft.SFTLoss(model)(batch)
+    assert torch.isfinite(loss) and loss > 0 and calls == []
+
+
+def test_lora_sft_trains_only_lora_and_writes_a_peft_adapter(tiny_model, train_dir, tmp_path):
+    out = tmp_path / "run"
+    sft.main(["--model", tiny_model, "--data", train_dir, "--out", out, "--batch-size", 4, "--micro-batch-size", 2,
+              "--max-steps", 2, "--lr", 1e-2])
+    weights = _weights(out)
+    assert weights and all(".lora_A." in n or ".lora_B." in n for n in weights)
+    assert any(".lora_B." in n and w.abs().max() > 0 for n, w in weights.items())  # B moved off zero
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2] and all(x["loss"] > 0 for x in lines)
+
+
+def test_full_sft_leaves_the_vision_tower_frozen(tiny_model, train_dir, tmp_path):
+    out = tmp_path / "full"
+    sft.main(["--model", tiny_model, "--data", train_dir, "--out", out, "--full", "--batch-size", 4,
+              "--micro-batch-size", 4, "--max-steps", 1, "--lr", 1e-2])
+    trained, _ = common.load_model(out / "model")
+    base, _ = common.load_model(tiny_model)
+    base_sd = base.state_dict()
+    changed = {n for n, t in trained.state_dict().items() if not torch.equal(t, base_sd[n])}
+    assert changed and not any(n.startswith("model.visual.") for n in changed)
+    assert any("language_model.layers.0.self_attn.q_proj" in n for n in changed)
+
+
+def test_resume_after_interrupt_equals_uninterrupted_run(tiny_model, train_dir, tmp_path):
+    common_args = ["--model", tiny_model, "--data", train_dir, "--batch-size", 4, "--micro-batch-size", 2,
+                   "--epochs", 1, "--lr", 1e-2]
+    sft.main(common_args + ["--out", tmp_path / "straight", "--max-steps", 4])
+    sft.main(common_args + ["--out", tmp_path / "split", "--max-steps", 2])
+    sft.main(common_args + ["--out", tmp_path / "split", "--max-steps", 4, "--resume"])
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert set(a) == set(b)
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], atol=0, rtol=0)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_torchrun_two_ranks_match_each_other_and_a_single_process(tiny_model, train_dir, tmp_path):
+    args = ["--model", tiny_model, "--data", train_dir, "--batch-size", 8, "--max-steps", 2, "--lr", 1e-2]
+    ddp = _run(*args, "--out", tmp_path / "ddp", "--micro-batch-size", 2, torchrun=True)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    single = _run(*args, "--out", tmp_path / "single", "--micro-batch-size", 8)
+    assert single.returncode == 0, single.stderr[-2000:]
+    metrics = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["ddp/replica_max_abs_diff"] for m in metrics if "ddp/replica_max_abs_diff" in m] == [0.0]
+    a, b = _weights(tmp_path / "ddp"), _weights(tmp_path / "single")
+    assert any(w.abs().max() > 0 for n, w in a.items() if ".lora_B." in n)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["missing data dir", "missing image", "model without processor"])
+def test_bad_input_gives_one_clear_error_and_no_checkpoint(case, tiny_model, train_dir, tmp_path):
+    data, model = Path(train_dir), Path(tiny_model)
+    if case == "missing data dir":
+        data = tmp_path / "nowhere"
+    elif case == "missing image":
+        data = tmp_path / "data"
+        shutil.copytree(train_dir, data)
+        row = json.loads((data / "data.jsonl").read_text().splitlines()[0])
+        (data / row["image"]).unlink()
+    else:
+        model = tmp_path / "bare"
+        common.load_model(tiny_model)[0].save_pretrained(model)
+    result = _run("--model", model, "--data", data, "--out", tmp_path / "out", "--batch-size", 4, "--max-steps", 1)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_perception_sft_learns_player_position(make_data, tmp_path):
+    """A small model, FrozenLake 3x3 images: held-out player-position accuracy rises from chance
+    (1/9) to at least 3x chance within a few CPU minutes."""
+    model = common.build_tiny(tmp_path / "small", size="small", seed=0)
+    train = make_data("train", 300, tasks=["frozenlake"], levels=[3], kinds=("perception",))
+    val = make_data("val", 40, tasks=["frozenlake"], levels=[3], kinds=("perception",))
+    out = tmp_path / "learn"
+    result = _run("--model", model, "--data", train, "--val-data", val, "--out", out, "--full", "--lr", 1e-3,
+                  "--batch-size", 16, "--micro-batch-size", 16, "--epochs", 6, "--eval-every", 1000,
+                  "--val-samples", 40, "--max-new-tokens", 40, "--no-grad-checkpointing")
+    assert result.returncode == 0, result.stderr[-2000:]
+    # Before training: the same validation on the untouched model.
+    base, processor = common.load_model(model)
+    args = sft.parse_args(["--model", str(model), "--data", train, "--out", str(tmp_path / "x"), "--max-new-tokens", "40",
+                           "--micro-batch-size", "16"])
+    val_rows = envs.load_split(val)
+    before = sft.validate(base, processor, val_rows, args, 0, 1, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    after = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val/loss" in x][-1]
+    chance = 1 / 9
+    assert before["val/perception/player"] <= 2 * chance
+    assert after["val/perception/player"] >= 3 * chance, after
+    assert after["val/loss"] < before["val/loss"] / 4
