@@ -175,11 +175,12 @@ class SFTLoss(nn.Module):
             with torch.no_grad():
                 image = self.model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
             extra = {"mm_encoder_outputs": {"image": image}, "image_grid_thw": batch["image_grid_thw"]}
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         mm_token_type_ids=batch["mm_token_type_ids"], use_cache=False, **extra)
-        logits, targets = out.logits[:, :-1], batch["labels"][:, 1:]
-        keep = targets != -100  # only the labelled positions reach the (large-vocabulary) softmax
-        return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
+        hidden = self.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  mm_token_type_ids=batch["mm_token_type_ids"], use_cache=False, **extra)[0]
+        targets = batch["labels"][:, 1:]
+        keep = targets != -100  # only the labelled positions go through the (large-vocabulary) head
+        logits = self.model.lm_head(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
 
 def lr_at(step, total_steps, peak_lr, warmup_ratio):

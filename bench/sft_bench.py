@@ -1,0 +1,221 @@
+"""Benchmark: our SFT step (sft.py) against TRL SFTTrainer + PEFT LoRA, same model/data/batch/LoRA.
+
+Both sides train one epoch over the same rows with the same micro-batch (no accumulation),
+LoRA r8 / alpha 16 / dropout 0 on the language model's q/k/v/o/gate/up/down projections, the
+same learning-rate schedule, float32 on CPU (bf16 autocast on GPU), and the same
+gradient-checkpointing setting; the loss is on the answer tokens only on both sides (TRL:
+prompt-completion rows, completion-only loss). Each side runs in its own process.
+- tokens/s: non-padding tokens of the epoch (counted once, with our encoder) / training seconds;
+- peak memory: GPU max_memory_allocated, or on CPU the peak growth of the resident set during
+  training over its size just before (sampled every 5 ms), so import and model-loading costs
+  of either library do not count.
+
+TRL is not a project dependency: `pip install -r requirements-bench.txt` (trl) first; without it
+the bench says so and exits 0.
+
+    python bench/sft_bench.py                       # builds a tiny model and a small split in a temp dir
+    python bench/sft_bench.py --model models/small --data data/train --micro-batch-size 8 --rows 128
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="tokens/s and peak memory: our SFT step vs TRL SFTTrainer + PEFT")
+    p.add_argument("--model", default=None, help="model folder (default: build a tiny model in a temp dir)")
+    p.add_argument("--data", default=None, help="split directory (default: a small perception + planning split)")
+    p.add_argument("--rows", type=int, default=96, help="training rows (one epoch)")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="rows per optimiser step on both sides")
+    p.add_argument("--max-length", type=int, default=2048, help="maximum tokens per row")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="gradient checkpointing on both sides")
+    p.add_argument("--side", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)  # child process
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+class PeakMemory:
+    """Peak memory growth during a block: CUDA allocator peak, or sampled resident set size."""
+
+    def __init__(self, device):
+        self.device, self.peak, self.base = device, 0, 0
+
+    @staticmethod
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self.peak = self.rss()
+            self.running = True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(self.peak, self.rss())
+        self.growth = self.peak - self.base
+
+
+def run_ours(args, rows, device):
+    import torch
+    from contextlib import nullcontext
+
+    import common
+    import sft
+
+    model, processor = common.load_model(args.model, device)
+    common.add_lora(model, 8, 16, 0.0)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    loss_model = sft.SFTLoss(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    steps = len(rows) // args.micro_batch_size
+    pad = processor.tokenizer.pad_token_id
+    with PeakMemory(device) as mem:
+        t0 = time.time()
+        for step in range(steps):
+            chunk = rows[step * args.micro_batch_size:(step + 1) * args.micro_batch_size]
+            batch = sft.collate([sft.encode_chat(processor, r["messages"], args.max_length) for r in chunk], pad)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            n_target = int((batch["labels"][:, 1:] != -100).sum())
+            for g in optimizer.param_groups:
+                g["lr"] = sft.lr_at(step, steps, 1e-4, 0.1)
+            with autocast:
+                loss = loss_model(batch) / n_target
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.time() - t0
+    return seconds, mem.growth
+
+
+def run_trl(args, rows, device):
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    import common
+
+    model, processor = common.load_model(args.model, device)
+
+    def to_trl(row):  # prompt-completion form: TRL then puts the loss on the completion only
+        prompt = [{"role": m["role"], "content": [{"type": c["type"], "text": c["text"]} if c["type"] == "text"
+                                                  else {"type": "image"} for c in m["content"]]}
+                  for m in row["messages"][:-1]]
+        images = [common.load_image(c["image"]) for m in row["messages"] for c in m["content"] if c["type"] == "image"]
+        return {"prompt": prompt, "completion": [row["messages"][-1]], "images": images}
+
+    dataset = Dataset.from_list([to_trl(r) for r in rows])
+    config = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.micro_batch_size,
+                       gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=1e-4,
+                       lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.0, max_grad_norm=1.0,
+                       max_length=args.max_length, gradient_checkpointing=args.grad_checkpointing,
+                       gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=device.type == "cuda",
+                       use_cpu=device.type == "cpu", report_to="none", save_strategy="no", logging_steps=10 ** 6,
+                       dataloader_drop_last=True, remove_unused_columns=False, seed=0)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=common.lora_target_regex(), bias="none")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=processor, peft_config=lora)
+    with PeakMemory(device) as mem:
+        t0 = time.time()
+        trainer.train()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.time() - t0
+    return seconds, mem.growth
+
+
+def child(args):
+    import torch
+
+    import envs
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = [r for r in envs.load_split(args.data) if r.get("messages")][:args.rows]
+    seconds, growth = (run_ours if args.side == "ours" else run_trl)(args, rows, device)
+    Path(args.result).write_text(json.dumps({"seconds": seconds, "peak_bytes": growth, "device": str(device)}))
+
+
+def main():
+    args = parse_args()
+    if args.side:
+        return child(args)
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print("TRL is not installed: `pip install -r requirements-bench.txt` (trl) to run this benchmark.")
+        return
+    import common
+    import envs
+    import sft
+
+    tmp = Path(tempfile.mkdtemp(prefix="sft_bench_"))
+    if args.model is None:
+        args.model = str(common.build_tiny(tmp / "model", size="tiny"))
+    if args.data is None:
+        args.data = str(envs.make_split(tmp / "data", "train", max(1, args.rows // 24 + 1), kinds=("perception", "planning"),
+                                        image_size=128))
+    rows = [r for r in envs.load_split(args.data) if r.get("messages")][:args.rows]
+    _, processor = common.load_model(args.model)
+    usable = len(rows) // args.micro_batch_size * args.micro_batch_size
+    tokens = sum(len(sft.encode_chat(processor, r["messages"], args.max_length)["input_ids"]) for r in rows[:usable])
+    results = {}
+    for side in ("ours", "trl"):
+        out = tmp / f"{side}.json"
+        cmd = [sys.executable, __file__, "--side", side, "--result", str(out), "--model", args.model, "--data", args.data,
+               "--rows", str(usable), "--micro-batch-size", str(args.micro_batch_size), "--max-length", str(args.max_length),
+               "--grad-checkpointing" if args.grad_checkpointing else "--no-grad-checkpointing"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"error: the {side} run failed:\n{proc.stderr[-3000:]}")
+        results[side] = json.loads(out.read_text())
+    ours, theirs = results["ours"], results["trl"]
+    print(f"SFT step, LoRA r8, {usable} rows x 1 epoch, micro-batch {args.micro_batch_size}, {tokens} tokens, "
+          f"grad checkpointing {'on' if args.grad_checkpointing else 'off'}, device {ours['device']}")
+    print(f"| {'':22} | {'ours':>10} | {'TRL+PEFT':>10} | {'ours/TRL':>8} |")
+    print(f"|{'-' * 24}|{'-' * 12}|{'-' * 12}|{'-' * 10}|")
+    tps = [tokens / r["seconds"] for r in (ours, theirs)]
+    mem = [r["peak_bytes"] / 2 ** 20 for r in (ours, theirs)]
+    print(f"| {'tokens/s':22} | {tps[0]:10.0f} | {tps[1]:10.0f} | {tps[0] / tps[1]:7.2f}x |")
+    print(f"| {'peak memory growth MiB':22} | {mem[0]:10.1f} | {mem[1]:10.1f} | {mem[0] / max(mem[1], 1e-9):7.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
