@@ -571,11 +571,8 @@ def make_llm(path, seed=0, max_model_len=4096, dtype="float32", kv_cache_bytes=2
 
 
 def close_llm(llm):
-    """Shut the engine down and drop vLLM's process groups (call before compute_cleanup)."""
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
+    """Shut the engine down; this also drops vLLM's process groups (call before compute_cleanup)."""
     llm.llm_engine.engine_core.shutdown()
-    cleanup_dist_env_and_memory()
 
 
 def hf_state_dict(model):

@@ -18,7 +18,10 @@ Simplifications and deviations from the reference (EasyR1/verl fork, ~10k lines)
 - fp32 master weights and Adam states by default; the reference keeps them in bf16, where a
   1e-6 step rounds away for almost every weight (--bf16-master reproduces it).
 - One process per device; ranks sum gradients with one all-reduce after the backward passes
-  (no DDP wrapper, no Ray, no FSDP: a model must fit on one device; --fsdp is not implemented).
+  (no DDP wrapper, no Ray). No FSDP sharding (--fsdp was dropped): every rank holds the bf16
+  model, ~16 bytes per trainable parameter (fp32 master, Adam moments, fp32 gradient), the
+  teacher and vLLM's share: ~90 GB for a 4B model, so an H200-class GPU, or cut it with
+  --teacher live, --freeze-vision, --lora-rank or --bf16-master.
 - The teacher is a Hugging Face forward pass (no_grad) inside the trainer, not a separate worker.
 - Rollout log-probs are always recomputed by the trainer (vLLM's are only logged, as a drift check).
 - Randomness is seeded from (--seed, step, rank), so --resume is exact without saving RNG states.
@@ -39,6 +42,7 @@ Command lines:
 """
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -77,8 +81,7 @@ def parse_args(argv=None):
     a("--top-p", type=float, default=1.0, help="rollout nucleus sampling")
     a("--lr", type=float, default=1e-6, help="AdamW learning rate (constant)")
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    a("--beta1", type=float, default=0.9, help="AdamW beta1")
-    a("--beta2", type=float, default=0.999, help="AdamW beta2")
+    a("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
     a("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
     a("--epochs", type=int, default=5, help="passes over the train split")
     a("--max-steps", type=int, default=0, help="stop after this many steps (0: run all epochs)")
@@ -86,7 +89,6 @@ def parse_args(argv=None):
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="model dtype; auto: bf16 on GPU, fp32 on CPU")
     a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on the language model instead of all weights")
     a("--freeze-vision", action="store_true", help="do not train the vision tower and merger")
-    a("--fsdp", action="store_true", help="shard with fully_shard (not implemented in this version)")
     a("--kl-chunk", type=int, default=256, help="--loss full: positions per chunk of the vocabulary-wide KL")
     a("--val-every", type=int, default=20, help="validate and save every N steps (and after the last step)")
     a("--val-size", type=int, default=0, help="validate on the first N val instances (0: all)")
@@ -98,8 +100,6 @@ def parse_args(argv=None):
     a("--resume", action="store_true", help="continue from OUT/last (model, optimiser, data position)")
     a("--seed", type=int, default=0, help="seed of data order and sampling")
     args = p.parse_args(argv)
-    if args.fsdp:
-        p.error("--fsdp is not implemented in this version (see the module docstring)")
     if args.updates_per_batch < 1 or args.batch_size < 1 or args.micro_batch_size < 1:
         p.error("--updates-per-batch, --batch-size and --micro-batch-size must be >= 1")
     return args
@@ -242,10 +242,8 @@ def batch_rows(rows, step, batch_size, seed, rank, world_size):
 
 def cut_at_end_of_turn(token_ids, eos_ids):
     """Keep tokens up to and including the first end-of-turn token. Returns (ids, finished)."""
-    for j, t in enumerate(token_ids):
-        if t in eos_ids:
-            return token_ids[:j + 1], True
-    return token_ids, False
+    end = next((j for j, t in enumerate(token_ids) if t in eos_ids), None)
+    return (token_ids, False) if end is None else (token_ids[:end + 1], True)
 
 
 def end_of_turn_ids(processor, model):
@@ -292,8 +290,8 @@ def pad_responses(responses, pad_id, device):
     return ids.to(device), mask.to(device)
 
 
-def to_device(batch, device):
-    return {k: v.to(device) for k, v in batch.items()}
+def encode(processor, messages_list, device):
+    return {k: v.to(device) for k, v in common.encode_prompts(processor, messages_list).items()}
 
 
 def sample_seed(seed, step, rank, i, salt=0):
@@ -314,34 +312,31 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
                         args.top_p, [sample_seed(args.seed, step, rank, i) for i in range(n)])
     scores = [envs.score_planning(r["state"], o["text"]) for r, o in zip(rows, responses)]
     resp = [pad_responses([responses[i] for i in ix], processor.tokenizer.pad_token_id, device) for ix in micro]
-    student_in = [to_device(common.encode_prompts(processor, [student_msgs[i] for i in ix]), device) for ix in micro]
+    student_in = [encode(processor, [student_msgs[i] for i in ix], device) for ix in micro]
     times.append(time.time())
     # 2. Teacher: text prompt (privileged state) + the student's exact response ids; frozen.
     teacher_msgs = [envs.teacher_messages(r["state"], with_plan=not args.no_teacher_plan) for r in rows]
-    teacher_in = [to_device(common.encode_prompts(processor, [teacher_msgs[i] for i in ix]), device) for ix in micro]
+    teacher_in = [encode(processor, [teacher_msgs[i] for i in ix], device) for ix in micro]
     with torch.no_grad():
         score = response_hidden if args.loss == "full" else common.response_logprobs
         teacher_out = [score(teacher, t, ids, mask) for t, (ids, mask) in zip(teacher_in, resp)]
     times.append(time.time())
     # 3. Loss: per-token reverse KL on the student's own tokens, token mean over the global batch.
-    sums = torch.tensor([sum(m.sum().item() for _, m in resp), sum(s["success"] for s in scores)], dtype=torch.float64)
-    if world_size > 1:
-        dist.all_reduce(sums)
-    n_tokens, mean_success = sums[0].item(), sums[1].item() / args.batch_size
-    success = torch.tensor([float(s["success"]) for s in scores], device=device)
-    reward_adv = args.reward_coef * (success - mean_success)  # 0 in the reference
+    n_tokens, mean_success = global_sums([sum(m.sum().item() for _, m in resp), sum(s["success"] for s in scores)],
+                                         world_size)
+    mean_success /= args.batch_size
+    reward_adv = args.reward_coef * (torch.tensor([float(s["success"]) for s in scores], device=device) - mean_success)
     old = [None] * len(micro)
     if args.updates_per_batch > 1:  # the PPO form needs ℓ_old of the sampling policy
         with torch.no_grad():
             old = [common.response_logprobs(model, s, ids, mask) for s, (ids, mask) in zip(student_in, resp)]
-    stats = torch.zeros(4, dtype=torch.float64)  # Σ m(ℓS−ℓT), Σ loss, Σ |ℓ_vllm − ℓS|, tokens with ℓ_vllm
-    grad_norms = []
+    kl_sum, loss_sum, student_lps, grad_norms = 0.0, 0.0, [], []
     for update in range(args.updates_per_batch):
         for j, ix in enumerate(micro):
             ids, mask = resp[j]
             if args.loss == "sampled":
                 logprobs = common.response_logprobs(model, student_in[j], ids, mask)
-                student_lp, teacher_lp = (old[j] if old[j] is not None else logprobs.detach()), teacher_out[j]
+                student_lp, teacher_lp = (logprobs.detach() if old[j] is None else old[j]), teacher_out[j]
                 advantages = teacher_lp - student_lp + reward_adv[ix].unsqueeze(1)  # A_t = ℓ_T − ℓ_S (+ reward)
                 loss = sampled_loss(logprobs, advantages, mask, n_tokens, old[j], args.clip_low, args.clip_high)
             else:
@@ -351,36 +346,47 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
                                                                args.kl_chunk)
             loss.backward()
             if update == 0:
-                stats[0] += ((student_lp - teacher_lp) * mask).sum().item()
-                stats[1] += loss.item()
-                for i, row in zip(ix, student_lp):
-                    if responses[i]["rollout_logprobs"] is not None and responses[i]["token_ids"]:
-                        k = len(responses[i]["token_ids"])
-                        stats[2] += (torch.tensor(responses[i]["rollout_logprobs"]) - row[:k].cpu()).abs().sum().item()
-                        stats[3] += k
-        # 4. Step: sum gradients over ranks, clip, AdamW (fp32 master weights).
+                kl_sum, loss_sum = kl_sum + ((student_lp - teacher_lp) * mask).sum().item(), loss_sum + loss.item()
+                student_lps += list(student_lp.cpu())
+        # 4. Step: sum gradients over ranks, clip, AdamW on fp32 master weights.
         all_reduce_grads(opt.params, world_size)
         grad_norms.append(opt.step(args.max_grad_norm))
     if llm is not None:
         common.push_weights(llm, model)  # the next rollout samples from the updated student
     times.append(time.time())
-    local = torch.tensor([sum(s["parse_ok"] for s in scores), sum(bool(ANSWER.search(o["text"])) for o in responses),
-                          sum(len(o["token_ids"]) for o in responses), sum(not o["finished"] for o in responses)],
-                         dtype=torch.float64)
-    if world_size > 1:
-        dist.all_reduce(stats)
-        dist.all_reduce(local)
-    seconds = [b - a for a, b in zip(times, times[1:])]
-    return {"step": step + 1, "reverse_kl": stats[0].item() / n_tokens, "loss": stats[1].item(),
-            "success": mean_success, "parse_rate": local[0].item() / args.batch_size,
-            "format_rate": local[1].item() / args.batch_size, "response_tokens": local[2].item() / args.batch_size,
-            "truncated_rate": local[3].item() / args.batch_size,
-            "vllm_logprob_diff": stats[2].item() / stats[3].item() if stats[3] > 0 else None,
-            "grad_norm": grad_norms[0], "lr": args.lr, "seconds_rollout": seconds[0], "seconds_teacher": seconds[1],
-            "seconds_train": seconds[2], "samples_per_second": args.batch_size / sum(seconds)}
+    return step_log(args, step, responses, scores, student_lps, kl_sum, loss_sum, n_tokens, mean_success, grad_norms,
+                    times, world_size)
 
 
 ANSWER = re.compile(r"<answer>.*?</answer>", re.IGNORECASE | re.DOTALL)  # format: an answer block is present
+
+
+def global_sums(values, world_size):
+    sums = torch.tensor(values, dtype=torch.float64)
+    if world_size > 1:
+        dist.all_reduce(sums)
+    return sums.tolist()
+
+
+def step_log(args, step, responses, scores, student_lps, kl_sum, loss_sum, n_tokens, mean_success, grad_norms, times,
+             world_size):
+    """The step's log line, summed over ranks. vllm_logprob_diff: mean |ℓ from vLLM − ℓ from the
+    trainer| over the sampled tokens (weights in sync: ~1e-6 in fp32)."""
+    drift, drift_tokens = 0.0, 0
+    for o, lp in zip(responses, student_lps):
+        if o["rollout_logprobs"] is not None:
+            k = len(o["token_ids"])
+            drift, drift_tokens = drift + (torch.tensor(o["rollout_logprobs"]) - lp[:k]).abs().sum().item(), drift_tokens + k
+    sums = global_sums([kl_sum, loss_sum, drift, drift_tokens, sum(s["parse_ok"] for s in scores),
+                        sum(bool(ANSWER.search(o["text"])) for o in responses),
+                        sum(len(o["token_ids"]) for o in responses), sum(not o["finished"] for o in responses)],
+                       world_size)
+    seconds, B = [b - a for a, b in zip(times, times[1:])], args.batch_size
+    return {"step": step + 1, "reverse_kl": sums[0] / n_tokens, "loss": sums[1], "success": mean_success,
+            "parse_rate": sums[4] / B, "format_rate": sums[5] / B, "response_tokens": sums[6] / B,
+            "truncated_rate": sums[7] / B, "vllm_logprob_diff": sums[2] / sums[3] if sums[3] else None,
+            "grad_norm": grad_norms[0], "lr": args.lr, "seconds_rollout": seconds[0], "seconds_teacher": seconds[1],
+            "seconds_train": seconds[2], "samples_per_second": B / sum(seconds)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -392,7 +398,7 @@ def validate(args, step, val_rows, model, llm, processor, rank, world_size):
     """Sampled validation (T 0.6, top-p 0.95) of the student on its share of the val split;
     returns envs.aggregate over all ranks' episodes."""
     mine, chunk = val_rows[rank::world_size], max(1, args.batch_size // world_size)
-    calls = -(-(-(-len(val_rows) // world_size)) // chunk)  # the same number of generate calls on every rank
+    calls = math.ceil(math.ceil(len(val_rows) / world_size) / chunk)  # the same on every rank (vLLM lockstep)
     episodes = []
     for c in range(calls):
         rows = mine[c * chunk:(c + 1) * chunk]
@@ -415,6 +421,32 @@ def save_checkpoint(path, model, processor, trainer_state=None):
         processor.save_pretrained(tmp)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / "trainer_state.pt")
+
+
+def validate_and_save(args, step, val_rows, model, llm, processor, opt, best, log, rank, world_size):
+    """Validate (if a val split is given), keep the best checkpoint by macro success, check that
+    the ranks hold identical weights, save the last checkpoint with the trainer state."""
+    out = Path(args.out)
+    if val_rows:
+        agg = validate(args, step, val_rows, model, llm, processor, rank, world_size)
+        log["val_macro_success"] = agg["macro"]["success"]
+        log.update({f"val_{task}_success": v["success"] for task, v in agg["per_task"].items()})
+        if log["val_macro_success"] > best:
+            best = log["val_macro_success"]
+            if rank == 0:
+                save_checkpoint(out / "best", model, processor)
+    checksums = [sum(p.detach().double().sum().item() for p in opt.params)] * world_size
+    if world_size > 1:
+        dist.all_gather_object(checksums, checksums[0])
+    if len(set(checksums)) > 1:
+        raise RuntimeError(f"ranks diverged: weight checksums {checksums}")
+    log["rank_weight_checksums"] = checksums
+    if rank == 0:
+        save_checkpoint(out / "last", model, processor, {"step": step + 1, "optimizer": opt.state_dict(),
+                                                         "best_macro_success": best, "args": vars(args)})
+    if world_size > 1:
+        dist.barrier()
+    return best
 
 
 def fail(message):
@@ -460,12 +492,15 @@ def main(argv=None):
     elif args.freeze_vision:
         common.unwrap(model).model.visual.requires_grad_(False)
     model.train()
-    opt = MasterAdamW(model.parameters(), args.lr, (args.beta1, args.beta2), args.weight_decay, args.bf16_master)
+    opt = MasterAdamW(model.parameters(), args.lr, tuple(args.betas), args.weight_decay, args.bf16_master)
     start_step, best = 0, -1.0
     if args.resume:  # trainable weights come back from the optimiser's master copy, bit-exact
         saved = torch.load(state_file, map_location=device, weights_only=False)
         opt.load_state_dict(saved["optimizer"])
         start_step, best = saved["step"], saved["best_macro_success"]
+        if rank == 0 and (out / "log.jsonl").is_file():  # drop lines logged after the checkpoint
+            lines = (out / "log.jsonl").read_text().splitlines()
+            (out / "log.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= start_step))
     llm = None
     if args.rollout == "vllm":
         llm = common.make_llm(args.student, seed=args.seed, max_model_len=args.max_model_len,
@@ -490,24 +525,7 @@ def main(argv=None):
         log = opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size, device)
         log["epoch"] = step // steps_per_epoch
         if (step + 1) % args.val_every == 0 or step + 1 == total_steps:
-            if val_rows:
-                agg = validate(args, step, val_rows, model, llm, processor, rank, world_size)
-                log["val_macro_success"] = agg["macro"]["success"]
-                log.update({f"val_{task}_success": v["success"] for task, v in agg["per_task"].items()})
-                if rank == 0 and log["val_macro_success"] > best:
-                    best = log["val_macro_success"]
-                    save_checkpoint(out / "best", model, processor)
-            checksums = [sum(p.detach().double().sum().item() for p in opt.params)] * world_size
-            if world_size > 1:
-                dist.all_gather_object(checksums, checksums[0])
-            if len(set(checksums)) > 1:
-                raise RuntimeError(f"ranks diverged: weight checksums {checksums}")
-            log["rank_weight_checksums"] = checksums
-            if rank == 0:
-                save_checkpoint(out / "last", model, processor, {"step": step + 1, "optimizer": opt.state_dict(),
-                                                                 "best_macro_success": best, "args": vars(args)})
-            if world_size > 1:
-                dist.barrier()
+            best = validate_and_save(args, step, val_rows, model, llm, processor, opt, best, log, rank, world_size)
         if rank == 0:
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(log) + "\n")
@@ -522,7 +540,8 @@ def main(argv=None):
                   + f", checkpoints in {out}")
     if llm is not None:
         common.close_llm(llm)
-    common.compute_cleanup()
+    if ddp:  # only what compute_init set up (an in-process vLLM engine owns its own group)
+        common.compute_cleanup()
 
 
 if __name__ == "__main__":

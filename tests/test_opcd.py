@@ -378,3 +378,40 @@ def test_student_reverse_kl_to_an_opinionated_teacher_falls_by_half(tiny_model, 
     kl = [e["reverse_kl"] for e in read_log(tmp_path / "run")]
     first, last = sum(kl[:3]) / 3, sum(kl[-3:]) / 3
     assert first > 1.0 and last < 0.5 * first, kl
+
+
+# ------------------------------------------------------------------------------------------
+# The options: each runs a step and does what it says.
+
+
+def test_options_full_loss_ppo_reward_live_teacher_and_lora(opcd_base, tiny_model, tmp_path):
+    import common
+    from safetensors.torch import load_file
+
+    args = [str(a) for a in opcd_base] + ["--rollout", "hf", "--max-steps", "1", "--val-every", "1000"]
+    runs = {"full": ["--loss", "full", "--kl-chunk", "5"], "ppo": ["--updates-per-batch", "2", "--reward-coef", "0.5"],
+            "live": ["--teacher", "live", "--no-teacher-plan"], "lora": ["--lora-rank", "4"]}
+    logs = {}
+    for name, extra in runs.items():
+        opcd.main(args + extra + ["--out", str(tmp_path / name)])
+        logs[name] = read_log(tmp_path / name)[-1]
+        assert logs[name]["grad_norm"] > 0
+    assert logs["full"]["loss"] > 0  # the exact reverse KL is positive
+    # LoRA: the checkpoint holds W + (alpha/r) B A; only LoRA tensors were trained
+    base, _ = common.load_model(tiny_model)
+    saved = load_file(str(tmp_path / "lora" / "last" / "model.safetensors"))
+    master = master_weights(tmp_path / "lora")
+    assert len(master) == 2 * 7 * base.config.text_config.num_hidden_layers
+    changed = {k for k, v in base.state_dict().items() if k in saved and not torch.equal(saved[k], v)}
+    assert changed and all(".language_model.layers." in k and k.endswith("proj.weight") for k in changed)
+    model, _ = common.load_model(tmp_path / "lora" / "last")  # loads as a plain model
+    assert not any(isinstance(m, common.LoRALinear) for m in model.modules())
+
+
+def test_bad_input_fails_with_one_line_and_exit_code_2(tmp_path, tiny_model):
+    env = dict(CLEAN_ENV, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "opcd.py"), "--student", tiny_model, "--train-data",
+                           str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--rollout", "hf"],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 2 and "error:" in proc.stderr and str(tmp_path / "missing") in proc.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,92 @@
+"""OPCD step throughput: --rollout hf (batched generate) against --rollout vllm (in-process
+engine), same model, same batch, same step code (opcd.opcd_step), printed side by side.
+
+Per backend: one short warm-up rollout, then --steps full OPCD steps (rollout, teacher
+forward, loss + backward + AdamW step, and for vLLM the weight push). Reports seconds per
+phase, rollout tokens/s and samples/s. HF runs first: the vLLM engine binds the CPU threads of
+the process when it starts.
+
+If TRL is importable, its GKDTrainer (beta=1: reverse KL, on-policy) would be the peer to
+compare against; it is not installed here, and the script says so.
+
+    python bench/opcd_bench.py                        # builds a "medium" (>= 30M) tiny model
+    python bench/opcd_bench.py --model models/medium --batch-size 32 --max-new-tokens 128 --steps 1
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+import envs  # noqa: E402
+import opcd  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="model folder (default: build a 'medium' tiny model in a temp dir)")
+    p.add_argument("--size", default="medium", choices=["tiny", "small", "medium"], help="size to build without --model")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per step")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward pass")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="response length cap (random models rarely stop)")
+    p.add_argument("--steps", type=int, default=1, help="measured OPCD steps per backend")
+    p.add_argument("--backends", default="hf,vllm", help="comma-separated rollout backends to compare")
+    args = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="opcd-bench-"))
+    model_dir = args.model or str(common.build_tiny(tmp / "model", size=args.size, image_size=128))
+    data = envs.make_split(tmp / "train", "train", per_level=-(-args.batch_size * (args.steps + 1) // 12),
+                           kinds=("planning",), image_size=128)
+    model, processor = common.load_model(model_dir)
+    teacher, _ = common.load_model(model_dir)
+    teacher.requires_grad_(False).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    rows = envs.load_split(data, kinds=["planning"])
+    print(f"model {model_dir}: {n_params / 1e6:.1f}M parameters, {torch.get_num_threads()} threads, "
+          f"batch {args.batch_size}, max {args.max_new_tokens} new tokens, {args.steps} measured step(s)")
+    results = {}
+    for backend in args.backends.split(","):
+        o = opcd.parse_args(["--student", model_dir, "--train-data", str(data), "--out", str(tmp / "run"),
+                             "--rollout", backend, "--batch-size", str(args.batch_size), "--micro-batch-size",
+                             str(args.micro_batch_size), "--max-new-tokens", str(args.max_new_tokens),
+                             "--max-model-len", "4096"])
+        opt = opcd.MasterAdamW(model.parameters(), o.lr, tuple(o.betas), o.weight_decay)
+        llm = None
+        if backend == "vllm":
+            t = time.time()
+            llm = common.make_llm(model_dir, max_model_len=4096, kv_cache_bytes=1 << 30)
+            common.push_weights(llm, model)
+            print(f"vllm engine start: {time.time() - t:.1f} s")
+        warm = [envs.student_messages(r["state"], r["image"]) for r in rows[:args.batch_size]]
+        opcd.rollout(backend, model, llm, processor, warm, 8, 1.0, 1.0, list(range(len(warm))))
+        logs = [opcd.opcd_step(o, step, opcd.batch_rows(rows, step, args.batch_size, 0, 0, 1), model, teacher, llm,
+                               processor, opt, 1, torch.device("cpu")) for step in range(args.steps)]
+        mean = {k: sum(log[k] for log in logs) / len(logs) for k in
+                ("seconds_rollout", "seconds_teacher", "seconds_train", "samples_per_second", "response_tokens")}
+        mean["rollout_tokens_per_second"] = mean["response_tokens"] * args.batch_size / mean["seconds_rollout"]
+        results[backend] = mean
+        if llm is not None:
+            common.close_llm(llm)
+    keys = ["seconds_rollout", "seconds_teacher", "seconds_train", "response_tokens", "rollout_tokens_per_second",
+            "samples_per_second"]
+    print(f"{'':28s}" + "".join(f"{b:>12s}" for b in results))
+    for k in keys:
+        print(f"{k:28s}" + "".join(f"{results[b][k]:12.2f}" for b in results))
+    if {"hf", "vllm"} <= set(results):
+        rollout = results["hf"]["seconds_rollout"] / results["vllm"]["seconds_rollout"]
+        step = results["vllm"]["samples_per_second"] / results["hf"]["samples_per_second"]
+        print(f"vllm / hf: rollout {rollout:.2f}x faster, whole step {step:.2f}x the samples/s (target: rollout >= 1.3x)")
+    try:
+        import trl  # noqa: F401
+        print("TRL is installed, but this bench does not drive its GKDTrainer yet (no peer ratio)")
+    except ImportError:
+        print("TRL is not installed: no GKDTrainer (beta=1) peer ratio")
+
+
+if __name__ == "__main__":
+    main()
