@@ -35,7 +35,7 @@ Command lines:
     python common.py tiny --out models/small --size small
     # one process (CPU: fp32)
     python sft.py --model models/small --data data/train --val-data data/val --out runs/sft-small \
-        --full --lr 1e-3 --batch-size 16 --micro-batch-size 8 --epochs 3
+        --full --lr 2e-3 --batch-size 8 --micro-batch-size 8 --epochs 10 --no-grad-checkpointing
     # two processes on CPU (gloo)
     OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 sft.py --model models/small --data data/train --out runs/sft-ddp
     # Qwen3-VL-4B, 8 GPUs (bf16 autocast, LoRA r8, effective batch 64 = 8 GPUs x 2 x 4 accumulation)
