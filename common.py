@@ -521,9 +521,6 @@ def main():
     print(f"wrote {path} ({args.size}, {n / 1e6:.2f}M parameters, {AutoConfig.from_pretrained(path).text_config.vocab_size} vocab)")
 
 
-if __name__ == "__main__":
-    main()
-
 
 # ------------------------------------------------------------------------------------------
 # vLLM: one in-process engine per rank, for rollouts (opcd.py) and evaluation (evaluate.py).
@@ -658,3 +655,7 @@ def vllm_score(llm, processor, messages_list, response_ids_list):
         entries = out.prompt_logprobs[len(out.prompt_logprobs) - len(response):]
         scores.append([d[t].logprob for d, t in zip(entries, response)])
     return scores
+
+
+if __name__ == "__main__":
+    main()
