@@ -1,6 +1,6 @@
 """Benchmark: our SFT step (sft.py) against TRL SFTTrainer + PEFT LoRA, same model/data/batch/LoRA.
 
-Both sides train one epoch over the same rows with the same micro-batch (no accumulation),
+Both sides train one epoch over the same rows, in the same order, with the same micro-batch (no accumulation),
 LoRA r8 / alpha 16 / dropout 0 on the language model's q/k/v/o/gate/up/down projections, the
 same learning-rate schedule, float32 on CPU (bf16 autocast on GPU), and the same
 gradient-checkpointing setting; the loss is on the answer tokens only on both sides (TRL:
@@ -150,7 +150,8 @@ def run_trl(args, rows, device):
                        max_length=args.max_length, gradient_checkpointing=args.grad_checkpointing,
                        gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=device.type == "cuda",
                        use_cpu=device.type == "cpu", report_to="none", save_strategy="no", logging_steps=10 ** 6,
-                       dataloader_drop_last=True, remove_unused_columns=False, seed=0)
+                       dataloader_drop_last=True, remove_unused_columns=False, seed=0,
+                       train_sampling_strategy="sequential")  # the same batches, in the same order, as ours
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=common.lora_target_regex(), bias="none")
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=processor, peft_config=lora)
     with PeakMemory(device) as mem:
