@@ -1,5 +1,6 @@
 """sft.py: labels, gradients, DDP equivalence, resume, bad input, and that it learns."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -72,6 +73,13 @@ def test_every_assistant_turn_is_labelled_in_a_multi_turn_chat(processor):
     trained = [t for t, lab in zip(enc["input_ids"].tolist(), enc["labels"].tolist()) if lab != -100]
     assert tok.decode(trained) == "3x3<|im_end|>(0, 1)<|im_end|>"
     assert tok.decode(enc["input_ids"]) == processor.apply_chat_template(chat, tokenize=False)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    lrs = [sft.lr_at(s, 100, 1e-3, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # 10 warm-up steps, linear
+    assert lrs[50] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 40 / 90)))
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-6
 
 
 def _grads(model, batch):
@@ -147,9 +155,11 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tiny_model, train_dir, 
     assert steps == [1, 2, 3, 4]
 
 
-def test_torchrun_two_ranks_match_each_other_and_a_single_process(tiny_model, train_dir, tmp_path):
-    args = ["--model", tiny_model, "--data", train_dir, "--batch-size", 8, "--max-steps", 2, "--lr", 1e-2]
-    ddp = _run(*args, "--out", tmp_path / "ddp", "--micro-batch-size", 2, torchrun=True)
+def test_torchrun_two_ranks_match_each_other_and_a_single_process(tiny_model, make_data, tmp_path):
+    # Image rows and text-only rows mixed: some micro-batches skip the vision tower, on one rank only.
+    data = make_data("train", 4, tasks=["frozenlake", "maze"], kinds=("perception", "text-planning"))
+    args = ["--model", tiny_model, "--data", data, "--batch-size", 8, "--max-steps", 2, "--lr", 1e-2]
+    ddp = _run(*args, "--out", tmp_path / "ddp", "--micro-batch-size", 1, torchrun=True)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     single = _run(*args, "--out", tmp_path / "single", "--micro-batch-size", 8)
     assert single.returncode == 0, single.stderr[-2000:]
@@ -158,7 +168,7 @@ def test_torchrun_two_ranks_match_each_other_and_a_single_process(tiny_model, tr
     a, b = _weights(tmp_path / "ddp"), _weights(tmp_path / "single")
     assert any(w.abs().max() > 0 for n, w in a.items() if ".lora_B." in n)
     for n in a:
-        torch.testing.assert_close(a[n], b[n], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a[n], b[n], atol=1e-4, rtol=1e-3)  # lr 1e-2: 1% of one Adam step
 
 
 @pytest.mark.parametrize("case", ["missing data dir", "missing image", "model without processor"])
