@@ -61,6 +61,8 @@ def test_labels_are_minus_100_except_assistant_tokens(processor, train_dir):
     assert ids[n_prompt:n_prompt + len(answer_ids)] == answer_ids
     assert tok.decode([ids[-1]]) == "\n" and labels[-1] == -100  # the newline after <|im_end|> is not trained
     assert int(enc["mm_token_type_ids"].sum()) == 16 and enc["image_grid_thw"].tolist() == [[1, 8, 8]]
+    # The trained prefix is exactly the prompt the model sees at generation time.
+    assert ids[:n_prompt] == common.encode_prompts(processor, [row["messages"][:-1]])["input_ids"][0].tolist()
 
 
 def test_every_assistant_turn_is_labelled_in_a_multi_turn_chat(processor):
