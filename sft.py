@@ -328,7 +328,12 @@ def main(argv=None):
     total_steps = max(1, int(steps_per_epoch * args.epochs))
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
     per_rank = args.batch_size // world
-    step = load_checkpoint(out / "checkpoint", model, optimizer) if args.resume else 0
+    try:
+        step = load_checkpoint(out / "checkpoint", model, optimizer) if args.resume else 0
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        common.compute_cleanup()
+        sys.exit(2)
     n_params = sum(p.numel() for p in params)
     print0(f"sft: {len(rows)} rows, {world} rank(s), {total_steps} steps of {args.batch_size} rows, "
            f"{'full' if args.full else f'LoRA r{args.lora_rank}'} ({n_params / 1e6:.2f}M trainable), from step {step}")
