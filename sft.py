@@ -291,7 +291,7 @@ def main(argv=None):
         kinds = args.kinds.split(",") if args.kinds else None
         rows = [r for r in envs.load_split(args.data, kinds=kinds) if r.get("messages")]
         val_rows = envs.load_split(args.val_data, kinds=kinds) if args.val_data else []
-        val_rows = val_rows[::max(1, len(val_rows) // args.val_samples)][:args.val_samples]  # spread over tasks
+        val_rows = val_rows[::max(1, len(val_rows) // max(1, args.val_samples))][:args.val_samples]  # spread over tasks
         if not rows:
             raise ValueError(f"{args.data}: no rows with messages" + (f" of kinds {kinds}" if kinds else ""))
         if args.batch_size % world or args.batch_size > len(rows):
@@ -342,7 +342,11 @@ def main(argv=None):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-        log_file = open(out / "metrics.jsonl", "a")
+        metrics_path = out / "metrics.jsonl"  # a fresh run starts a fresh log; a resumed one drops lines past its step
+        kept = [x for x in metrics_path.read_text().splitlines() if json.loads(x)["step"] <= step] \
+            if args.resume and metrics_path.is_file() else []
+        log_file = open(metrics_path, "w")
+        log_file.write("".join(x + "\n" for x in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(str(out / "tb"))
