@@ -6,11 +6,14 @@ What lives here (and nowhere else):
 - model loading (`load_model`): one path for a local folder or a hub id, the real
   Qwen/Qwen3-VL-4B-Instruct and our offline tiny models alike (AutoModelForImageTextToText +
   AutoProcessor), asserting that a real multimodal processor came back;
-- prompt encoding (`encode_prompts`, left padding) and the per-token log-prob gather
-  (`response_logprobs`) on the layout `[left-padded prompt P | right-padded response R]`;
+- prompt encoding (`encode_prompts`, left padding), `vision_token_ids` (never to be sampled),
+  greedy/sampled HF decoding (`generate_responses`), and the per-token log-prob gather
+  (`response_logprobs`, `token_logprobs`) on the layout `[left-padded prompt P | right-padded
+  response R]`;
 - a hand-rolled LoRA (`LoRALinear`, `add_lora`, `merge_lora`, `save_adapter`, `load_adapter`),
   saved in PEFT's adapter format so that `peft` can load it;
-- atomic checkpoint writes (`atomic_dir`, `save_model`): write to a temporary sibling, rename;
+- atomic checkpoint writes (`atomic_dir`, `save_model`, `write_model_files`): write to a
+  temporary sibling, rename;
 - a tiny-model factory (`build_tiny`): a random Qwen3VLForConditionalGeneration of
   configurable size with a byte-level BPE tokenizer trained on the project's own text
   (prompts, reference responses, perception answers, teacher contexts from envs.py), a
@@ -23,6 +26,9 @@ Choices worth knowing:
 - Text head_dim is >= 32 (vLLM's CPU attention needs it); mrope_section sums to head_dim/2.
 - `load_model` defaults to float32 weights (fp32 master weights; stages autocast to bf16 on
   GPU themselves).
+- HF initialises the vision position table with std 0.02 against patch features of std ~0.6;
+  build_tiny raises it to 0.5 so that a frozen random vision tower still says *where* things
+  are (a trained tower does). Without it the tiny model cannot learn perception at all.
 
 Command line:
     python common.py tiny --out models/tiny --size tiny      # tests, < 1M parameters
