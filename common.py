@@ -28,7 +28,9 @@ Choices worth knowing:
   GPU themselves).
 - HF initialises the vision position table with std 0.02 against patch features of std ~0.6;
   build_tiny raises it to 0.5 so that a frozen random vision tower still says *where* things
-  are (a trained tower does). Without it the tiny model cannot learn perception at all.
+  are (a trained tower does). Measured on FrozenLake 3x3, 600 full-SFT steps at lr 1e-3:
+  held-out accuracy of the player's row 1.0 with it, 0.65 without (the model then mostly
+  memorises the training images).
 
 Command line:
     python common.py tiny --out models/tiny --size tiny      # tests, < 1M parameters
