@@ -28,17 +28,22 @@ Simplifications and deviations from the reference (EasyR1/verl fork, ~10k lines)
 - With --loss full the KL uses the full softmax of both models (the vision tokens the sampler
   forbids keep their tiny probability mass).
 
-Command lines:
-  python common.py tiny --out models/tiny && python envs.py data --out data/train --split train --per-level 8 --image-size 128
-  python envs.py data --out data/val --split val --per-level 2 --image-size 128
-  python opcd.py --student models/tiny --train-data data/train --val-data data/val --out runs/opcd-tiny \\
-      --rollout hf --batch-size 8 --max-new-tokens 64 --max-steps 20
-  # Qwen3-VL-4B: student = the merged stage-1 checkpoint, teacher = the base model (one GPU)
-  python opcd.py --student runs/sft-4b-merged --teacher Qwen/Qwen3-VL-4B-Instruct \\
-      --train-data data/train --val-data data/val --out runs/opcd-4b --rollout vllm
-  # the same on 8 GPUs (global batch 32 = 4 per rank)
-  torchrun --nproc_per_node=8 opcd.py --student runs/sft-4b-merged --teacher Qwen/Qwen3-VL-4B-Instruct \\
-      --train-data data/train --val-data data/val --out runs/opcd-4b --rollout vllm
+Command lines (planning rows; tiny models see 128x128 images, real ones 256x256):
+  python envs.py data --out data/plan-train --split train --per-level 50 --kinds planning --image-size 128
+  python envs.py data --out data/plan-val --split val --per-level 2 --kinds planning --image-size 128
+  # tiny model on CPU (student = the merged stage-1 model of sft.py/merge.py, or models/small itself)
+  python opcd.py --student models/small-sft --teacher models/small --train-data data/plan-train \
+      --val-data data/plan-val --out runs/opcd-small --batch-size 8 --max-new-tokens 128 --max-steps 40
+  OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 opcd.py --student models/small-sft --teacher models/small \
+      --train-data data/plan-train --val-data data/plan-val --out runs/opcd-small-ddp --batch-size 8 \
+      --max-new-tokens 128 --max-steps 40
+  # Qwen3-VL-4B, data made as above without --image-size (256x256);
+  # student = the merged stage-1 checkpoint, teacher = the base model
+  python opcd.py --student models/sft-4b --teacher Qwen/Qwen3-VL-4B-Instruct \
+      --train-data data/plan-train --val-data data/plan-val --out runs/opcd-4b
+  torchrun --nproc_per_node=8 opcd.py --student models/sft-4b --teacher Qwen/Qwen3-VL-4B-Instruct \
+      --train-data data/plan-train --val-data data/plan-val --out runs/opcd-4b    # 32 prompts = 4 per rank
+Use --rollout hf where vLLM is not installed.
 """
 import argparse
 import json
