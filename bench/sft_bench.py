@@ -19,6 +19,7 @@ the bench says so and exits 0.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -144,7 +145,7 @@ def run_trl(args, rows, device):
         return {"prompt": prompt, "completion": [row["messages"][-1]], "images": images}
 
     dataset = Dataset.from_list([to_trl(r) for r in rows])
-    config = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.micro_batch_size,
+    config = SFTConfig(output_dir=str(Path(args.result).parent / "trl-out"), per_device_train_batch_size=args.micro_batch_size,
                        gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=1e-4,
                        lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.0, max_grad_norm=1.0,
                        max_length=args.max_length, gradient_checkpointing=args.grad_checkpointing,
@@ -183,11 +184,18 @@ def main():
     except ImportError:
         print("TRL is not installed: `pip install -r requirements-bench.txt` (trl) to run this benchmark.")
         return
+    tmp = Path(tempfile.mkdtemp(prefix="sft_bench_"))
+    try:
+        compare(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def compare(args, tmp):
     import common
     import envs
     import sft
 
-    tmp = Path(tempfile.mkdtemp(prefix="sft_bench_"))
     if args.model is None:
         args.model = str(common.build_tiny(tmp / "model", size="tiny"))
     if args.data is None:
