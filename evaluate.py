@@ -458,22 +458,25 @@ def evaluate(args):
     episodes = build_episodes(rows, args.kind, conditions)
 
     out = Path(args.out or Path("runs/eval") / f"{Path(args.model).name}-{args.backend}-{args.kind}")
-    out.mkdir(parents=True, exist_ok=True)
     episodes_path = out / "episodes.jsonl"
     settings = {k: str(getattr(args, k)) for k in ("model", "data", "kind", "max_new_tokens")}
     if args.resume and (out / "run.json").exists() and json.loads((out / "run.json").read_text()) != settings:
         fail(f"--resume: {out} holds a run with other settings ({(out / 'run.json').read_text()}); use another --out")
-    atomic_write(out / "run.json", json.dumps(settings))
     wanted = {(ep["row"]["id"], ep["condition"]) for ep in episodes}
     finished = {k: r for k, r in read_finished(episodes_path).items() if k in wanted} if args.resume else {}
-    write_jsonl(episodes_path, finished.values())  # drops errored and torn lines of the previous run
     todo = [ep for ep in episodes if (ep["row"]["id"], ep["condition"]) not in finished]
     print(f"{len(episodes)} episodes ({args.kind}, {'+'.join(conditions)}), {len(finished)} resumed, "
           f"{len(todo)} to run with {args.backend}", flush=True)
 
     t0 = time.time()
     backend = {"hf": hf_backend, "vllm": vllm_backend, "openai": openai_backend, "oracle": oracle_backend}[args.backend]
-    run = backend(args, todo) if todo else (lambda emit: None)
+    try:  # load the model before anything is written: a bad --model leaves no output behind
+        run = backend(args, todo) if todo else (lambda emit: None)
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "run.json", json.dumps(settings))
+    write_jsonl(episodes_path, finished.values())  # drops errored and torn lines of the previous run
     load_seconds, t0, log = time.time() - t0, time.time(), open(episodes_path, "a")
 
     def emit(i, response, error):

@@ -271,21 +271,24 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("case", ["unknown_backend", "no_data_jsonl", "unreachable_endpoint", "rejected_key"])
+@pytest.mark.parametrize("case", ["unknown_backend", "no_data_jsonl", "unreachable_endpoint", "rejected_key", "missing_model"])
 def test_bad_input_gives_one_line_error_and_exit_code_2(case, data, tmp_path):
     with Server(lambda payload: (401, None, 0)) as server:
         argv = {"unknown_backend": ["--model", "m", "--data", data, "--backend", "tgi"],
                 "no_data_jsonl": ["--model", "m", "--data", tmp_path, "--backend", "oracle"],
                 "unreachable_endpoint": ["--model", "m", "--data", data, "--backend", "openai", "--retries", 0,
                                          "--base-url", f"http://127.0.0.1:{free_port()}/v1"],
-                "rejected_key": ["--model", "m", "--data", data, "--backend", "openai", "--base-url", server.url]}[case]
+                "rejected_key": ["--model", "m", "--data", data, "--backend", "openai", "--base-url", server.url],
+                "missing_model": ["--model", tmp_path / "no-model", "--data", data, "--backend", "hf"]}[case]
         proc = subprocess.run([PY, str(ROOT / "evaluate.py"), *map(str, argv), "--out", str(tmp_path / "out")],
                               capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0]
     expected = {"unknown_backend": "tgi", "no_data_jsonl": "data.jsonl", "unreachable_endpoint": "cannot reach",
-                "rejected_key": "HTTP 401"}[case]
+                "rejected_key": "HTTP 401", "missing_model": "no-model"}[case]
     assert expected in lines[0]
+    if case == "missing_model":  # nothing written for a run that never started
+        assert not (tmp_path / "out").exists()
     if case == "rejected_key":  # stopped at once: no retries of a request that cannot succeed
         assert len(server.requests) <= 2 * 8  # at most the requests already in flight (--concurrency 8)
