@@ -218,16 +218,11 @@ class MasterAdamW:
 
 
 def all_reduce_grads(params, world_size):
-    """Sum gradients over ranks (the losses are already divided by the global token count)."""
-    if world_size == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
-        offset += g.numel()
+    """Sum gradients over ranks (the losses are already divided by the global token count).
+    One call per tensor: no flat copy of all gradients (DDP would bucket them)."""
+    for p in params if world_size > 1 else []:
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+        dist.all_reduce(p.grad)
 
 
 # ------------------------------------------------------------------------------------------
