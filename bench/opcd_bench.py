@@ -6,8 +6,9 @@ forward, loss + backward + AdamW step, and for vLLM the weight push). Reports se
 phase, rollout tokens/s and samples/s. HF runs first: the vLLM engine binds the CPU threads of
 the process when it starts.
 
-If TRL is importable, its GKDTrainer (beta=1: reverse KL, on-policy) would be the peer to
-compare against; it is not installed here, and the script says so.
+If TRL is importable (requirements-bench.txt), its GKDTrainer (lmbda=1: on-policy, beta=1:
+reverse KL) runs one warm-up and one measured step on the same model and batch size, as a
+peer ratio. GKD takes text chats only, so its prompts lack the image (16 tokens shorter).
 
     OMP_NUM_THREADS=1 python bench/opcd_bench.py      # builds a "medium" (>= 30M) tiny model
     OMP_NUM_THREADS=1 python bench/opcd_bench.py --model models/medium --batch-size 32 --max-new-tokens 128
@@ -90,10 +91,45 @@ def main():
         step = results["vllm"]["samples_per_second"] / results["hf"]["samples_per_second"]
         print(f"vllm / hf: rollout {rollout:.2f}x faster, whole step {step:.2f}x the samples/s (target: rollout >= 1.3x)")
     try:
-        import trl  # noqa: F401
-        print("TRL is installed, but this bench does not drive its GKDTrainer yet (no peer ratio)")
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
     except ImportError:
-        print("TRL is not installed: no GKDTrainer (beta=1) peer ratio")
+        print("TRL is not installed (pip install -r requirements-bench.txt): no GKDTrainer (beta=1) peer ratio")
+        return
+    seconds = gkd_step_seconds(GKDConfig, GKDTrainer, model_dir, rows, args, tmp)
+    gkd = args.batch_size / seconds
+    print(f"TRL GKDTrainer (lmbda=1 on-policy, beta=1 reverse KL, text-only prompts, HF generate): {seconds:.1f} s/step, "
+          f"{gkd:.2f} samples/s; ours / GKD: " + ", ".join(f"{b} {r['samples_per_second'] / gkd:.2f}x"
+                                                          for b, r in results.items()))
+
+
+def gkd_step_seconds(GKDConfig, GKDTrainer, model_dir, rows, args, tmp):
+    """One measured step (after one warm-up step) of TRL's GKD on the same model and batch size.
+    GKD takes text chats only, so the student prompt goes in without its image (16 tokens fewer)."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        seconds = []
+
+        def on_step_begin(self, *a, **k):
+            self.start = time.time()
+
+        def on_step_end(self, *a, **k):
+            self.seconds.append(time.time() - self.start)
+
+    model, processor = common.load_model(model_dir)
+    teacher, _ = common.load_model(model_dir)
+    data = Dataset.from_list([{"messages": [{"role": "user", "content": envs.student_prompt(r["state"])},
+                                            {"role": "assistant", "content": envs.reference_response(r["state"])}]}
+                              for r in rows])
+    config = GKDConfig(output_dir=str(tmp / "gkd"), per_device_train_batch_size=args.batch_size, max_steps=2, lmbda=1.0,
+                       beta=1.0, temperature=1.0, max_new_tokens=args.max_new_tokens, learning_rate=1e-6,
+                       gradient_checkpointing=False, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+                       max_length=4096, dataloader_num_workers=0)
+    timer = Timer()
+    GKDTrainer(model=model, teacher_model=teacher, args=config, train_dataset=data,
+               processing_class=processor.tokenizer, callbacks=[timer]).train()
+    return timer.seconds[-1]
 
 
 if __name__ == "__main__":
