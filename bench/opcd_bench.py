@@ -17,9 +17,11 @@ On a CPU shared with other jobs use OMP_NUM_THREADS=1: with 2 OpenMP threads on 
 every small decode-step matmul waits for a descheduled partner thread and HF generate slows
 down ~6x (measured here: 12 new tokens for 8 prompts took 21 s with 2 threads, 3.3 s with 1).
 
-Measured here (2-core CPU, OMP_NUM_THREADS=1, 36.1M-parameter medium model, batch 32, 128 new
-tokens, fp32): rollout hf 61.7 s (66 tok/s) vs vllm 10.1 s (383 tok/s): 6.1x; teacher 18.3 vs
-16.9 s and train 40.6 vs 41.4 s (same code); whole step 0.27 vs 0.47 samples/s (1.76x).
+Measured here (2-core CPU shared with other jobs, OMP_NUM_THREADS=1, 36.1M-parameter medium
+model, batch 32, 128 new tokens, fp32), two runs: rollout hf 61.7 / 59.5 s (66 / 69 tok/s) vs
+vllm 10.1 / 11.7 s (383 / 331 tok/s): 6.1x / 5.1x; teacher 18.3 / 20.3 vs 16.9 / 18.5 s and
+train 40.6 / 44.9 vs 41.4 / 44.1 s (same code); whole step 0.27 / 0.26 vs 0.47 / 0.43 samples/s
+(1.76x / 1.68x).
 """
 import argparse
 import sys
