@@ -22,7 +22,7 @@ model, batch 32, 128 new tokens, fp32), two runs: rollout hf 61.7 / 59.5 s (66 /
 vllm 10.1 / 11.7 s (383 / 331 tok/s): 6.1x / 5.1x; teacher 18.3 / 20.3 vs 16.9 / 18.5 s and
 train 40.6 / 44.9 vs 41.4 / 44.1 s (same code); whole step 0.27 / 0.26 vs 0.47 / 0.43 samples/s
 (1.76x / 1.68x). TRL 1.16 GKDTrainer (installed apart, PYTHONPATH): on the medium model its
-first step (warm-up included) took 1240 s, against ~75 s (hf) and ~74 s (vllm) for ours, so the
+first step (warm-up included) took 1240 s, against ~125 s (hf) and ~74 s (vllm) for ours, so the
 measured second step was not reached in the time available; on the 0.7M tiny model (batch 8, 16
 new tokens) its second step took 3.0 s vs 0.67 s (hf) and 0.73 s (vllm) for ours (4.4x, 4.1x).
 GKD feeds the same prompt to student and teacher (no privileged teacher context), so with a
