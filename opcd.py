@@ -32,17 +32,17 @@ Command lines (planning rows; tiny models see 128x128 images, real ones 256x256)
   python envs.py data --out data/plan-train --split train --per-level 50 --kinds planning --image-size 128
   python envs.py data --out data/plan-val --split val --per-level 2 --kinds planning --image-size 128
   # tiny model on CPU (student = the merged stage-1 model of sft.py/merge.py, or models/small itself)
-  python opcd.py --student models/small-sft --teacher models/small --train-data data/plan-train \
+  python opcd.py --model models/small-sft --teacher models/small --data data/plan-train \
       --val-data data/plan-val --out runs/opcd-small --batch-size 8 --max-new-tokens 128 --max-steps 40
-  OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 opcd.py --student models/small-sft --teacher models/small \
-      --train-data data/plan-train --val-data data/plan-val --out runs/opcd-small-ddp --batch-size 8 \
+  OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 opcd.py --model models/small-sft --teacher models/small \
+      --data data/plan-train --val-data data/plan-val --out runs/opcd-small-ddp --batch-size 8 \
       --max-new-tokens 128 --max-steps 40
   # Qwen3-VL-4B, data made as above without --image-size (256x256);
   # student = the merged stage-1 checkpoint, teacher = the base model
-  python opcd.py --student models/sft-4b --teacher Qwen/Qwen3-VL-4B-Instruct \
-      --train-data data/plan-train --val-data data/plan-val --out runs/opcd-4b
-  torchrun --nproc_per_node=8 opcd.py --student models/sft-4b --teacher Qwen/Qwen3-VL-4B-Instruct \
-      --train-data data/plan-train --val-data data/plan-val --out runs/opcd-4b    # 32 prompts = 4 per rank
+  python opcd.py --model models/sft-4b --teacher Qwen/Qwen3-VL-4B-Instruct \
+      --data data/plan-train --val-data data/plan-val --out runs/opcd-4b
+  torchrun --nproc_per_node=8 opcd.py --model models/sft-4b --teacher Qwen/Qwen3-VL-4B-Instruct \
+      --data data/plan-train --val-data data/plan-val --out runs/opcd-4b    # 32 prompts = 4 per rank
 Use --rollout hf where vLLM is not installed.
 """
 import argparse
@@ -67,9 +67,9 @@ import envs
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="MGSD stage 2: on-policy context distillation (OPCD)")
     a = p.add_argument
-    a("--student", required=True, help="student model folder (the merged stage-1 checkpoint)")
-    a("--teacher", default=None, help="frozen teacher folder; default: a frozen copy of --student; 'live': the current student")
-    a("--train-data", required=True, help="train split folder (envs.py data ... --split train)")
+    a("--model", required=True, help="the student: a model folder or hub id (the merged stage-1 checkpoint)")
+    a("--teacher", default=None, help="frozen teacher folder; default: a frozen copy of --model; 'live': the current student")
+    a("--data", required=True, help="train split folder (envs.py data ... --split train)")
     a("--val-data", default=None, help="val split folder; validation is skipped without it")
     a("--out", required=True, help="run folder: log.jsonl, best/ and last/ checkpoints")
     a("--rollout", default="vllm", choices=["vllm", "hf"], help="rollout backend: in-process vLLM or HF generate")
@@ -268,7 +268,7 @@ def rollout(backend, model, llm, processor, messages_list, max_new_tokens, tempe
             gen = m.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                              max_new_tokens=max_new_tokens, eos_token_id=sorted(eos_ids),
                              pad_token_id=processor.tokenizer.pad_token_id,
-                             suppress_tokens=common.vision_token_ids(processor))
+                             suppress_tokens=common.unsampled_token_ids(processor, m.config.get_text_config().vocab_size))
             outs = [dict(token_ids=row.tolist(), logprobs=None) for row in gen[:, batch["input_ids"].shape[1]:]]
     results = []
     for o in outs:
@@ -468,15 +468,15 @@ def main(argv=None):
     if args.batch_size % world_size:
         fail(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks")
     try:
-        train_rows = envs.load_split(args.train_data, kinds=["planning"])
+        train_rows = envs.load_split(args.data, kinds=["planning"])
         val_rows = envs.load_split(args.val_data, kinds=["planning"]) if args.val_data else []
         dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
                  "bfloat16": torch.bfloat16}[args.dtype]
-        model, processor = common.load_model(args.student, device, dtype)
+        model, processor = common.load_model(args.model, device, dtype)
         if args.teacher == "live":
             teacher = model
         else:
-            teacher, teacher_processor = common.load_model(args.teacher or args.student, device, dtype)
+            teacher, teacher_processor = common.load_model(args.teacher or args.model, device, dtype)
             if teacher_processor.tokenizer.get_vocab() != processor.tokenizer.get_vocab():
                 fail(f"teacher {args.teacher} has a different tokenizer from the student")
             teacher.requires_grad_(False).eval()
@@ -485,7 +485,7 @@ def main(argv=None):
     val_rows = val_rows[:args.val_size] if args.val_size else val_rows
     steps_per_epoch = len(train_rows) // args.batch_size
     if steps_per_epoch == 0:
-        fail(f"{args.train_data}: {len(train_rows)} planning rows, fewer than --batch-size {args.batch_size}")
+        fail(f"{args.data}: {len(train_rows)} planning rows, fewer than --batch-size {args.batch_size}")
     total_steps = args.epochs * steps_per_epoch if not args.max_steps else min(args.max_steps, args.epochs * steps_per_epoch)
     if args.lora_rank:
         common.add_lora(model, rank=args.lora_rank, alpha=2 * args.lora_rank)
@@ -503,7 +503,7 @@ def main(argv=None):
             (out / "log.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= start_step))
     llm = None
     if args.rollout == "vllm":
-        llm = common.make_llm(args.student, seed=args.seed, max_model_len=args.max_model_len,
+        llm = common.make_llm(args.model, seed=args.seed, max_model_len=args.max_model_len,
                               dtype=str(dtype).removeprefix("torch."), kv_cache_bytes=args.vllm_kv_cache_mb << 20,
                               gpu_memory_utilization=args.vllm_gpu_memory)
         common.push_weights(llm, model)

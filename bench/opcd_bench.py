@@ -67,7 +67,7 @@ def main():
           f"batch {args.batch_size}, max {args.max_new_tokens} new tokens, {args.steps} measured step(s)")
     results = {}
     for backend in args.backends.split(","):
-        o = opcd.parse_args(["--student", model_dir, "--train-data", str(data), "--out", str(tmp / "run"),
+        o = opcd.parse_args(["--model", model_dir, "--data", str(data), "--out", str(tmp / "run"),
                              "--rollout", backend, "--batch-size", str(args.batch_size), "--micro-batch-size",
                              str(args.micro_batch_size), "--max-new-tokens", str(args.max_new_tokens),
                              "--max-model-len", "4096"])

@@ -260,7 +260,7 @@ def master_weights(out):
 
 @pytest.fixture(scope="module")
 def opcd_base(tiny_model, train_dir, make_data):
-    return ["--student", tiny_model, "--train-data", train_dir, "--val-data", make_data("val", 1), "--val-size", 6,
+    return ["--model", tiny_model, "--data", train_dir, "--val-data", make_data("val", 1), "--val-size", 6,
             "--batch-size", 4, "--micro-batch-size", 2, "--max-new-tokens", 12, "--val-every", 2, "--lr", 1e-4,
             "--max-model-len", 2048, "--vllm-kv-cache-mb", 64]
 
@@ -415,7 +415,7 @@ def test_student_reverse_kl_to_an_opinionated_teacher_falls_by_half(tiny_model, 
         opt.zero_grad()
     assert loss.item() < 0.2  # the teacher now answers " R R R ..." with high probability
     common.save_model(model, processor, tmp_path / "teacher")
-    opcd.main(["--student", tiny_model, "--teacher", str(tmp_path / "teacher"), "--train-data", train_dir,
+    opcd.main(["--model", tiny_model, "--teacher", str(tmp_path / "teacher"), "--data", train_dir,
                "--out", str(tmp_path / "run"), "--rollout", "hf", "--loss", "full", "--lr", "3e-3", "--batch-size", "8",
                "--micro-batch-size", "8", "--max-new-tokens", "8", "--max-steps", "30", "--epochs", "100",
                "--val-every", "1000"])
@@ -454,7 +454,7 @@ def test_options_full_loss_ppo_reward_live_teacher_and_lora(opcd_base, tiny_mode
 
 def test_bad_input_fails_with_one_line_and_exit_code_2(tmp_path, tiny_model):
     env = dict(CLEAN_ENV, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "opcd.py"), "--student", tiny_model, "--train-data",
+    proc = subprocess.run([sys.executable, str(ROOT / "opcd.py"), "--model", tiny_model, "--data",
                            str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--rollout", "hf"],
                           capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 2 and "error:" in proc.stderr and str(tmp_path / "missing") in proc.stderr
