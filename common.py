@@ -212,6 +212,13 @@ def vision_token_ids(processor):
     return [i for i in ids if i is not None and i != tok.unk_token_id]
 
 
+def unsampled_token_ids(processor, vocab_size):
+    """Ids no decoder may produce: the vision special tokens, and the embedding rows past the
+    tokenizer (vocabulary padding: 267 rows in Qwen3-VL, up to 63 in our tiny models). Every
+    decoding path (HF generate, vLLM, rollouts and evaluation) bans this same set."""
+    return sorted(set(vision_token_ids(processor)) | set(range(len(processor.tokenizer), vocab_size)))
+
+
 def token_logprobs(logits, token_ids):
     """log softmax(logits)[token] without materialising the full log-softmax:
     gathered logit - logsumexp, in float32."""
@@ -245,7 +252,8 @@ def generate_responses(model, processor, messages_list, max_new_tokens=256, temp
     tok = processor.tokenizer
     kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-                         pad_token_id=tok.pad_token_id, bad_words_ids=[[i] for i in vision_token_ids(processor)],
+                         pad_token_id=tok.pad_token_id,
+                         suppress_tokens=unsampled_token_ids(processor, model.config.get_text_config().vocab_size),
                          **kwargs)
     return tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
@@ -630,8 +638,9 @@ def vllm_generate(llm, processor, messages_list, max_new_tokens=256, temperature
     log-prob of each sampled token, or None), text, finished."""
     from vllm import SamplingParams
 
-    banned = set(vision_token_ids(processor))
-    allowed = [i for i in range(len(processor.tokenizer)) if i not in banned]
+    vocab_size = llm.llm_engine.model_config.get_vocab_size()
+    banned = set(unsampled_token_ids(processor, vocab_size))
+    allowed = [i for i in range(vocab_size) if i not in banned]
     params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=0,
                              seed=None if seeds is None else int(seeds[i]), allowed_token_ids=allowed,
                              logprobs=0 if logprobs else None, skip_special_tokens=True)

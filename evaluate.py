@@ -195,7 +195,7 @@ def vllm_backend(args, episodes):
     import torch
     from transformers import AutoProcessor
     from vllm import SamplingParams
-    from common import make_llm, vision_token_ids, vllm_prompts
+    from common import make_llm, unsampled_token_ids, vllm_prompts
     processor = AutoProcessor.from_pretrained(args.model)
     prompts = vllm_prompts(processor, [ep["messages"] for ep in episodes])
     images = [p.get("multi_modal_data", {}).get("image", []) for p in prompts]
@@ -212,12 +212,11 @@ def vllm_backend(args, episodes):
     llm = make_llm(args.model, seed=0, max_model_len=args.max_model_len or longest + args.max_new_tokens + 16,
                    dtype="bfloat16" if gpu else "float32", gpu_memory_utilization=0.85)
 
-    # Greedy over the model's whole vocabulary minus the vision tokens: the same set as the hf
-    # backend (common.vllm_generate also bans the ids past the tokenizer, which a random tiny
-    # model does pick, so its outputs would differ from hf there).
-    forbidden = set(vision_token_ids(processor))
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens, n=1, allowed_token_ids=[
-        t for t in range(llm.llm_engine.model_config.get_vocab_size()) if t not in forbidden])
+    # Greedy, never producing common.unsampled_token_ids: the same set as the hf backend.
+    vocab_size = llm.llm_engine.model_config.get_vocab_size()
+    forbidden = set(unsampled_token_ids(processor, vocab_size))
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens, n=1,
+                            allowed_token_ids=[t for t in range(vocab_size) if t not in forbidden])
 
     def run(emit):
         chunk_size = 256  # emit (and so checkpoint to disk) every chunk

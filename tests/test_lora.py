@@ -156,3 +156,17 @@ def test_atomic_dir_leaves_nothing_on_error(tmp_path):
     with common.atomic_dir(tmp_path / "ckpt") as tmp:
         (tmp / "done.txt").write_text("ok")
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"] and (tmp_path / "ckpt" / "done.txt").read_text() == "ok"
+
+
+def test_unsampled_ids_are_the_vision_tokens_and_the_vocabulary_padding(loaded):
+    model, processor = loaded
+    vocab_size = model.config.get_text_config().vocab_size
+    banned = common.unsampled_token_ids(processor, vocab_size)
+    padding = set(range(len(processor.tokenizer), vocab_size))
+    assert padding, "the tiny model's vocabulary is padded past the tokenizer"
+    assert set(banned) == padding | set(common.vision_token_ids(processor))
+    # Greedy decoding of the random model never produces a banned id.
+    batch = common.encode_prompts(processor, [[{"role": "user", "content": [{"type": "text", "text": "Map 3x3."}]}]])
+    out = model.generate(**batch, do_sample=False, max_new_tokens=40, suppress_tokens=banned,
+                         pad_token_id=processor.tokenizer.pad_token_id)
+    assert not set(out[0, batch["input_ids"].shape[1]:].tolist()) & set(banned)
