@@ -555,7 +555,8 @@ def vllm_available():
     return True
 
 
-def make_llm(path, seed=0, max_model_len=4096, dtype="float32", kv_cache_bytes=256 << 20, gpu_memory_utilization=0.3):
+def make_llm(path, seed=0, max_model_len=4096, dtype="float32", kv_cache_bytes=256 << 20, gpu_memory_utilization=0.3,
+             max_images=1):
     """An in-process vLLM engine for the model folder `path`.
 
     Under torchrun (WORLD_SIZE > 1) every rank gets its own engine (external_launcher,
@@ -567,7 +568,7 @@ def make_llm(path, seed=0, max_model_len=4096, dtype="float32", kv_cache_bytes=2
 
     cuda = torch.cuda.is_available()
     kwargs = dict(model=str(path), dtype=dtype, enforce_eager=not cuda, max_model_len=max_model_len, seed=seed,
-                  limit_mm_per_prompt={"image": 1, "video": 0})
+                  limit_mm_per_prompt={"image": max_images, "video": 0})
     if cuda:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     else:

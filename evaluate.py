@@ -42,8 +42,7 @@ report.md (the markdown tables, also printed) and success.png (headline metric p
 level, image and text side by side with the gap).
 
 Simplifications: one sample per prompt (no pass@k); hf runs on one device (no data parallel);
-vllm takes one image per prompt (common.make_llm), so two-image inverse-dynamics rows need hf or
-openai; `--limit` takes instances round-robin over (task, level) cells, tasks interleaved.
+`--limit` takes instances round-robin over (task, level) cells, tasks interleaved.
 
 Usage
   # the tiny model (tests) on a tiny split, all four backends
@@ -200,8 +199,6 @@ def vllm_backend(args, episodes):
     prompts = vllm_prompts(processor, [ep["messages"] for ep in episodes])
     images = [p.get("multi_modal_data", {}).get("image", []) for p in prompts]
     images = [x if isinstance(x, list) else [x] for x in images]
-    if max(map(len, images)) > 1:  # make_llm allows one image per prompt; inverse-dynamics prompts have two
-        fail("--backend vllm takes one image per prompt; use --backend hf for dynamics rows with two images")
     tokens_per_image = 0  # all images of a split have one size (SPEC §1), so one image tells
     if any(images):
         grid = processor.image_processor(images=[next(x for x in images if x)[0]], return_tensors="pt")["image_grid_thw"]
@@ -210,6 +207,7 @@ def vllm_backend(args, episodes):
                   for p, x in zip(prompts, images))
     gpu = torch.cuda.is_available()
     llm = make_llm(args.model, seed=0, max_model_len=args.max_model_len or longest + args.max_new_tokens + 16,
+                   max_images=max(1, max(map(len, images))),  # inverse-dynamics prompts hold two
                    dtype="bfloat16" if gpu else "float32", gpu_memory_utilization=0.85)
 
     # Greedy, never producing common.unsampled_token_ids: the same set as the hf backend.
