@@ -18,10 +18,13 @@ Simplifications and deviations from the reference (EasyR1/verl fork, ~10k lines)
 - fp32 master weights and Adam states by default; the reference keeps them in bf16, where a
   1e-6 step rounds away for almost every weight (--bf16-master reproduces it).
 - One process per device; ranks sum gradients with one all-reduce after the backward passes
-  (no DDP wrapper, no Ray). No FSDP sharding (--fsdp was dropped): every rank holds the bf16
-  model, ~16 bytes per trainable parameter (fp32 master, Adam moments, fp32 gradient), the
-  teacher and vLLM's share: ~90 GB for a 4B model, so an H200-class GPU, or cut it with
-  --teacher live, --freeze-vision, --lora-rank or --bf16-master.
+  (no DDP wrapper, no Ray). Every rank holds the bf16 model, ~16 bytes per trainable parameter
+  (fp32 master, Adam moments, fp32 gradient), the teacher and vLLM's share: ~90 GB for a 4B
+  model, so an H200-class GPU, or cut it with --teacher live, --freeze-vision, --lora-rank or
+  --bf16-master.
+- --fsdp shards the student, its fp32 masters and Adam states over the ranks (FSDP2 fully_shard
+  per decoder layer and vision block; gradients reduce-scattered); whole tensors are gathered
+  only for the vLLM push and checkpoints. The teacher stays whole; no --loss full or --lora-rank.
 - The teacher is a Hugging Face forward pass (no_grad) inside the trainer, not a separate worker.
 - Rollout log-probs are always recomputed by the trainer (vLLM's are only logged, as a drift check).
 - Randomness is seeded from (--seed, step, rank), so --resume is exact without saving RNG states.
@@ -58,6 +61,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 import common
@@ -94,6 +99,7 @@ def parse_args(argv=None):
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="model dtype; auto: bf16 on GPU, fp32 on CPU")
     a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on the language model instead of all weights")
     a("--freeze-vision", action="store_true", help="do not train the vision tower and merger")
+    a("--fsdp", action="store_true", help="shard the student and optimiser states over the ranks (FSDP2 fully_shard)")
     a("--kl-chunk", type=int, default=256, help="--loss full: positions per chunk of the vocabulary-wide KL")
     a("--val-every", type=int, default=20, help="validate and save every N steps (and after the last step)")
     a("--val-size", type=int, default=0, help="validate on the first N val instances (0: all)")
@@ -193,7 +199,7 @@ class MasterAdamW:
         for p, m in zip(self.params, self.master):
             if m is not p:
                 m.grad = None if p.grad is None else p.grad.float()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.master, max_grad_norm)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.master, max_grad_norm))  # the norm over all shards
         self.opt.step()
         with torch.no_grad():
             for p, m in zip(self.params, self.master):
@@ -207,14 +213,47 @@ class MasterAdamW:
             t.grad = None
 
     def state_dict(self):
-        return {"opt": self.opt.state_dict(), "master": [m.detach().clone() for m in self.master]}
+        """Whole tensors, also under --fsdp (a collective then: every rank calls it)."""
+        opt = self.opt.state_dict()
+        opt["state"] = {i: {k: full_tensor(v) for k, v in s.items()} for i, s in opt["state"].items()}
+        return {"opt": opt, "master": [full_tensor(m.detach()).clone() for m in self.master]}
 
     def load_state_dict(self, state):
-        self.opt.load_state_dict(state["opt"])
+        opt = state["opt"]
+        opt["state"] = {i: {k: like(v, self.master[int(i)]) if v.dim() else v for k, v in s.items()}
+                        for i, s in opt["state"].items()}
+        self.opt.load_state_dict(opt)
         with torch.no_grad():
             for p, m, saved in zip(self.params, self.master, state["master"]):
-                m.copy_(saved)
-                p.copy_(saved)
+                m.copy_(like(saved, m))
+                p.copy_(like(saved, p))
+
+
+def full_tensor(t):
+    """The whole tensor of an FSDP shard (all-gather), or t itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(full, ref):
+    """`full` cut into the same shards as `ref` (a DTensor under --fsdp), or `full` itself."""
+    return distribute_tensor(full.to(ref.device), ref.device_mesh, ref.placements) if isinstance(ref, DTensor) else full
+
+
+def shard_model(model):
+    """FSDP2: one unit per decoder layer and per vision block, then the root (embeddings, head,
+    merger). Gradients are summed, not averaged (the losses are already divided by the global
+    token count). model.state_dict() gathers whole tensors, so hf_state_dict, the vLLM push and
+    save_pretrained see plain weights; every rank must call it."""
+    inner = common.unwrap(model).model
+    for block in [*inner.language_model.layers, *inner.visual.blocks]:
+        fully_shard(block)
+    fully_shard(model)
+    model._get_fsdp_state()._lazy_init()  # normally done by the first root forward; generate runs the vision tower first
+    for unit in [m for m in model.modules() if isinstance(m, FSDPModule)]:  # these setters do not recurse
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+    model.register_state_dict_post_hook(
+        lambda module, state, prefix, meta: state.update({k: full_tensor(v).cpu() for k, v in state.items()}))
 
 
 def all_reduce_grads(params, world_size):
@@ -265,11 +304,16 @@ def rollout(backend, model, llm, processor, messages_list, max_new_tokens, tempe
             m = common.unwrap(model)
             batch = {k: v.to(m.device) for k, v in common.encode_prompts(processor, messages_list).items()}
             torch.manual_seed(seeds[0])
+            if isinstance(m, FSDPModule):
+                m.unshard()  # generate runs the vision tower (root-owned weights) before any root forward
             gen = m.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                              max_new_tokens=max_new_tokens, eos_token_id=sorted(eos_ids),
                              pad_token_id=processor.tokenizer.pad_token_id,
-                             suppress_tokens=common.unsampled_token_ids(processor, m.config.get_text_config().vocab_size))
+                             suppress_tokens=common.unsampled_token_ids(processor, m.config.get_text_config().vocab_size),
+                             synced_gpus=isinstance(m, FSDPModule))  # sharded: ranks run the same forwards
             outs = [dict(token_ids=row.tolist(), logprobs=None) for row in gen[:, batch["input_ids"].shape[1]:]]
+            if isinstance(m, FSDPModule):
+                m.reshard()
     results = []
     for o in outs:
         ids, finished = cut_at_end_of_turn(o["token_ids"], eos_ids)
@@ -348,8 +392,8 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
             if update == 0:
                 kl_sum, loss_sum = kl_sum + ((student_lp - teacher_lp) * mask).sum().item(), loss_sum + loss.item()
                 student_lps += list(student_lp.cpu())
-        # 4. Step: sum gradients over ranks, clip, AdamW on fp32 master weights.
-        all_reduce_grads(opt.params, world_size)
+        # 4. Step: sum gradients over ranks (FSDP already did), clip, AdamW on fp32 master weights.
+        all_reduce_grads(opt.params, 1 if args.fsdp else world_size)
         grad_norms.append(opt.step(args.max_grad_norm))
     if llm is not None:
         common.push_weights(llm, model)  # the next rollout samples from the updated student
@@ -414,10 +458,14 @@ def validate(args, step, val_rows, model, llm, processor, rank, world_size):
     return envs.aggregate(episodes)
 
 
-def save_checkpoint(path, model, processor, trainer_state=None):
-    """A from_pretrained-loadable folder (LoRA merged), plus trainer_state.pt for --resume; atomic."""
+def save_checkpoint(path, model, processor, trainer_state=None, rank=0):
+    """A from_pretrained-loadable folder (LoRA merged), plus trainer_state.pt for --resume; atomic.
+    Every rank calls it (under --fsdp the weights are gathered); rank 0 writes."""
+    weights = common.hf_state_dict(model)
+    if rank != 0:
+        return
     with common.atomic_dir(path) as tmp:
-        common.unwrap(model).save_pretrained(tmp, state_dict=common.hf_state_dict(model), safe_serialization=True)
+        common.unwrap(model).save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         processor.save_pretrained(tmp)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / "trainer_state.pt")
@@ -433,17 +481,15 @@ def validate_and_save(args, step, val_rows, model, llm, processor, opt, best, lo
         log.update({f"val_{task}_success": v["success"] for task, v in agg["per_task"].items()})
         if log["val_macro_success"] > best:
             best = log["val_macro_success"]
-            if rank == 0:
-                save_checkpoint(out / "best", model, processor)
-    checksums = [sum(p.detach().double().sum().item() for p in opt.params)] * world_size
+            save_checkpoint(out / "best", model, processor, rank=rank)
+    checksums = [sum(full_tensor(p.detach()).double().sum().item() for p in opt.params)] * world_size
     if world_size > 1:
         dist.all_gather_object(checksums, checksums[0])
     if len(set(checksums)) > 1:
         raise RuntimeError(f"ranks diverged: weight checksums {checksums}")
     log["rank_weight_checksums"] = checksums
-    if rank == 0:
-        save_checkpoint(out / "last", model, processor, {"step": step + 1, "optimizer": opt.state_dict(),
-                                                         "best_macro_success": best, "args": vars(args)})
+    save_checkpoint(out / "last", model, processor, {"step": step + 1, "optimizer": opt.state_dict(),
+                                                     "best_macro_success": best, "args": vars(args)}, rank)
     if world_size > 1:
         dist.barrier()
     return best
@@ -462,6 +508,8 @@ def main(argv=None):
         fail(f"--resume: no {state_file}")
     if args.loss == "full" and (args.reward_coef or args.updates_per_batch > 1):
         fail("--reward-coef and --updates-per-batch > 1 need --loss sampled")
+    if args.fsdp and (args.loss == "full" or args.lora_rank):
+        fail("--fsdp supports neither --loss full nor --lora-rank")
     if args.rollout == "vllm" and not common.vllm_available():
         fail("--rollout vllm: vllm is not installed (use --rollout hf)")
     ddp, rank, local_rank, world_size, device = common.compute_init(args.seed)
@@ -492,6 +540,8 @@ def main(argv=None):
     elif args.freeze_vision:
         common.unwrap(model).model.visual.requires_grad_(False)
     model.train()
+    if args.fsdp and ddp:
+        shard_model(model)
     opt = MasterAdamW(model.parameters(), args.lr, tuple(args.betas), args.weight_decay, args.bf16_master)
     start_step, best = 0, -1.0
     if args.resume:  # trainable weights come back from the optimiser's master copy, bit-exact

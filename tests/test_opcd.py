@@ -459,3 +459,32 @@ def test_bad_input_fails_with_one_line_and_exit_code_2(tmp_path, tiny_model):
                           capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 2 and "error:" in proc.stderr and str(tmp_path / "missing") in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# --fsdp: the sharded run trains the same weights as the replicated one.
+
+
+def test_fsdp_run_saves_the_same_weights_as_the_replicated_run_and_resumes(opcd_base, tmp_path):
+    """torchrun, 2 ranks, the same seed and global batch: --fsdp (sharded weights, Adam states and
+    reduce-scattered gradients) ends at the weights of the replicated run, after 2 steps and after
+    --resume to 3; its checkpoint is an ordinary HF folder."""
+    from transformers import AutoModelForImageTextToText
+    from safetensors.torch import load_file
+
+    args = [*opcd_base, "--rollout", "hf", "--lr", 1e-3]
+    saved = lambda run: load_file(str(tmp_path / run / "last" / "model.safetensors"))  # noqa: E731
+    start = AutoModelForImageTextToText.from_pretrained(opcd_base[1]).state_dict()
+    for steps in (2, 3):
+        resume = ["--resume"] if steps == 3 else []
+        run_opcd(*args, "--max-steps", steps, "--out", tmp_path / "ddp", *resume)
+        run_opcd(*args, "--max-steps", steps, "--out", tmp_path / "fsdp", "--fsdp", *resume)
+        replicated, sharded = saved("ddp"), saved("fsdp")
+        assert replicated.keys() == sharded.keys()
+        assert all(torch.allclose(replicated[k], sharded[k], atol=1e-5) for k in replicated), steps
+        for full, gathered in zip(master_weights(tmp_path / "ddp"), master_weights(tmp_path / "fsdp")):
+            assert full.shape == gathered.shape and torch.allclose(full, gathered, atol=1e-5)  # the --resume state
+    assert any(not torch.equal(sharded[k], start[k]) for k in sharded)  # the weights moved
+    assert [e["step"] for e in read_log(tmp_path / "fsdp")] == [1, 2, 3]
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "fsdp" / "last").state_dict()
+    assert all(torch.equal(loaded[k], sharded[k]) for k in sharded)
