@@ -441,6 +441,8 @@ def step_log(args, step, responses, scores, student_lps, kl_sum, loss_sum, n_tok
 def validate(args, step, val_rows, model, llm, processor, rank, world_size):
     """Sampled validation (T 0.6, top-p 0.95) of the student on its share of the val split;
     returns envs.aggregate over all ranks' episodes."""
+    if args.fsdp:  # sharded forwards run in lockstep: every rank needs as many rows as the others, per call
+        val_rows = val_rows[:len(val_rows) // world_size * world_size]
     mine, chunk = val_rows[rank::world_size], max(1, args.batch_size // world_size)
     calls = math.ceil(math.ceil(len(val_rows) / world_size) / chunk)  # the same on every rank (vLLM lockstep)
     episodes = []
