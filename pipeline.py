@@ -18,7 +18,7 @@ direct visual SFT on the reference responses, and perception SFT with dynamics Q
 Every stage is skipped when its output already exists, so an interrupted run resumes where
 it stopped (delete a stage's folder to redo it).
 
-    python pipeline.py                 # the default (small model); aims at 20 minutes on a 2-core CPU
+    python pipeline.py                 # the default (small model): 32 min on a shared 2-core CPU
     python pipeline.py --quick         # a smoke run of every stage (57 s on a 2-core CPU; CI runs it)
     python pipeline.py --rows all --seed 1 --out runs/mini-s1
 """
