@@ -138,7 +138,7 @@ def main():
     # Evaluation of every row, image and text conditions, on held-out test seeds.
     results = {}
     for i, (name, model) in enumerate(rows.items()):
-        eval_dir = out / "eval" / f"{i}-{Path(model).parent.name if Path(model).name in ('model', 'best') else Path(model).name}"
+        eval_dir = out / "eval" / f"row{i}"  # the row order above is fixed, so a re-run finds its results
         run([py, "evaluate.py", "--model", model, "--data", data / "test", "--backend", "hf", "--condition", "both",
              "--max-new-tokens", args.max_new_tokens, "--batch-size", 32, "--out", eval_dir], eval_dir / "summary.json")
         results[name] = json.loads((eval_dir / "summary.json").read_text())
