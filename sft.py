@@ -6,8 +6,10 @@ its <|im_end|>; everything else -100). Minimise the token-mean negative log-like
 the global batch with AdamW, a cosine schedule with linear warm-up, and gradient accumulation
 up to the effective batch, across DDP ranks. Either a LoRA on the language model's
 q/k/v/o/gate/up/down projections (rank 8, alpha 16, dropout 0) or, with --full, every
-language-model weight. The vision tower and merger are frozen and run under no_grad; their
-image embeddings are handed to the language model as precomputed encoder outputs.
+language-model weight. The vision tower and merger are frozen and run under no_grad (their
+image embeddings are handed to the language model as precomputed encoder outputs), unless
+--train-vision trains them too: a tiny model built from scratch has a random tower that has
+never seen an image, which a real VLM's pretrained tower has.
 
 The main use is perception SFT (perception rows), but any rows with `messages` train the same
 way: `planning` rows (a direct visual SFT baseline) and `text-planning` rows (text pre-training
@@ -73,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output directory (adapter/ or model/, checkpoint/, metrics.jsonl)")
     p.add_argument("--kinds", default=None, help="comma-separated row kinds to train on (default: every row with messages)")
     p.add_argument("--full", action="store_true", help="train every language-model weight instead of a LoRA")
+    p.add_argument("--train-vision", action="store_true",
+                   help="also train the vision tower and merger in full (frozen by default, as in the reference)")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r")
     p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (scaling alpha/r)")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
@@ -168,16 +172,16 @@ def collate(examples, pad_id):
 
 class SFTLoss(nn.Module):
     """Wraps the HF model so that DDP sees the whole forward. Returns the summed NLL of the
-    labelled tokens. The frozen vision tower runs under no_grad."""
+    labelled tokens. A frozen vision tower runs under no_grad."""
 
-    def __init__(self, model):
+    def __init__(self, model, train_vision=False):
         super().__init__()
-        self.model = model
+        self.model, self.train_vision = model, train_vision
 
     def forward(self, batch):
         extra = {}
         if "pixel_values" in batch:
-            with torch.no_grad():
+            with torch.set_grad_enabled(self.train_vision and torch.is_grad_enabled()):
                 image = self.model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
             extra = {"mm_encoder_outputs": {"image": image}, "image_grid_thw": batch["image_grid_thw"]}
         hidden = self.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -294,6 +298,8 @@ def main(argv=None):
         val_rows = val_rows[::max(1, len(val_rows) // max(1, args.val_samples))][:args.val_samples]  # spread over tasks
         if not rows:
             raise ValueError(f"{args.data}: no rows with messages" + (f" of kinds {kinds}" if kinds else ""))
+        if args.train_vision and not args.full:
+            raise ValueError("--train-vision needs --full (a LoRA adapter holds no vision weights)")
         if args.batch_size % world or args.batch_size > len(rows):
             raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {world} ranks and at most "
                              f"the {len(rows)} training rows")
@@ -308,18 +314,22 @@ def main(argv=None):
         common.compute_cleanup()
         sys.exit(2)
 
-    # Trainable set: a LoRA on the language model, or (--full) the whole language model + lm_head.
+    # Trainable set: a LoRA on the language model, or (--full) the whole language model + lm_head;
+    # with --train-vision also the whole vision tower and merger.
     if args.full:
         for n, p in model.named_parameters():
             p.requires_grad_(not n.startswith("model.visual."))
     else:
         common.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
+    if args.train_vision:
+        model.model.visual.requires_grad_(True)
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    loss_model = SFTLoss(model)
-    if ddp:  # the vision tower is frozen, so every trainable weight is used on every rank
-        loss_model = nn.parallel.DistributedDataParallel(loss_model, device_ids=[local_rank] if device.type == "cuda" else None)
+    loss_model = SFTLoss(model, args.train_vision)
+    if ddp:  # a trained vision tower is unused by text-only micro-batches
+        loss_model = nn.parallel.DistributedDataParallel(loss_model, device_ids=[local_rank] if device.type == "cuda" else None,
+                                                         find_unused_parameters=args.train_vision)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

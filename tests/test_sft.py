@@ -143,6 +143,22 @@ def test_full_sft_leaves_the_vision_tower_frozen(tiny_model, train_dir, tmp_path
     assert any("language_model.layers.0.self_attn.q_proj" in n for n in changed)
 
 
+def test_train_vision_trains_the_tower_and_needs_full(tiny_model, train_dir, tmp_path):
+    out = tmp_path / "vision"
+    sft.main(["--model", tiny_model, "--data", train_dir, "--out", out, "--full", "--train-vision", "--batch-size", 4,
+              "--micro-batch-size", 4, "--max-steps", 1, "--lr", 1e-2])
+    trained, _ = common.load_model(out / "model")
+    base_sd = common.load_model(tiny_model)[0].state_dict()
+    changed = {n for n, t in trained.state_dict().items() if not torch.equal(t, base_sd[n])}
+    assert any(n.startswith("model.visual.blocks.0.") for n in changed)
+    assert any(n.startswith("model.visual.merger.") for n in changed)
+    assert any("language_model.layers.0.self_attn.q_proj" in n for n in changed)
+    lora = _run("--model", tiny_model, "--data", train_dir, "--out", tmp_path / "lora", "--train-vision",
+                "--batch-size", 4, "--max-steps", 1)
+    assert lora.returncode == 2 and "--train-vision needs --full" in lora.stderr
+    assert not (tmp_path / "lora").exists()
+
+
 def test_resume_after_interrupt_equals_uninterrupted_run(tiny_model, train_dir, tmp_path):
     common_args = ["--model", tiny_model, "--data", train_dir, "--batch-size", 4, "--micro-batch-size", 2,
                    "--epochs", 1, "--lr", 1e-2]
