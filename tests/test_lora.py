@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 import common
+import envs
 
 
 def _batch(processor):
@@ -46,6 +47,26 @@ def test_tokenizer_training_is_deterministic():
     a, b = common.train_tokenizer(corpus), common.train_tokenizer(corpus)
     assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
     assert len(a) > 300
+
+
+def test_tokenizer_round_trips_every_prompt_and_keeps_digits_and_plan_letters_apart(loaded):
+    tok = loaded[1].tokenizer
+    texts = []
+    for task, level in (("frozenlake", 4), ("maze", 3), ("minibehaviour", 5)):
+        state = next(s for s in (envs.generate(task, level, seed) for seed in range(50)) if s is not None)
+        texts += [envs.reference_response(state), envs.text_state(state), envs.perception_answer(state),
+                  envs.teacher_messages(state)[-1]["content"]]
+    for text in texts:
+        text = text if isinstance(text, str) else text[0]["text"]
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+        pieces = [tok.decode([i]) for i in ids]
+        assert all(not any(ch.isdigit() for ch in p) or len(p) == 1 for p in pieces), pieces
+    answer = tok("<answer>RRDU</answer>", add_special_tokens=False)["input_ids"]
+    assert [tok.decode([i]) for i in answer][1:5] == ["R", "R", "D", "U"]
+    # the fixed instructions merge across words (a word-level split gives at least one token per word)
+    prompt = envs.student_messages(state, "x.png")[0]["content"][0]["text"]
+    assert len(tok(prompt, add_special_tokens=False)["input_ids"]) < 0.75 * len(prompt.split())
 
 
 def test_chat_template_renders_image_as_vision_block(loaded):
