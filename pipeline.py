@@ -74,10 +74,11 @@ def parse_args(argv=None):
     p.add_argument("--levels", help=f"levels per task, as task=l1,l2 (default {DEFAULT['levels']!r})")
     explain = dict(train_per_level="train instances per (task, level)", val_per_level="val instances per (task, level)",
                    test_per_level="held-out test instances per (task, level)",
-                   text_epochs="epochs of text-planning pre-training", perception_epochs="epochs of perception SFT",
+                   text_epochs="epochs of text-planning pre-training", perception_epochs="epochs of perception SFT over perception + replayed text-planning rows "
+                                     "(the other SFT rows get the same number of steps)",
                    opcd_steps="OPCD optimiser steps", opcd_batch="OPCD prompts per step",
                    max_new_tokens="response budget in rollouts and evaluation",
-                   text_lr="lr of text-planning pre-training (full)", perception_lr="lr of perception SFT (LoRA)",
+                   text_lr="lr of text-planning pre-training (full)", perception_lr="lr of perception SFT and direct visual SFT (whole model)",
                    opcd_lr="OPCD lr (the reference's 1e-6 is for 4B models)")
     for key, text in explain.items():
         p.add_argument("--" + key.replace("_", "-"), type=float if key.endswith(("lr", "epochs")) else int,
