@@ -18,7 +18,7 @@ direct visual SFT on the reference responses, and perception SFT with dynamics Q
 Every stage is skipped when its output already exists, so an interrupted run resumes where
 it stopped (delete a stage's folder to redo it).
 
-    python pipeline.py                 # the default (small model, 3.3M parameters): about 17 min on 2 cores
+    python pipeline.py                 # the default (small model, 3.3M parameters): 11.5 min on 2 cores
     python pipeline.py --quick         # a smoke run of every stage (1.5 min on 2 cores; CI runs it)
     python pipeline.py --rows all --base runs/mini-base/model --seed 1 --out runs/mini-s1   # one seed of the report
 
