@@ -16,8 +16,9 @@ What lives here (and nowhere else):
   temporary sibling, rename;
 - a tiny-model factory (`build_tiny`): a random Qwen3VLForConditionalGeneration of
   configurable size with a byte-level BPE tokenizer trained on the project's own text
-  (prompts, reference responses, perception answers, teacher contexts from envs.py), a
-  Qwen-style chat template, and image + video processor configs — an ordinary HF folder.
+  (prompts, reference responses, perception answers, teacher contexts from envs.py; merges may
+  cross words, see TOKENIZER_SPLIT), a Qwen-style chat template, and image + video processor
+  configs — an ordinary HF folder.
 
 Choices worth knowing:
 - Tiny models see fixed-size images (128x128 by default): the image processor's min and max
