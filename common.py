@@ -631,6 +631,16 @@ def vllm_prompts(processor, messages_list):
     return prompts
 
 
+def vllm_allowed_token_ids(llm, processor):
+    """The engine's vocabulary minus unsampled_token_ids, as SamplingParams.allowed_token_ids wants
+    it; computed once per engine (a 151k-id list for Qwen3-VL)."""
+    if getattr(llm, "_mgsd_allowed", None) is None:
+        vocab_size = llm.llm_engine.model_config.get_vocab_size()
+        banned = set(unsampled_token_ids(processor, vocab_size))
+        llm._mgsd_allowed = [i for i in range(vocab_size) if i not in banned]
+    return llm._mgsd_allowed
+
+
 def vllm_generate(llm, processor, messages_list, max_new_tokens=256, temperature=0.0, top_p=1.0, seeds=None,
                   logprobs=False):
     """One response per chat (greedy when temperature is 0); vision tokens are never sampled.
@@ -639,9 +649,7 @@ def vllm_generate(llm, processor, messages_list, max_new_tokens=256, temperature
     log-prob of each sampled token, or None), text, finished."""
     from vllm import SamplingParams
 
-    vocab_size = llm.llm_engine.model_config.get_vocab_size()
-    banned = set(unsampled_token_ids(processor, vocab_size))
-    allowed = [i for i in range(vocab_size) if i not in banned]
+    allowed = vllm_allowed_token_ids(llm, processor)
     params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=0,
                              seed=None if seeds is None else int(seeds[i]), allowed_token_ids=allowed,
                              logprobs=0 if logprobs else None, skip_special_tokens=True)

@@ -194,7 +194,7 @@ def vllm_backend(args, episodes):
     import torch
     from transformers import AutoProcessor
     from vllm import SamplingParams
-    from common import make_llm, unsampled_token_ids, vllm_prompts
+    from common import make_llm, vllm_allowed_token_ids, vllm_prompts
     processor = AutoProcessor.from_pretrained(args.model)
     prompts = vllm_prompts(processor, [ep["messages"] for ep in episodes])
     images = [p.get("multi_modal_data", {}).get("image", []) for p in prompts]
@@ -211,10 +211,8 @@ def vllm_backend(args, episodes):
                    dtype="bfloat16" if gpu else "float32", gpu_memory_utilization=0.85)
 
     # Greedy, never producing common.unsampled_token_ids: the same set as the hf backend.
-    vocab_size = llm.llm_engine.model_config.get_vocab_size()
-    forbidden = set(unsampled_token_ids(processor, vocab_size))
     params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens, n=1,
-                            allowed_token_ids=[t for t in range(vocab_size) if t not in forbidden])
+                            allowed_token_ids=vllm_allowed_token_ids(llm, processor))
 
     def run(emit):
         chunk_size = 256  # emit (and so checkpoint to disk) every chunk
