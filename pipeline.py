@@ -34,6 +34,7 @@ Settings of the default, measured on the val split (results/mini/REPORT.md has t
   success fell to 0 within 40 steps on this model; with --loss full, lr 3e-4 beat 1e-4 on val.
 """
 import argparse
+import collections
 import importlib.util
 import json
 import os
@@ -143,9 +144,12 @@ def main():
     # whole language model and the vision tower (sft.py --full --train-vision): a LoRA of a 3M model
     # with a frozen random tower stayed at chance on perception questions (measured on val).
     # Every SFT row of the report gets the optimiser steps of perception SFT, whatever its data size.
+    rows_of_kind = kind_counts(data / "train")
+
     def epochs_for(kinds):
-        return round(args.perception_epochs * count_rows(data / "train", "perception,text-planning")
-                     / count_rows(data / "train", kinds), 4)
+        def n(ks):
+            return sum(rows_of_kind[k] for k in ks.split(","))
+        return round(args.perception_epochs * n("perception,text-planning") / n(kinds), 4)
 
     def perception_sft(name, kinds):
         kinds += ",text-planning"
@@ -189,11 +193,10 @@ def main():
     print(f"\nwrote {out / 'results.md'}, {out / 'results.png'}; wall time {(time.time() - start) / 60:.1f} min")
 
 
-def count_rows(split, kinds):
-    """Rows of these comma-separated kinds in split/data.jsonl."""
-    wanted = {f'"kind":"{k}"' for k in kinds.split(",")}
+def kind_counts(split):
+    """Rows per kind in split/data.jsonl."""
     with open(Path(split) / "data.jsonl") as f:
-        return sum(any(w in line for w in wanted) for line in f)
+        return collections.Counter(json.loads(line)["kind"] for line in f)
 
 
 def aggregate_table(run_dirs):
