@@ -412,8 +412,9 @@ TOKENIZER_VOCAB = 2048
 
 def tokenizer_corpus(n_per_level=4):
     """The project's own text: prompts, reference responses, perception answers, teacher
-    contexts and text states of a few instances of every task and level."""
+    contexts and text states of a few instances of every task and level, and tiny.py's grid rows."""
     import envs
+    import tiny
 
     texts = []
     for task in envs.TASKS:
@@ -432,6 +433,9 @@ def tokenizer_corpus(n_per_level=4):
                         content = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
                         texts += [c["text"] for c in content if c.get("type") == "text"]
                 texts += [envs.reference_response(state), envs.perception_answer(state), envs.text_state(state)]
+    for seed in range(8 * n_per_level):  # the generic grid-reading rows of tiny.py
+        grid = tiny.make_grid(seed)
+        texts += [tiny.grid_prompt(grid), tiny.grid_answer(grid)]
     return texts
 
 

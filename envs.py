@@ -199,6 +199,8 @@ def _maze_buckets(n):
 
 def _gen_frozenlake(n, rng, seed):
     start, goal = rng.sample(_cells(n), 2)
+    if abs(start[0] - goal[0]) + abs(start[1] - goal[1]) < 2:  # the reference's rule: a shortest path of >= 2 moves
+        return None
     holes = [list(p) for p in _cells(n) if p not in (start, goal) and rng.random() < HOLE_PROB]
     return {"start": list(start), "goal": list(goal), "holes": holes}
 
@@ -275,8 +277,12 @@ assert len(PALETTE) <= 16, "PNGs store 4-bit palette indices"
 BORDER = {"frozenlake": INK["ice_line"], "maze": INK["wall"], "minibehaviour": INK["floor_line"]}
 
 
-def geometry(n, size):
-    """Cell side in pixels and the margin: cell (r, c) spans x in [margin + c*cell, margin + (c+1)*cell)."""
+def geometry(n, size, cell=None):
+    """Cell side in pixels and the margin: cell (r, c) spans x in [margin + c*cell, margin + (c+1)*cell).
+    With `cell` given (tiny models: 32, one merged vision token) the grid sits at the top-left corner,
+    so cell (r, c) is the same vision token at every level."""
+    if cell:
+        return cell, 0
     cell = size // n
     return cell, (size - n * cell) // 2
 
@@ -356,10 +362,10 @@ def _atlas(task, s):
     return {key: i for i, key in enumerate(keys)}, np.stack([_tile(task, key, s) for key in keys])
 
 
-def render_indexed(state, size=256):
+def render_indexed(state, size=256, cell=None):
     """The picture as a palette ("P") image: cached tiles gathered with numpy."""
     task, n = state["task"], state["level"]
-    cell, margin = geometry(n, size)
+    cell, margin = geometry(n, size, cell)
     index, atlas = _atlas(task, cell)
     if task == "maze":
         keys = [(state["open"][r][c], "" if role == "corridor" else role) for (r, c), role in cell_roles(state).items()]
@@ -373,9 +379,9 @@ def render_indexed(state, size=256):
     return img
 
 
-def render(state, size=256):
+def render(state, size=256, cell=None):
     """RGB picture of the initial state, size x size pixels (PIL primitives only, no assets)."""
-    return render_indexed(state, size).convert("RGB")
+    return render_indexed(state, size, cell).convert("RGB")
 
 
 def png_bytes(img):
@@ -816,13 +822,17 @@ def score_dynamics(row, response):
 
 
 def score_row(row, response):
-    """Score a response to any data row: planning / text-planning / perception / dynamics."""
+    """Score a response to any data row: planning / text-planning / perception / dynamics / vision (tiny.py)."""
     if row["kind"] in ("planning", "text-planning"):
         return score_planning(row["state"], response)
     if row["kind"] == "perception":
         return score_perception(row["state"], response)
     if row["kind"] == "dynamics":
         return score_dynamics(row, response)
+    if row["kind"] == "vision":
+        import tiny
+
+        return tiny.score_grid(tiny.state_to_grid(row["state"]), response)
     raise ValueError(f"unknown row kind {row['kind']!r}")
 
 
@@ -889,12 +899,12 @@ def _disk_row(row):
     return json.dumps({k: encoded.get(k) for k in ROW_KEYS}, separators=(",", ":"))
 
 
-def instance_rows(seed, state, split, kinds, image_size):
+def instance_rows(seed, state, split, kinds, image_size, cell_size=None):
     """(rows of one instance in kind order, [(relative path, picture)] they reference)."""
     task, level = state["task"], state["level"]
     name = f"{task}-{level}-{seed:06d}"
     image = f"images/{name}.png"
-    pictures = [(image, render_indexed(state, image_size))] if {"planning", "perception", "dynamics"} & set(kinds) else []
+    pictures = [(image, render_indexed(state, image_size, cell_size))] if {"planning", "perception", "dynamics"} & set(kinds) else []
     base = {"id": name, "task": task, "level": level, "seed": seed, "split": split, "state": state, "plan": state["plan"]}
     rows = []
     for kind in kinds:
@@ -910,7 +920,7 @@ def instance_rows(seed, state, split, kinds, image_size):
                 content = [_text(question), {"type": "image", "image": image}]
                 if sub == "inverse":
                     after = f"images/{name}-after.png"
-                    pictures.append((after, render_indexed(_moved(state, query["after"]), image_size)))
+                    pictures.append((after, render_indexed(_moved(state, query["after"]), image_size, cell_size)))
                     content.append({"type": "image", "image": after})
                 rows.append(_message_row({**base, "id": f"{name}-dynamics-{sub}"}, kind, _user(*content), answer,
                                          image=image, subkind=sub, query=query))
@@ -925,11 +935,11 @@ def _write_file(path, data):
 def _rows_chunk(job):
     """JSON lines of a chunk of instances; PNGs are encoded here and written by two threads, because
     creating a file mostly waits on the disk and would otherwise stall the rendering."""
-    items, split, kinds, image_size, out_dir = job
+    items, split, kinds, image_size, cell_size, out_dir = job
     lines, writes = [], []
     with ThreadPoolExecutor(2) as writer:
         for seed, state in items:
-            rows, pictures = instance_rows(seed, state, split, kinds, image_size)
+            rows, pictures = instance_rows(seed, state, split, kinds, image_size, cell_size)
             for path, picture in pictures:
                 writes.append(writer.submit(_write_file, Path(out_dir) / path, png_bytes(picture)))
             lines += [_disk_row(row) for row in rows]
@@ -938,7 +948,7 @@ def _rows_chunk(job):
     return lines
 
 
-def check_request(tasks, levels, kinds, image_size):
+def check_request(tasks, levels, kinds, image_size, cell_size=None):
     """One-line ValueError on an unknown task / kind or a level / image size out of range."""
     for task in tasks:
         if task not in TASKS:
@@ -952,16 +962,20 @@ def check_request(tasks, levels, kinds, image_size):
             raise ValueError(f"unknown kind {kind!r} (choose from {', '.join(KINDS)})")
     if not 64 <= image_size <= 2048:
         raise ValueError(f"image size {image_size} is out of range 64..2048")
+    if cell_size is not None:
+        largest = max((level for task in tasks for level in levels.get(task, ())), default=0)
+        if not 8 <= cell_size or largest * cell_size > image_size:
+            raise ValueError(f"cell size {cell_size} does not fit level {largest} into {image_size} px (or is below 8)")
 
 
 def make_split(out_dir, split, per_level, tasks=None, levels=None, kinds=("planning", "perception"), workers=1,
-               image_size=256):
+               image_size=256, cell_size=None):
     """Write out_dir/data.jsonl and out_dir/images/ for one split, atomically (tmp dir, then rename).
     levels: a list applied to every task, or {task: levels}; default DEFAULT_LEVELS."""
     tasks = list(tasks or TASKS)
     levels = {t: tuple(levels.get(t, DEFAULT_LEVELS[t])) if isinstance(levels, dict) else tuple(levels or DEFAULT_LEVELS[t])
               for t in tasks if t in TASKS} if tasks else {}
-    check_request(tasks, levels, kinds, image_size)
+    check_request(tasks, levels, kinds, image_size, cell_size)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
     if per_level < 1:
@@ -979,7 +993,7 @@ def make_split(out_dir, split, per_level, tasks=None, levels=None, kinds=("plann
     try:
         (tmp / "images").mkdir(parents=True)
         chunk = 50
-        jobs = [(items[i:i + chunk], split, tuple(kinds), image_size, str(tmp))
+        jobs = [(items[i:i + chunk], split, tuple(kinds), image_size, cell_size, str(tmp))
                 for items in instances for i in range(0, len(items), chunk)]
         with open(tmp / "data.jsonl", "w") as f:
             if workers > 1:
@@ -1035,7 +1049,8 @@ def load_split(data_dir, kinds=None):
                 raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
             missing = {"id", "task", "level", "kind", "state", "plan", "messages", "answer"} - set(row) \
                 if isinstance(row, dict) else {"a JSON object"}
-            if missing or row["task"] not in TASKS or row["kind"] not in KINDS:
+            generic = not missing and (row["task"], row["kind"]) == ("grid", "vision")  # tiny.py's grid rows
+            if missing or not generic and (row["task"] not in TASKS or row["kind"] not in KINDS):
                 raise ValueError(f"{where}: malformed row (missing {sorted(missing)} or unknown task/kind)")
             if kinds and row["kind"] not in kinds:
                 continue
@@ -1093,7 +1108,7 @@ def _show(args):
     section("perception answer", perception_answer(state))
     for sub, question, answer, _ in dynamics_questions(state, args.seed):
         section(f"dynamics {sub}", f"{question}\n-> {answer}")
-    render(state, args.image_size).save(out)
+    render(state, args.image_size, args.cell_size).save(out)
     print(f"picture written to {out}")
 
 
@@ -1109,13 +1124,17 @@ def main(argv=None):
                       help="levels for every task (3 4), or per task (frozenlake=3,4 maze=3); default DEFAULT_LEVELS")
     data.add_argument("--kinds", default="planning,perception", help=f"comma-separated row kinds from {','.join(KINDS)}")
     data.add_argument("--workers", type=int, default=1, help="processes rendering and writing rows")
-    data.add_argument("--image-size", type=int, default=256, help="picture side in pixels (tiny models use 128)")
+    data.add_argument("--image-size", type=int, default=256, help="picture side in pixels (tiny models: 160)")
+    data.add_argument("--cell-size", type=int, default=None,
+                      help="draw each grid cell this many pixels wide at the top-left (tiny models: 32, one merged "
+                           "vision token per cell); default: the grid fills the picture")
     show = sub.add_parser("show", help="print every view, prompt and QA pair of one instance and write its picture")
     show.add_argument("task", choices=TASKS, help="the task")
     show.add_argument("--level", type=int, required=True, help="grid side")
     show.add_argument("--seed", type=int, required=True, help="instance seed")
     show.add_argument("--out", help="picture path (default TASK-LEVEL-SEED.png)")
     show.add_argument("--image-size", type=int, default=256, help="picture side in pixels")
+    show.add_argument("--cell-size", type=int, default=None, help="cell side in pixels (see data --cell-size)")
     args = parser.parse_args(argv)
     try:
         if args.command == "data":
@@ -1123,10 +1142,10 @@ def main(argv=None):
                 raise ValueError("--workers must be at least 1")
             kinds = [k for k in args.kinds.split(",") if k]
             out = make_split(args.out, args.split, args.per_level, args.tasks, _levels_arg(args.levels), kinds,
-                             args.workers, args.image_size)
+                             args.workers, args.image_size, args.cell_size)
             print(f"wrote {out / 'data.jsonl'}")
         else:
-            check_request([args.task], {args.task: [args.level]}, [], args.image_size)
+            check_request([args.task], {args.task: [args.level]}, [], args.image_size, args.cell_size)
             _show(args)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -70,8 +70,8 @@ from common import print0
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="MGSD stage 1: SFT (LoRA or full) of a Qwen-VL model on chat rows")
     p.add_argument("--model", required=True, help="base model: local folder or hub id")
-    p.add_argument("--data", required=True, help="training split directory (data.jsonl + images)")
-    p.add_argument("--val-data", default=None, help="validation split directory (optional)")
+    p.add_argument("--data", required=True, nargs="+", help="training split directories (data.jsonl + images), concatenated")
+    p.add_argument("--val-data", default=None, nargs="+", help="validation split directories (optional)")
     p.add_argument("--out", required=True, help="output directory (adapter/ or model/, checkpoint/, metrics.jsonl)")
     p.add_argument("--kinds", default=None, help="comma-separated row kinds to train on (default: every row with messages)")
     p.add_argument("--full", action="store_true", help="train every language-model weight instead of a LoRA")
@@ -234,7 +234,7 @@ def validate(model, processor, rows, args, rank, world, device, autocast):
             responses = common.generate_responses(raw, processor, prompts, max_new_tokens=args.max_new_tokens)
         for row, response in zip(chunk, responses):
             for key, value in envs.score_row(row, response).items():
-                if isinstance(value, bool):
+                if isinstance(value, (bool, float)):
                     name = f"val/{row['kind']}/{key}"
                     s = sums.setdefault(name, [0, 0])
                     s[0], s[1] = s[0] + value, s[1] + 1
@@ -293,11 +293,11 @@ def main(argv=None):
         import envs
 
         kinds = args.kinds.split(",") if args.kinds else None
-        rows = [r for r in envs.load_split(args.data, kinds=kinds) if r.get("messages")]
-        val_rows = envs.load_split(args.val_data, kinds=kinds) if args.val_data else []
+        rows = [r for d in args.data for r in envs.load_split(d, kinds=kinds) if r.get("messages")]
+        val_rows = [r for d in args.val_data or () for r in envs.load_split(d, kinds=kinds)]
         val_rows = val_rows[::max(1, len(val_rows) // max(1, args.val_samples))][:args.val_samples]  # spread over tasks
         if not rows:
-            raise ValueError(f"{args.data}: no rows with messages" + (f" of kinds {kinds}" if kinds else ""))
+            raise ValueError(f"{' '.join(args.data)}: no rows with messages" + (f" of kinds {kinds}" if kinds else ""))
         if args.train_vision and not args.full:
             raise ValueError("--train-vision needs --full (a LoRA adapter holds no vision weights)")
         if args.batch_size % world or args.batch_size > len(rows):
