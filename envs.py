@@ -68,7 +68,7 @@ TASKS = ("frozenlake", "maze", "minibehaviour")
 DEFAULT_LEVELS = {"frozenlake": (3, 4, 5, 6, 7, 8), "maze": (3, 4, 5, 6), "minibehaviour": (5, 6)}
 LEVEL_RANGE = {"frozenlake": (2, 10), "maze": (2, 10), "minibehaviour": (4, 10)}
 NAMES = {"frozenlake": "FrozenLake", "maze": "Maze", "minibehaviour": "MiniBehaviour"}
-KINDS = ("planning", "text-planning", "perception", "dynamics")
+KINDS = ("planning", "text-planning", "teacher", "perception", "dynamics")
 MOVES = {"U": (-1, 0), "R": (0, 1), "D": (1, 0), "L": (0, -1)}  # BFS tries actions in this order
 WORDS = {"U": "up", "R": "right", "D": "down", "L": "left"}
 ACTIONS = {"frozenlake": ("U", "R", "D", "L"), "maze": ("U", "R", "D", "L"), "minibehaviour": ("U", "R", "D", "L", "PICK", "DROP")}
@@ -458,10 +458,34 @@ def text_state(state):
     return "\n".join(lines)
 
 
+FOCUS = {  # the rules restated in the symbols of the text state, for the teacher
+    "frozenlake": ("S is where the player starts, G is the goal, H is a hole (never step on it), F is safe ice.",
+                   "Find a route from S to G that touches no H."),
+    "maze": ("A direction listed for a cell is a legal move to the neighbouring cell.",
+             "A direction not listed is a wall: that move fails.", "Find a route from Start to Target through open sides only."),
+    "minibehaviour": ("Table cells are blocked at all times.",
+                      "The printer's cell is blocked until PICK; after PICK the printer is carried and its cell is free.",
+                      "Walk to a printer-adjacent cell and PICK, then walk to a table-adjacent cell and DROP."),
+}
+
+
 def teacher_context(state, with_plan=True):
-    """The teacher's privileged context (SPEC §2.1): the text state plus, by default, the plan."""
-    plan_line = f"\nReference action plan: {plan_text(state['plan'], state['task'])}" if with_plan else ""
-    return text_state(state) + plan_line
+    """The teacher's privileged context (SPEC §2.1): what it is, the text state (for Maze also a wall
+    table), the rules restated in its symbols, by default the reference plan, and the answer request.
+    with_plan=False drops the plan line and the clause about not mentioning it, together."""
+    task, n = state["task"], state["level"]
+    lines = [f"Privileged text context of a {NAMES[task]} map, for the teacher.",
+             "The description below is complete: solve the task from it"
+             + ("; do not say that a reference plan was given." if with_plan else "."), "", text_state(state)]
+    if task == "maze":
+        lines += ["Walls by cell (sides U R D L, 1 = wall, 0 = open):"]
+        lines += [" ".join("".join("0" if a in state["open"][r][c] else "1" for a in "URDL") for c in range(n))
+                  for r in range(n)]
+    lines += ["", "Reasoning focus:"] + [f"- {rule}" for rule in FOCUS[task]]
+    if with_plan:
+        lines.append(f"Reference action plan: {plan_text(state['plan'], task)}")
+    lines.append("Solve the task and end with exactly one <answer>...</answer> block.")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- prompts and the output contract (SPEC §3)
@@ -570,25 +594,39 @@ def text_student_messages(state):
                        f"{_instructions(task)}\nNow plan for this map:\n{text_state(state)}"))
 
 
+TEXT_LEGEND = {"frozenlake": "Text map legend: S start (the player), F frozen (safe), H hole, G goal.",
+               "maze": "The state lists the open directions of every cell and a wall table; a missing side is a wall.",
+               "minibehaviour": "Text grid legend: A agent, P printer, T table, . free floor."}
+
+
 def teacher_messages(state, with_plan=True):
     task = state["task"]
     system = (f"You are a text-only planning teacher for {NAMES[task]}: you receive the exact state of a map as "
-              f"text.\n{_instructions(task)}\nDo not mention that a reference plan is given.")
+              f"text, not an image.\n{TEXT_LEGEND[task]}\n{_instructions(task)}")
     return [{"role": "system", "content": [_text(system)]}] + _user(_text(teacher_context(state, with_plan)))
 
 
 # ---------------------------------------------------------------- the one parser and scorer (SPEC §4)
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+OPEN_TAG, CLOSE_TAG = re.compile("<answer>", re.IGNORECASE), re.compile("</answer>", re.IGNORECASE)
 TOKENS = {"left": "L", "right": "R", "up": "U", "down": "D", "←": "L", "→": "R", "↑": "U", "↓": "D",
           "pick": "PICK", "pickup": "PICK", "pick_up": "PICK", "drop": "DROP", "putdown": "DROP"}
 
 
+def last_answer_block(text):
+    """The inside of the last <answer>...</answer> block (case-insensitive), or None. One pass, linear
+    (a lazy regex is quadratic on many unclosed tags)."""
+    body, pos, text = None, 0, text or ""
+    while (opened := OPEN_TAG.search(text, pos)) and (closed := CLOSE_TAG.search(text, opened.end())):
+        body, pos = text[opened.end():closed.start()], closed.end()
+    return body
+
+
 def parse_plan(text, task):
     """Actions in the last <answer>...</answer> block of `text`, or None (no block, invalid token, empty)."""
-    blocks = ANSWER_RE.findall(text or "")
-    if not blocks:
+    body = last_answer_block(text)
+    if body is None:
         return None
-    body = blocks[-1].replace("*", "").replace("`", "").strip().rstrip(".").lower()
+    body = body.replace("*", "").replace("`", "").strip().rstrip(".").lower()
     body = re.sub(r"\bpick\s+up\b", "pickup", body)
     body = re.sub(r"\bput\s+down\b", "putdown", body).replace("->", " ")
     plan = []
@@ -823,7 +861,7 @@ def score_dynamics(row, response):
 
 def score_row(row, response):
     """Score a response to any data row: planning / text-planning / perception / dynamics / vision (tiny.py)."""
-    if row["kind"] in ("planning", "text-planning"):
+    if row["kind"] in ("planning", "text-planning", "teacher"):
         return score_planning(row["state"], response)
     if row["kind"] == "perception":
         return score_perception(row["state"], response)
@@ -913,6 +951,8 @@ def instance_rows(seed, state, split, kinds, image_size, cell_size=None):
             rows.append(_message_row(row_base, kind, student_messages(state, image), reference_response(state), image=image))
         elif kind == "text-planning":
             rows.append(_message_row(row_base, kind, text_student_messages(state), reference_response(state), image=None))
+        elif kind == "teacher":  # the teacher's prompt (privileged context): for a tiny base that must read it
+            rows.append(_message_row(row_base, kind, teacher_messages(state), reference_response(state), image=None))
         elif kind == "perception":
             rows.append(_message_row(row_base, kind, perception_messages(state, image), perception_answer(state), image=image))
         elif kind == "dynamics":

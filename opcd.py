@@ -53,7 +53,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -73,7 +72,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="MGSD stage 2: on-policy context distillation (OPCD)")
     a = p.add_argument
     a("--model", required=True, help="the student: a model folder or hub id (the merged stage-1 checkpoint)")
-    a("--teacher", default=None, help="frozen teacher folder; default: a frozen copy of --model; 'live': the current student")
+    a("--teacher", required=True, help="the frozen teacher: the base model the student started from (the reference's "
+      "teacher is always the base); 'live': the current student, true self-distillation")
     a("--data", required=True, help="train split folder (envs.py data ... --split train)")
     a("--val-data", default=None, help="val split folder; validation is skipped without it")
     a("--out", required=True, help="run folder: log.jsonl, best/ and last/ checkpoints")
@@ -84,6 +84,9 @@ def parse_args(argv=None):
     a("--clip-low", type=float, default=0.2, help="PPO ratio clip below 1")
     a("--clip-high", type=float, default=0.3, help="PPO ratio clip above 1")
     a("--no-teacher-plan", action="store_true", help="drop the reference-plan line from the teacher context")
+    a("--teacher-context", default="privileged", choices=["privileged", "image"],
+      help="privileged: the teacher reads the symbolic state as text (MGSD); image: it gets the student's own image "
+           "prompt, an ablation that removes the privileged information (default: %(default)s)")
     a("--batch-size", type=int, default=32, help="prompts per step, global (divisible by the number of ranks)")
     a("--micro-batch-size", type=int, default=4, help="sequences per forward/backward pass")
     a("--max-new-tokens", type=int, default=2048, help="rollout response length cap")
@@ -139,27 +142,29 @@ def sampled_loss(logprobs, advantages, mask, n_tokens, old_logprobs=None, clip_l
     return (per_token * mask).sum() / n_tokens
 
 
-def _kl_chunk(student_hidden, teacher_hidden, student_head, teacher_head, tokens):
-    log_p = F.log_softmax(student_head(student_hidden).float(), -1)
+def _kl_chunk(student_hidden, teacher_hidden, student_head, teacher_head, tokens, temperature):
+    log_p = F.log_softmax(student_head(student_hidden).float() / temperature, -1)
     with torch.no_grad():
-        log_q = F.log_softmax(teacher_head(teacher_hidden).float(), -1)
+        log_q = F.log_softmax(teacher_head(teacher_hidden).float() / temperature, -1)
     kl = (log_p.exp() * (log_p - log_q)).sum()
     picked = tokens.unsqueeze(-1)
     return kl, log_p.detach().gather(-1, picked).squeeze(-1), log_q.gather(-1, picked).squeeze(-1)
 
 
-def full_reverse_kl(student_hidden, student_head, teacher_hidden, teacher_head, tokens, mask, n_tokens, chunk=256):
+def full_reverse_kl(student_hidden, student_head, teacher_hidden, teacher_head, tokens, mask, n_tokens, chunk=256,
+                    temperature=1.0):
     """Exact Σ_t m_t Σ_v p_S(v)(log p_S(v) − log p_T(v)) / N from last hidden states [B, R, H]
     and the two output heads. Logits exist for `chunk` positions at a time and are recomputed
     in the backward pass (checkpoint), so memory is O(chunk × vocab), not O(R × vocab).
-    Returns (loss, ℓ_S, ℓ_T of the sampled tokens, detached, [B, R])."""
+    Both distributions are those of logits / temperature (the rollout's). Returns (loss, ℓ_S, ℓ_T of
+    the sampled tokens, detached, [B, R])."""
     keep = mask.reshape(-1).bool()
     hs, ht = student_hidden.reshape(-1, student_hidden.shape[-1])[keep], teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[keep]
     ids = tokens.reshape(-1)[keep]
     total, lp_s, lp_t = 0.0, [], []
     for i in range(0, len(ids), chunk):
         kl, s, t = checkpoint(_kl_chunk, hs[i:i + chunk], ht[i:i + chunk], student_head, teacher_head, ids[i:i + chunk],
-                              use_reentrant=False)
+                              temperature, use_reentrant=False)
         total, lp_s, lp_t = total + kl, lp_s + [s], lp_t + [t]
     student_lp, teacher_lp = (torch.zeros(mask.shape, device=mask.device).masked_scatter(mask.bool(), torch.cat(x))
                               for x in (lp_s or [torch.zeros(0)], lp_t or [torch.zeros(0)]))
@@ -360,10 +365,13 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
     times.append(time.time())
     # 2. Teacher: text prompt (privileged state) + the student's exact response ids; frozen.
     teacher_msgs = [envs.teacher_messages(r["state"], with_plan=not args.no_teacher_plan) for r in rows]
+    if args.teacher_context == "image":  # ablation: the teacher knows no more than the student
+        teacher_msgs = student_msgs
     teacher_in = [encode(processor, [teacher_msgs[i] for i in ix], device) for ix in micro]
+    T = args.temperature  # log-probs are those of logits / T, the distribution that was sampled
     with torch.no_grad():
-        score = response_hidden if args.loss == "full" else common.response_logprobs
-        teacher_out = [score(teacher, t, ids, mask) for t, (ids, mask) in zip(teacher_in, resp)]
+        teacher_out = [response_hidden(teacher, t, ids, mask) if args.loss == "full"
+                       else common.response_logprobs(teacher, t, ids, mask, T) for t, (ids, mask) in zip(teacher_in, resp)]
     times.append(time.time())
     # 3. Loss: per-token reverse KL on the student's own tokens, token mean over the global batch.
     n_tokens, mean_success = global_sums([sum(m.sum().item() for _, m in resp), sum(s["success"] for s in scores)],
@@ -373,13 +381,13 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
     old = [None] * len(micro)
     if args.updates_per_batch > 1:  # the PPO form needs ℓ_old of the sampling policy
         with torch.no_grad():
-            old = [common.response_logprobs(model, s, ids, mask) for s, (ids, mask) in zip(student_in, resp)]
+            old = [common.response_logprobs(model, s, ids, mask, T) for s, (ids, mask) in zip(student_in, resp)]
     kl_sum, loss_sum, student_lps, grad_norms = 0.0, 0.0, [], []
     for update in range(args.updates_per_batch):
         for j, ix in enumerate(micro):
             ids, mask = resp[j]
             if args.loss == "sampled":
-                logprobs = common.response_logprobs(model, student_in[j], ids, mask)
+                logprobs = common.response_logprobs(model, student_in[j], ids, mask, T)
                 student_lp, teacher_lp = (logprobs.detach() if old[j] is None else old[j]), teacher_out[j]
                 advantages = teacher_lp - student_lp + reward_adv[ix].unsqueeze(1)  # A_t = ℓ_T − ℓ_S (+ reward)
                 loss = sampled_loss(logprobs, advantages, mask, n_tokens, old[j], args.clip_low, args.clip_high)
@@ -387,7 +395,7 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
                 hidden = response_hidden(model, student_in[j], ids, mask)
                 loss, student_lp, teacher_lp = full_reverse_kl(hidden, common.unwrap(model).lm_head, teacher_out[j],
                                                                common.unwrap(teacher).lm_head, ids, mask, n_tokens,
-                                                               args.kl_chunk)
+                                                               args.kl_chunk, T)
             loss.backward()
             if update == 0:
                 kl_sum, loss_sum = kl_sum + ((student_lp - teacher_lp) * mask).sum().item(), loss_sum + loss.item()
@@ -400,9 +408,6 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
     times.append(time.time())
     return step_log(args, step, responses, scores, student_lps, kl_sum, loss_sum, n_tokens, mean_success, grad_norms,
                     times, world_size)
-
-
-ANSWER = re.compile(r"<answer>.*?</answer>", re.IGNORECASE | re.DOTALL)  # format: an answer block is present
 
 
 def global_sums(values, world_size):
@@ -422,7 +427,7 @@ def step_log(args, step, responses, scores, student_lps, kl_sum, loss_sum, n_tok
             k = len(o["token_ids"])
             drift, drift_tokens = drift + (torch.tensor(o["rollout_logprobs"]) - lp[:k]).abs().sum().item(), drift_tokens + k
     sums = global_sums([kl_sum, loss_sum, drift, drift_tokens, sum(s["parse_ok"] for s in scores),
-                        sum(bool(ANSWER.search(o["text"])) for o in responses),
+                        sum(envs.last_answer_block(o["text"]) is not None for o in responses),
                         sum(len(o["token_ids"]) for o in responses), sum(not o["finished"] for o in responses)],
                        world_size)
     seconds, B = [b - a for a, b in zip(times, times[1:])], args.batch_size
@@ -526,7 +531,7 @@ def main(argv=None):
         if args.teacher == "live":
             teacher = model
         else:
-            teacher, teacher_processor = common.load_model(args.teacher or args.model, device, dtype)
+            teacher, teacher_processor = common.load_model(args.teacher, device, dtype)
             if teacher_processor.tokenizer.get_vocab() != processor.tokenizer.get_vocab():
                 fail(f"teacher {args.teacher} has a different tokenizer from the student")
             teacher.requires_grad_(False).eval()
@@ -569,7 +574,14 @@ def main(argv=None):
         except ImportError:
             pass
     common.print0(f"OPCD: {len(train_rows)} train rows, {steps_per_epoch} steps/epoch, steps {start_step}->{total_steps}, "
-                  f"{world_size} rank(s), rollout {args.rollout}, loss {args.loss}, teacher {args.teacher or 'frozen copy'}")
+                  f"{world_size} rank(s), rollout {args.rollout}, loss {args.loss}, teacher {args.teacher}")
+    if start_step == 0 and val_rows:  # as the reference: validate the starting model, which may stay the best
+        agg = validate(args, -1, val_rows, model, llm, processor, rank, world_size)
+        best = agg["macro"]["success"]
+        save_checkpoint(out / "best", model, processor, rank=rank)
+        if rank == 0:
+            line = {"step": 0, "val_macro_success": best, **{f"val_{t}_success": v["success"] for t, v in agg["per_task"].items()}}
+            (out / "log.jsonl").write_text(json.dumps(line) + "\n")
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc="opcd")
     for step in range(start_step, total_steps):

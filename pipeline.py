@@ -1,108 +1,128 @@
-"""The main job: the whole MGSD pipeline, end to end, on a small VLM built offline.
+"""The main job: MGSD end to end, in miniature, from the base model shipped in models/mini-base.
 
-It chains the project's own command lines — exactly what a user would type — and prints each
-one before running it:
+It chains the project's own command lines, exactly what a user would type, and prints each one
+before it runs:
 
-    data        python envs.py data ...            train / val / test splits (images 128 px)
-    model       python common.py tiny ...          a random Qwen3-VL of --size, tokenizer trained offline
-    base        python sft.py --full ...           text-planning pre-training: the base model learns to plan
-                                                   from the symbolic text state (the "instruct model")
-    psft        python sft.py --full --train-vision stage 1: perception SFT (full, so nothing to merge.py)
-    mgsd        python opcd.py --loss full ...     stage 2: OPCD, teacher = the base model, text only
-    eval        python evaluate.py ...             after every stage, image and text conditions
+    data   python envs.py data ...                    train / val / test, 32-px cells on 160-px pictures
+    psft   python sft.py --full --train-vision ...     stage 1: perception SFT (+ replay of text planning)
+    mgsd   python opcd.py --loss full ...              stage 2: OPCD; teacher = the base, reading the state as text
+    eval   python evaluate.py ...                      after every stage: image and text conditions
 
-and writes OUT/results.md (a table), OUT/results.json and OUT/results.png (a plot). With
---rows all it also runs the ablations of results/mini/REPORT.md: OPCD without perception SFT,
-direct visual SFT on the reference responses, and perception SFT with dynamics QA then OPCD.
+and writes OUT/results.md (a table), OUT/results.json and OUT/results.png (a plot).
 
-Every stage is skipped when its output already exists, so an interrupted run resumes where
-it stopped (delete a stage's folder to redo it).
+The base (models/mini-base, 3.4M parameters) stands in for an instruct VLM: it plans from the
+symbolic text state and it reads pictures (generic grids of coloured shapes, tiny.py), but has
+never planned from a picture nor seen a task's picture. `--pretrain` rebuilds it with the
+commands of pretrain_commands() (about an hour on 2 cores); the shipped one was built that way.
 
-    python pipeline.py                 # the default (small model, 3.3M parameters): 11.5 min on 2 cores
-    python pipeline.py --quick         # a smoke run of every stage (1.5 min on 2 cores; CI runs it)
-    python pipeline.py --rows all --base runs/mini-base/model --seed 1 --out runs/mini-s1   # one seed of the report
+--rows all adds the ablations of results/mini/REPORT.md: the reference's sampled estimator,
+OPCD without perception SFT, OPCD whose teacher sees the image prompt instead of the state,
+direct visual SFT on the reference responses, and perception + dynamics SFT then OPCD.
 
-Settings of the default, measured on the val split (results/mini/REPORT.md has the numbers):
-- The tiny tokenizer merges the fixed instructions across words (common.TOKENIZER_SPLIT), so
-  prompts are ~3x shorter than with a word-level split; tiny models train without gradient
-  checkpointing. Together: 1.4 SFT steps of 16 rows per second on 2 cores.
-- Text-planning pre-training needs many steps: val text-condition success 14 % after 600 steps,
-  41 % after 1200 and 83 % (64 val rows) after 1800 (three legs at lr 2e-3). The default does one
-  leg (the 20-minute budget); the report's base does three and is shared by its seeds (--base).
-- OPCD uses the exact reverse KL over the vocabulary (--loss full) at lr 3e-4: with the
-  reference's sampled estimator (one sample per prompt, lr 1e-4, student = the base) val
-  success fell to 0 within 40 steps on this model; with --loss full, lr 3e-4 beat 1e-4 on val.
+Every stage is skipped when its output exists, so an interrupted run resumes where it stopped.
+
+    python pipeline.py                          # the main job
+    python pipeline.py --quick                  # every stage, tiny sizes (CI runs it)
+    python pipeline.py --rows all --seed 1 --out runs/mini-s1      # one seed of the report
+    python pipeline.py --aggregate runs/mini-s0 runs/mini-s1 runs/mini-s2
 """
 import argparse
-import collections
 import importlib.util
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+SHIPPED_BASE = ROOT / "models" / "mini-base"
 TASKS = ("frozenlake", "maze", "minibehaviour")
+PICTURE = ["--image-size", 160, "--cell-size", 32]  # one merged vision token per cell (tiny.py's layout)
 
-# Settings of the default run and of --quick. Every value can be overridden by a flag.
-DEFAULT = dict(size="small", levels="frozenlake=3,4 maze=3 minibehaviour=5", train_per_level=600,
-               val_per_level=16, test_per_level=50, text_epochs=4, text_lr=2e-3, perception_epochs=0.67,
-               perception_lr=2e-3, opcd_steps=30, opcd_batch=16, opcd_lr=3e-4, max_new_tokens=100)
-QUICK = dict(size="tiny", levels="frozenlake=3 maze=3 minibehaviour=5", train_per_level=16, val_per_level=2,
-             test_per_level=3, text_epochs=1, text_lr=1e-3, perception_epochs=1, perception_lr=1e-3, opcd_steps=2,
-             opcd_batch=4, opcd_lr=1e-5, max_new_tokens=48)
+# Settings of the main job and of --quick, chosen on the val split (results/mini/REPORT.md).
+DEFAULT = dict(levels="frozenlake=4 maze=3 minibehaviour=5", train_per_level=600, val_per_level=32,
+               test_per_level=170, perception_steps=300, perception_lr=1e-3, opcd_steps=40, opcd_batch=16,
+               opcd_lr=1e-4, max_new_tokens=100)
+QUICK = dict(levels="frozenlake=4 maze=3 minibehaviour=5", train_per_level=16, val_per_level=2, test_per_level=3,
+             perception_steps=2, perception_lr=1e-3, opcd_steps=2, opcd_batch=4, opcd_lr=1e-5, max_new_tokens=48)
+HELP = dict(levels="levels per task, as task=l1,l2", train_per_level="train instances per (task, level)",
+            val_per_level="val instances per (task, level), for OPCD checkpoint selection",
+            test_per_level="held-out test instances per (task, level)",
+            perception_steps="optimiser steps (16 rows) of every SFT row: perception SFT, visual SFT, +dynamics",
+            perception_lr="lr of perception SFT and direct visual SFT", opcd_steps="OPCD optimiser steps",
+            opcd_batch="OPCD prompts per step", opcd_lr="OPCD lr (the reference's 1e-6 is for 4B models)",
+            max_new_tokens="response budget of rollouts and evaluation")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/mini", help="run folder (stages already there are skipped)")
-    p.add_argument("--quick", action="store_true", help="tiny model and data: a smoke run of every stage")
+    p.add_argument("--out", default="runs/mini", help="run folder; stages already there are skipped (default %(default)s)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and a freshly built tiny base: a smoke run")
     p.add_argument("--rows", default="mgsd", choices=("mgsd", "all"),
-                   help="mgsd: base, +perception SFT, +OPCD; all: also the ablations of the report")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model init, SFT order and OPCD sampling")
-    p.add_argument("--aggregate", nargs="+", metavar="RUN",
-                   help="print mean ± std over the results.json of these run folders (seeds) and exit")
-    p.add_argument("--base", default=None,
-                   help="an existing text-pretrained model folder: skip the model and base stages (several seeds "
-                        "of the later stages can then share one base, as they share one instruct model in the paper)")
+                   help="mgsd: base, +perception SFT, +OPCD; all: also the report's ablations (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of SFT order and OPCD sampling (default %(default)s)")
+    p.add_argument("--base", default=None, help=f"base model folder (default: the shipped {SHIPPED_BASE.relative_to(ROOT)})")
+    p.add_argument("--pretrain", action="store_true", help="rebuild the base from random weights into OUT/base first")
+    p.add_argument("--aggregate", nargs="+", metavar="RUN", help="print mean ± std over these run folders and exit")
     p.add_argument("--backend", default=None, choices=("hf", "vllm"),
                    help="engine of OPCD rollouts and evaluation (default: vllm where installed, else hf)")
-    p.add_argument("--workers", type=int, default=2, help="processes writing the data")
-    p.add_argument("--size", help=f"model size of common.py tiny (default {DEFAULT['size']}, quick {QUICK['size']})")
-    p.add_argument("--levels", help=f"levels per task, as task=l1,l2 (default {DEFAULT['levels']!r})")
-    explain = dict(train_per_level="train instances per (task, level)", val_per_level="val instances per (task, level)",
-                   test_per_level="held-out test instances per (task, level)",
-                   text_epochs="epochs of text-planning pre-training", perception_epochs="epochs of perception SFT over perception + replayed text-planning rows "
-                                     "(the other SFT rows get the same number of steps)",
-                   opcd_steps="OPCD optimiser steps", opcd_batch="OPCD prompts per step",
-                   max_new_tokens="response budget in rollouts and evaluation",
-                   text_lr="lr of text-planning pre-training (full)", perception_lr="lr of perception SFT and direct visual SFT (whole model)",
-                   opcd_lr="OPCD lr (the reference's 1e-6 is for 4B models)")
-    for key, text in explain.items():
-        p.add_argument("--" + key.replace("_", "-"), type=float if key.endswith(("lr", "epochs")) else int,
-                       help=f"{text}; default {DEFAULT[key]} (quick {QUICK[key]})")
+    for key, text in HELP.items():
+        kind = str if key == "levels" else float if key.endswith("lr") else int
+        p.add_argument("--" + key.replace("_", "-"), type=kind, help=f"{text} (default {DEFAULT[key]}, quick {QUICK[key]})")
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else DEFAULT).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.base and (args.pretrain or args.quick):
+        p.error("--base cannot be combined with --pretrain or --quick (they build their own base)")
     return args
 
 
 def run(cmd, done_marker):
     """Run one stage's command unless its output exists; the command is printed first."""
-    done_marker = Path(done_marker)
-    if done_marker.exists():
+    if Path(done_marker).exists():
         print(f"[skip] {done_marker} exists")
         return
     print("$ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
     start = time.time()
-    result = subprocess.run([str(c) for c in cmd], cwd=ROOT)
-    if result.returncode != 0:
-        sys.exit(f"error: stage failed with exit code {result.returncode}: {' '.join(map(str, cmd))}")
+    if subprocess.run([str(c) for c in cmd], cwd=ROOT).returncode != 0:
+        sys.exit(f"error: stage failed: {' '.join(map(str, cmd))}")
     print(f"  ({time.time() - start:.0f} s)", flush=True)
+
+
+def pretrain_commands(out, quick=False):
+    """[(command, done marker)] that build the base from random weights: the tiny Qwen3-VL, generic grid
+    pictures, text-planning rows, then one full SFT on both (vision tower included)."""
+    py, d = sys.executable, out / "data"
+    grids, text_per_level, epochs = (64, 8, 1) if quick else (16000, 3000, 3.3)
+    cmds = [([py, "common.py", "tiny", "--out", out / "init", "--size", "tiny" if quick else "small", "--image-size", 160,
+              "--seed", 0], out / "init" / "config.json"),
+            ([py, "tiny.py", "grids", "--out", d / "grids-train", "--split", "train", "--count", grids], d / "grids-train"),
+            ([py, "tiny.py", "grids", "--out", d / "grids-val", "--split", "val", "--count", 8 if quick else 200],
+             d / "grids-val")]
+    # FrozenLake 3x3 has only ~770 distinct train maps, so it gets its own, smaller split.
+    # The teacher rows (the teacher's prompt, state and reference plan as text) teach the base to read the
+    # prompt it gets as OPCD's teacher; a real instruct model reads any prompt.
+    for name, per_level, kinds, levels in (
+            ("text-train", text_per_level, "text-planning", ["frozenlake=4", "maze=3", "minibehaviour=5"]),
+            ("text-train-fl3", min(700, text_per_level), "text-planning", ["frozenlake=3"]),
+            ("teacher-train", min(700, text_per_level), "teacher", ["frozenlake=3,4", "maze=3", "minibehaviour=5"])):
+        tasks = [level.split("=")[0] for level in levels]
+        cmds.append(([py, "envs.py", "data", "--out", d / name, "--split", "train", "--per-level", per_level,
+                      "--kinds", kinds, "--tasks", *tasks, "--levels", *levels], d / name / "data.jsonl"))
+    cmds.append(([py, "envs.py", "data", "--out", d / "text-val", "--split", "val", "--per-level", 2 if quick else 16,
+                  "--kinds", "text-planning", "--levels", "frozenlake=3,4", "maze=3", "minibehaviour=5"],
+                 d / "text-val" / "data.jsonl"))
+    cmds.append(([py, "sft.py", "--model", out / "init", "--data", d / "grids-train", d / "text-train", d / "text-train-fl3",
+                  d / "teacher-train", "--val-data", d / "grids-val", d / "text-val", "--kinds", "vision,text-planning,teacher", "--full",
+                  "--train-vision", "--lr", 2e-3, "--warmup-ratio", 0.03, "--batch-size", 16, "--micro-batch-size", 16,
+                  "--epochs", epochs, "--no-grad-checkpointing", "--eval-every", 1000, "--save-every", 250,
+                  "--val-samples", 16 if quick else 128, "--max-new-tokens", 100, "--seed", 0, "--out", out / "sft"],
+                 out / "sft" / "model" / "config.json"))
+    return cmds
 
 
 def main():
@@ -116,75 +136,72 @@ def main():
     os.environ.setdefault("OMP_NUM_THREADS", "2")  # the stages inherit it
     backend = args.backend or ("vllm" if importlib.util.find_spec("vllm") else "hf")
     start = time.time()
-    data, models = out / "data", out / "models"
-    levels = args.levels.split()
+    data, levels = out / "data", args.levels.split()
 
-    # Data: train rows for text planning, perception (and dynamics for the ablation); val/test planning.
-    train_kinds = "planning,text-planning,perception" + (",dynamics" if args.rows == "all" else "")
-    for split, n, kinds in (("train", args.train_per_level, train_kinds), ("val", args.val_per_level, "planning"),
+    if args.pretrain or args.quick:
+        for cmd, done in pretrain_commands(out / "base", args.quick):
+            run(cmd, done)
+        base = out / "base" / "sft" / "model"
+    else:
+        base = Path(args.base).resolve() if args.base else SHIPPED_BASE
+    if not (base / "config.json").is_file():
+        sys.exit(f"error: no model in {base} (see --base / --pretrain)")
+
+    # Data: perception and text-planning rows for stage 1 (+ planning and dynamics rows for the ablations);
+    # val planning rows select OPCD checkpoints; test rows are held out for the tables.
+    train_kinds = "perception,text-planning" + (",planning,dynamics" if args.rows == "all" else "")
+    for split, n, kinds in (("train", args.train_per_level, train_kinds), ("val", args.val_per_level, "planning,perception"),
                             ("test", args.test_per_level, "planning,perception")):
         run([py, "envs.py", "data", "--out", data / split, "--split", split, "--per-level", n, "--kinds", kinds,
-             "--levels", *levels, "--image-size", 128, "--workers", args.workers], data / split / "data.jsonl")
+             "--levels", *levels, *PICTURE, "--workers", 2], data / split / "data.jsonl")
 
-    # A small random VLM, then text-planning pre-training: the stand-in for an instruct model.
-    # Tiny models: no gradient checkpointing (activations are small; it would cost a third more time).
-    sft = [py, "sft.py", "--data", data / "train", "--seed", args.seed, "--batch-size", 16, "--micro-batch-size", 16,
-           "--max-new-tokens", args.max_new_tokens, "--no-grad-checkpointing"]
-    if args.base:
-        base = Path(args.base).resolve()
-    else:
-        run([py, "common.py", "tiny", "--out", models / "init", "--size", args.size, "--seed", args.seed],
-            models / "init" / "config.json")
-        run(sft + ["--model", models / "init", "--kinds", "text-planning", "--full", "--lr", args.text_lr,
-                   "--epochs", args.text_epochs, "--out", out / "sft-text"], out / "sft-text" / "model" / "config.json")
-        base = out / "sft-text" / "model"
+    rows_of_kind = {}
+    for line in open(data / "train" / "data.jsonl"):
+        kind = json.loads(line)["kind"]
+        rows_of_kind[kind] = rows_of_kind.get(kind, 0) + 1
 
-    # Perception SFT replays the base's own text-planning rows: on a model this small it otherwise
-    # overwrites the answer format (a first run without them parsed 0 % of answers). It trains the
-    # whole language model and the vision tower (sft.py --full --train-vision): a LoRA of a 3M model
-    # with a frozen random tower stayed at chance on perception questions (measured on val).
-    # Every SFT row of the report gets the optimiser steps of perception SFT, whatever its data size.
-    rows_of_kind = kind_counts(data / "train")
-
-    def epochs_for(kinds):
-        def n(ks):
-            return sum(rows_of_kind[k] for k in ks.split(","))
-        return round(args.perception_epochs * n("perception,text-planning") / n(kinds), 4)
-
-    def perception_sft(name, kinds):
-        kinds += ",text-planning"
-        run(sft + ["--model", base, "--kinds", kinds, "--full", "--train-vision", "--lr", args.perception_lr,
-                   "--epochs", epochs_for(kinds), "--out", out / name], out / name / "model" / "config.json")
+    def sft(name, student, kinds):
+        """Full SFT (vision tower included) for --perception-steps steps of 16 rows over `kinds`."""
+        epochs = round(args.perception_steps * 16 / sum(rows_of_kind[k] for k in kinds.split(",")) + 1e-4, 4)
+        run([py, "sft.py", "--model", student, "--data", data / "train", "--val-data", data / "val", "--kinds", kinds,
+             "--full", "--train-vision", "--lr", args.perception_lr, "--epochs", epochs, "--batch-size", 16,
+             "--micro-batch-size", 16, "--no-grad-checkpointing", "--val-samples", 64, "--max-new-tokens",
+             args.max_new_tokens, "--seed", args.seed, "--out", out / name], out / name / "model" / "config.json")
         return out / name / "model"
 
-    def opcd(name, student):
-        run([py, "opcd.py", "--model", student, "--teacher", base, "--data", data / "train",
-             "--val-data", data / "val", "--out", out / name, "--rollout", backend, "--max-steps", args.opcd_steps,
-             "--loss", "full", "--batch-size", args.opcd_batch, "--lr", args.opcd_lr,
-             "--max-new-tokens", args.max_new_tokens, "--val-every", max(1, args.opcd_steps // 4), "--seed", args.seed],
-            out / name / "best" / "config.json")
+    def opcd(name, student, *extra):
+        run([py, "opcd.py", "--model", student, "--teacher", base, "--data", data / "train", "--val-data", data / "val",
+             "--out", out / name, "--rollout", backend, "--max-steps", args.opcd_steps, "--batch-size", args.opcd_batch,
+             "--lr", args.opcd_lr, "--max-new-tokens", args.max_new_tokens, "--val-every", max(1, args.opcd_steps // 4),
+             "--seed", args.seed, "--loss", "full", *extra], out / name / "best" / "config.json")
         return out / name / "best"
 
-    # Each row is evaluated as soon as it exists (image and text conditions, held-out test seeds).
     results = {}
 
     def evaluate(name, model):
+        """Held-out test planning from the image and from text; perception too for stage-1 models."""
         eval_dir = out / "eval" / f"row{len(results)}"  # the row order is fixed, so a re-run finds its results
         run([py, "evaluate.py", "--model", model, "--data", data / "test", "--backend", backend, "--condition", "both",
              "--max-new-tokens", args.max_new_tokens, "--batch-size", 32, "--out", eval_dir], eval_dir / "summary.json")
         results[name] = json.loads((eval_dir / "summary.json").read_text())
+        perception = out / "eval" / f"row{len(results) - 1}-perception"
+        run([py, "evaluate.py", "--model", model, "--data", data / "test", "--backend", backend, "--kind", "perception",
+             "--max-new-tokens", args.max_new_tokens, "--batch-size", 32, "--out", perception],
+            perception / "summary.json")
+        results[name]["perception"] = json.loads((perception / "summary.json").read_text())
         return model
 
-    evaluate("base (text-pretrained)", base)
-    psft = evaluate("+ perception SFT", perception_sft("psft", "perception"))
+    # ALGO: the two stages of MGSD, evaluated after each.
+    evaluate("base", base)
+    psft = evaluate("+ perception SFT", sft("psft", base, "perception,text-planning"))
     evaluate("+ OPCD (MGSD)", opcd("mgsd", psft))
     if args.rows == "all":
+        evaluate("MGSD, sampled estimator", opcd("mgsd-sampled", psft, "--loss", "sampled"))
         evaluate("OPCD without perception SFT", opcd("opcd-only", base))
-        run(sft + ["--model", base, "--kinds", "planning", "--full", "--train-vision", "--lr", args.perception_lr,
-                   "--epochs", epochs_for("planning"), "--out", out / "visual-sft"],
-            out / "visual-sft" / "model" / "config.json")
-        evaluate("direct visual SFT", out / "visual-sft" / "model")
-        evaluate("perception+dynamics SFT, then OPCD", opcd("mgsd-dyn", perception_sft("psft-dyn", "perception,dynamics")))
+        evaluate("OPCD, teacher without privileged state", opcd("mgsd-noprivilege", psft, "--teacher-context", "image"))
+        evaluate("direct visual SFT", sft("visual-sft", base, "planning,text-planning"))
+        evaluate("perception+dynamics SFT, then OPCD",
+                 opcd("mgsd-dyn", sft("psft-dyn", base, "perception,dynamics,text-planning")))
     table = results_table(results)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -193,53 +210,40 @@ def main():
     print(f"\nwrote {out / 'results.md'}, {out / 'results.png'}; wall time {(time.time() - start) / 60:.1f} min")
 
 
-def kind_counts(split):
-    """Rows per kind in split/data.jsonl."""
-    with open(Path(split) / "data.jsonl") as f:
-        return collections.Counter(json.loads(line)["kind"] for line in f)
+POSITIONS = {"frozenlake": ("player", "goal"), "maze": ("player", "target"), "minibehaviour": ("agent", "printer")}
 
 
-def aggregate_table(run_dirs):
-    """Mean ± standard deviation over runs (seeds) of every number of results_table, per row name:
-    visual success and optimal per task and macro, text macro success, and the gap."""
-    import statistics
+def row_cells(summary):
+    """The numbers of one table row (fractions): visual success per task, macro image / text success,
+    the gap, and the mean accuracy of the position questions (player/goal/target/agent/printer)."""
+    image, text = summary["conditions"]["image"], summary["conditions"]["text"]
+    per_task = summary["perception"]["conditions"]["image"]["per_task"]
+    positions = [per_task[t][q] for t in POSITIONS if t in per_task for q in POSITIONS[t]]
+    return ([image["per_task"][t]["success"] if t in image["per_task"] else float("nan") for t in TASKS]
+            + [image["macro"]["success"], image["macro"]["optimal"], text["macro"]["success"],
+               text["macro"]["success"] - image["macro"]["success"], sum(positions) / len(positions)])
 
-    runs = [json.loads((Path(d) / "results.json").read_text()) for d in run_dirs]
-    names = [n for n in runs[0] if all(n in r for r in runs)]
 
-    def cell(values):
-        values = [100 * v for v in values]
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.1f} ± {std:.1f}"
-
-    tasks = [t for t in TASKS if t in runs[0][names[0]]["conditions"]["image"]["per_task"]]
-    header = (["model"] + [f"{t} img success / optimal" for t in tasks]
-              + ["macro img success", "macro img optimal", "macro text success", "gap (text − img)"])
-    lines = [f"mean ± std over {len(runs)} runs: " + ", ".join(str(d) for d in run_dirs), "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in names:
-        image = [r[name]["conditions"]["image"] for r in runs]
-        text = [r[name]["conditions"]["text"] for r in runs]
-        cells = [name] + [cell([i["per_task"][t]["success"] for i in image]) + " / "
-                          + cell([i["per_task"][t]["optimal"] for i in image]) for t in tasks]
-        cells += [cell([i["macro"]["success"] for i in image]), cell([i["macro"]["optimal"] for i in image]),
-                  cell([t["macro"]["success"] for t in text]),
-                  cell([t["macro"]["success"] - i["macro"]["success"] for t, i in zip(text, image)])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+HEADER = ["model"] + [f"{t} img" for t in TASKS] + ["macro img", "optimal img", "macro text", "gap (text − img)",
+                                                    "position questions"]
 
 
 def results_table(results):
-    """One row per model: visual success per task and macro, optimal macro, text macro, gap."""
-    header = ["model"] + [f"{t} img" for t in TASKS] + ["macro img", "optimal img", "macro text", "gap (text-img)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     for name, summary in results.items():
-        image, text = summary["conditions"]["image"], summary["conditions"]["text"]
-        cells = [name] + [f"{100 * image['per_task'][t]['success']:.1f}" if t in image["per_task"] else "-" for t in TASKS]
-        cells += [f"{100 * image['macro']['success']:.1f}", f"{100 * image['macro']['optimal']:.1f}",
-                  f"{100 * text['macro']['success']:.1f}",
-                  f"{100 * (text['macro']['success'] - image['macro']['success']):+.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([name] + [f"{100 * v:.1f}" for v in row_cells(summary)]) + " |")
+    return "\n".join(lines)
+
+
+def aggregate_table(run_dirs):
+    """Mean ± standard deviation over runs (seeds) of every number of results_table."""
+    runs = [json.loads((Path(d) / "results.json").read_text()) for d in run_dirs]
+    lines = [f"mean ± std over {len(runs)} runs: " + ", ".join(map(str, run_dirs)), "",
+             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for name in [n for n in runs[0] if all(n in r for r in runs)]:
+        columns = zip(*(row_cells(r[name]) for r in runs))
+        cells = [f"{100 * statistics.mean(c):.1f} ± {100 * (statistics.stdev(c) if len(c) > 1 else 0):.1f}" for c in columns]
+        lines.append("| " + " | ".join([name] + cells) + " |")
     return "\n".join(lines)
 
 

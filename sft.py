@@ -73,7 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, nargs="+", help="training split directories (data.jsonl + images), concatenated")
     p.add_argument("--val-data", default=None, nargs="+", help="validation split directories (optional)")
     p.add_argument("--out", required=True, help="output directory (adapter/ or model/, checkpoint/, metrics.jsonl)")
-    p.add_argument("--kinds", default=None, help="comma-separated row kinds to train on (default: every row with messages)")
+    p.add_argument("--kinds", default="perception",
+                   help="comma-separated row kinds to train on: perception, planning, text-planning, dynamics, vision "
+                        "(default: %(default)s; stage 1 never trains on plans)")
     p.add_argument("--full", action="store_true", help="train every language-model weight instead of a LoRA")
     p.add_argument("--train-vision", action="store_true",
                    help="also train the vision tower and merger in full (frozen by default, as in the reference)")
@@ -292,12 +294,12 @@ def main(argv=None):
     try:
         import envs
 
-        kinds = args.kinds.split(",") if args.kinds else None
+        kinds = args.kinds.split(",")
         rows = [r for d in args.data for r in envs.load_split(d, kinds=kinds) if r.get("messages")]
         val_rows = [r for d in args.val_data or () for r in envs.load_split(d, kinds=kinds)]
         val_rows = val_rows[::max(1, len(val_rows) // max(1, args.val_samples))][:args.val_samples]  # spread over tasks
         if not rows:
-            raise ValueError(f"{' '.join(args.data)}: no rows with messages" + (f" of kinds {kinds}" if kinds else ""))
+            raise ValueError(f"{' '.join(args.data)}: no rows with messages of kinds {kinds}")
         if args.train_vision and not args.full:
             raise ValueError("--train-vision needs --full (a LoRA adapter holds no vision weights)")
         if args.batch_size % world or args.batch_size > len(rows):

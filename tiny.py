@@ -19,8 +19,6 @@ planning) has never planned from an image nor answered a task's perception quest
     python tiny.py grids --out data/grids/train --split train --count 20000
     python tiny.py grids --out data/grids/val --split val --count 200
 """
-import argparse
-import json
 import os
 import random
 import re

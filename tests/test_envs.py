@@ -61,6 +61,27 @@ def test_parser_hard_cases(text, task, plan):
     assert envs.parse_plan(text, task) == plan
 
 
+def test_parser_takes_the_same_last_block_as_a_lazy_regex():
+    """The block finder is a single pass; a regex `<answer>(.*?)</answer>` (quadratic on many unclosed
+    tags) is the reference for which block is last."""
+    import random
+    import re
+
+    rng = random.Random(0)
+    pieces = ["<answer>", "</answer>", "<ANSWER>", "</Answer>", "R", "D", " ", "x", ","]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(12)))
+        blocks = re.findall(r"<answer>(.*?)</answer>", text, re.IGNORECASE | re.DOTALL)
+        expected = envs.parse_plan(f"<answer>{blocks[-1]}</answer>", "maze") if blocks else None
+        assert envs.parse_plan(text, "maze") == expected, text
+
+
+def test_parser_stays_fast_on_thousands_of_unclosed_tags():
+    """8,000 unclosed tags took 13 s with the lazy regex; a response of megabytes would hang an evaluation."""
+    text = "<answer>RD</answer>" + "<answer>" * 400_000 + "R"
+    assert envs.parse_plan(text, "maze") == ["R", "D"]
+
+
 # ---------------------------------------------------------------- the rules, restated (SPEC §1)
 def reference_step(state, pos, carrying, action):
     """SPEC §1 rules written out again: -> (pos, carrying, status)."""
@@ -247,10 +268,16 @@ def test_prompt_shapes(task):
     assert [m["role"] for m in student] == ["user"] and student[0]["content"][-1] == {"type": "image", "image": "img.png"}
     teacher = envs.teacher_messages(state)
     assert [m["role"] for m in teacher] == ["system", "user"]
-    assert "do not mention that a reference plan is given" in teacher[0]["content"][0]["text"].lower()
+    assert "image" in teacher[0]["content"][0]["text"] and "reference plan" not in teacher[0]["content"][0]["text"]
     context = teacher[1]["content"][0]["text"]
-    assert context.endswith("Reference action plan: " + envs.plan_text(state["plan"], task))
-    assert "Reference action plan" not in envs.teacher_messages(state, with_plan=False)[1]["content"][0]["text"]
+    lines = context.split("\n")
+    assert lines[1].endswith("do not say that a reference plan was given.")  # in the user turn, with the plan line
+    assert lines[-2:] == ["Reference action plan: " + envs.plan_text(state["plan"], task),
+                          "Solve the task and end with exactly one <answer>...</answer> block."]
+    assert "Reasoning focus:" in lines and envs.text_state(state) in context
+    without = envs.teacher_messages(state, with_plan=False)[1]["content"][0]["text"]
+    assert "reference plan" not in without.lower()  # the plan line and the clause go together
+    assert without.split("\n")[-1] == lines[-1] and len(without.split("\n")) == len(lines) - 1
     text_prompt = envs.text_student_messages(state)[0]["content"][0]["text"]
     assert envs.text_state(state) in text_prompt and "Reference action plan" not in text_prompt
     assert envs.score_planning(state, envs.reference_response(state))["optimal"]
@@ -261,18 +288,30 @@ def test_prompt_shapes(task):
 def test_frozenlake_teacher_context_matches_spec_example():
     state = {"task": "frozenlake", "level": 4, "start": [0, 1], "goal": [3, 3], "holes": [[1, 1], [2, 3]]}
     state["plan"] = envs.solve(state)
-    assert envs.teacher_context(state).split("\n")[:11] == [
-        "Task: FrozenLake", "Map size: 4x4", "Start: (0,1)", "Goal: (3,3)", "Holes: (1,1), (2,3)", "Text map:",
-        "FSFF", "FHFF", "FFFH", "FFFG", "Reference action plan: " + "".join(state["plan"])]
+    lines = envs.teacher_context(state).split("\n")
+    assert lines[3:13] == ["Task: FrozenLake", "Map size: 4x4", "Start: (0,1)", "Goal: (3,3)", "Holes: (1,1), (2,3)",
+                           "Text map:", "FSFF", "FHFF", "FFFH", "FFFG"]
+    assert "Reference action plan: " + "".join(state["plan"]) in lines
+    assert any("H" in line and "hole" in line for line in lines[13:])  # the reasoning focus names the symbols
+
+
+def test_maze_teacher_context_has_a_wall_table_that_matches_the_open_directions():
+    state = envs.generate("maze", 4, 2)
+    lines = envs.teacher_context(state).split("\n")
+    table = lines[lines.index("Walls by cell (sides U R D L, 1 = wall, 0 = open):") + 1:][:4]
+    for r, row in enumerate(table):
+        for c, mask in enumerate(row.split()):
+            assert {a for a, bit in zip("URDL", mask) if bit == "0"} == set(state["open"][r][c])
 
 
 # ---------------------------------------------------------------- pictures (SPEC §1, §10)
-def decode(img, task, n):
+def decode(img, task, n, cell=None):
     """Recover the symbolic state from pixels: the colour at each cell centre names its content
-    (LEGEND); maze walls are black pixels just inside a cell edge, at the middle of that edge."""
+    (LEGEND); maze walls are black pixels just inside a cell edge, at the middle of that edge.
+    cell: the grid sits at the top-left in cells of this many pixels (envs.py data --cell-size)."""
     img = img.convert("RGB")
     size = img.size[0]
-    cell, margin = size // n, (size - n * (size // n)) // 2
+    cell, margin = (cell, 0) if cell else (size // n, (size - n * (size // n)) // 2)
     by_colour = {rgb: role for role, _, rgb in envs.LEGEND[task]}
     px = img.load()
     roles, open_ = {}, [["" for _ in range(n)] for _ in range(n)]
@@ -301,6 +340,35 @@ def test_picture_encodes_the_state(task, size):
             decoded = decode(img, task, level)
             expected = {k: (sorted(v) if k in ("holes", "table") else v) for k, v in state.items() if k in decoded}
             assert decoded == expected, (task, level, size)
+
+
+@pytest.mark.parametrize("task", envs.TASKS)
+def test_with_a_cell_size_each_cell_is_one_aligned_block_at_the_top_left(task):
+    """Tiny models: 32-pixel cells on a 160-pixel canvas, so cell (r, c) is merged vision token (r, c)
+    at every level, and everything right of and below the grid is the border colour."""
+    for level in (3, 4, 5):
+        if not envs.LEVEL_RANGE[task][0] <= level:
+            continue
+        for state in instances(task, level, 4, first_seed=7):
+            img = envs.render(state, 160, cell=32)
+            assert img.size == (160, 160)
+            decoded = decode(img, task, level, cell=32)
+            assert decoded == {k: (sorted(v) if k in ("holes", "table") else v) for k, v in state.items() if k in decoded}
+            outside = {img.getpixel((x, y)) for x in range(0, 160, 7) for y in range(0, 160, 7) if max(x, y) >= 32 * level}
+            assert outside <= {envs.BORDER[task]}, (task, level)
+
+
+def test_a_cell_size_that_does_not_fit_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="cell size 32 does not fit level 6 into 160 px"):
+        envs.make_split(tmp_path / "d", "train", 1, tasks=["maze"], levels=[6], image_size=160, cell_size=32)
+    assert not (tmp_path / "d").exists()
+
+
+def test_frozenlake_start_and_goal_are_at_least_two_moves_apart():
+    """The reference generator's rule: no one-move maps (they were 34 % of level 3)."""
+    plans = [envs.generate("frozenlake", level, seed) for level in (3, 4) for seed in range(400)]
+    assert all(len(s["plan"]) >= 2 for s in plans if s is not None)
+    assert sum(s is not None for s in plans) > 400
 
 
 def test_grid_lines_are_visible_between_cells():

@@ -260,7 +260,7 @@ def master_weights(out):
 
 @pytest.fixture(scope="module")
 def opcd_base(tiny_model, train_dir, make_data):
-    return ["--model", tiny_model, "--data", train_dir, "--val-data", make_data("val", 1), "--val-size", 6,
+    return ["--model", tiny_model, "--teacher", tiny_model, "--data", train_dir, "--val-data", make_data("val", 1), "--val-size", 6,
             "--batch-size", 4, "--micro-batch-size", 2, "--max-new-tokens", 12, "--val-every", 2, "--lr", 1e-4,
             "--max-model-len", 2048, "--vllm-kv-cache-mb", 64]
 
@@ -281,7 +281,10 @@ def e2e(opcd_base, tmp_path_factory):
 def test_torchrun_two_ranks_run_three_steps_with_identical_weights(e2e, backend):
     out, _ = e2e[backend]
     log = read_log(out)
-    assert [e["step"] for e in log] == [1, 2, 3]
+    assert [e["step"] for e in log] == [0, 1, 2, 3]  # step 0: the starting model, validated before training
+    assert 0 <= log[0]["val_macro_success"] <= 1 and set(log[0]) == {"step", "val_macro_success"} | {
+        f"val_{t}_success" for t in ("frozenlake", "maze", "minibehaviour")}
+    log = log[1:]
     for e in log:
         assert e["response_tokens"] > 0 and e["grad_norm"] > 0 and e["samples_per_second"] > 0
     saved = [e for e in log if "rank_weight_checksums" in e]
@@ -306,8 +309,8 @@ def test_resume_is_exact(opcd_base, tmp_path):
     opcd.main(args + ["--out", str(tmp_path / "a"), "--max-steps", "3", "--resume"])
     opcd.main(args + ["--out", str(tmp_path / "b"), "--max-steps", "3"])
     a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
-    assert [e["step"] for e in a] == [1, 2, 3]
-    assert a[2]["reverse_kl"] == pytest.approx(b[2]["reverse_kl"], abs=1e-7)
+    assert [e["step"] for e in a] == [0, 1, 2, 3]
+    assert a[3]["reverse_kl"] == pytest.approx(b[3]["reverse_kl"], abs=1e-7)
     for x, y in zip(master_weights(tmp_path / "a"), master_weights(tmp_path / "b")):
         assert torch.equal(x, y)
 
@@ -452,10 +455,29 @@ def test_options_full_loss_ppo_reward_live_teacher_and_lora(opcd_base, tiny_mode
     assert not any(isinstance(m, common.LoRALinear) for m in model.modules())
 
 
+def test_teacher_given_the_image_prompt_only_is_no_teacher(opcd_base, tmp_path):
+    """--teacher-context image removes the privileged state: with the live student as teacher the two
+    distributions are then identical, so the KL and its gradient vanish; with the state they do not."""
+    args = [str(a) for a in opcd_base] + ["--rollout", "hf", "--max-steps", "1", "--val-every", "1000", "--loss", "full",
+                                          "--teacher", "live"]
+    for context in ("image", "privileged"):
+        opcd.main(args + ["--teacher-context", context, "--out", str(tmp_path / context)])
+    same, privileged = read_log(tmp_path / "image")[-1], read_log(tmp_path / "privileged")[-1]
+    assert abs(same["reverse_kl"]) < 1e-6 and same["grad_norm"] < 1e-6
+    assert privileged["reverse_kl"] > 1e-3 and privileged["grad_norm"] > 1e-3
+
+
+def test_teacher_must_be_named(tmp_path, tiny_model, train_dir):
+    """The reference's teacher is always the base model; no silent default to a copy of the student."""
+    proc = subprocess.run([sys.executable, str(ROOT / "opcd.py"), "--model", tiny_model, "--data", train_dir,
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, env=CLEAN_ENV, cwd=ROOT)
+    assert proc.returncode == 2 and "--teacher" in proc.stderr and not (tmp_path / "o").exists()
+
+
 def test_bad_input_fails_with_one_line_and_exit_code_2(tmp_path, tiny_model):
     env = dict(CLEAN_ENV, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "opcd.py"), "--model", tiny_model, "--data",
-                           str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--rollout", "hf"],
+    proc = subprocess.run([sys.executable, str(ROOT / "opcd.py"), "--model", tiny_model, "--teacher", tiny_model,
+                           "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--rollout", "hf"],
                           capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 2 and "error:" in proc.stderr and str(tmp_path / "missing") in proc.stderr
     assert not (tmp_path / "o").exists()
@@ -485,6 +507,6 @@ def test_fsdp_run_saves_the_same_weights_as_the_replicated_run_and_resumes(opcd_
         for full, gathered in zip(master_weights(tmp_path / "ddp"), master_weights(tmp_path / "fsdp")):
             assert full.shape == gathered.shape and torch.allclose(full, gathered, atol=1e-5)  # the --resume state
     assert any(not torch.equal(sharded[k], start[k]) for k in sharded)  # the weights moved
-    assert [e["step"] for e in read_log(tmp_path / "fsdp")] == [1, 2, 3]
+    assert [e["step"] for e in read_log(tmp_path / "fsdp")] == [0, 1, 2, 3]
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "fsdp" / "last").state_dict()
     assert all(torch.equal(loaded[k], sharded[k]) for k in sharded)

@@ -176,7 +176,8 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tiny_model, train_dir, 
 def test_torchrun_two_ranks_match_each_other_and_a_single_process(tiny_model, make_data, tmp_path):
     # Image rows and text-only rows mixed: some micro-batches skip the vision tower, on one rank only.
     data = make_data("train", 4, tasks=["frozenlake", "maze"], kinds=("perception", "text-planning"))
-    args = ["--model", tiny_model, "--data", data, "--batch-size", 8, "--max-steps", 2, "--lr", 1e-2]
+    args = ["--model", tiny_model, "--data", data, "--kinds", "perception,text-planning", "--batch-size", 8,
+            "--max-steps", 2, "--lr", 1e-2]
     ddp = _run(*args, "--out", tmp_path / "ddp", "--micro-batch-size", 1, torchrun=True)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     single = _run(*args, "--out", tmp_path / "single", "--micro-batch-size", 8)
