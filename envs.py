@@ -1,7 +1,7 @@
 """The three grid-world planning tasks of MGSD: generation, pictures, text views, prompts, the one
 parser / simulator / scorer, question-answer data, and the data-set writer.
 
-Tasks (SPEC §1; level = grid side n, coordinates 0-based (row, col) from the top-left):
+Tasks (method.md §1; level = grid side n, coordinates 0-based (row, col) from the top-left):
   frozenlake     walk from S to G; a hole ends the episode, a move off the grid is illegal.
   maze           a perfect maze carved by randomised DFS; moving through a wall is illegal.
   minibehaviour  walk next to the printer, PICK it, walk next to the 2x3 table, DROP it.
@@ -9,18 +9,18 @@ Every instance is a pure function of (task, level, seed) (its own random.Random,
 RNG) and carries its shortest plan, found by breadth-first search over the simulator's own `step`,
 so the planner, the simulator and the scorer can never disagree.
 
-One parser (`parse_plan`, SPEC §4) and one simulator (`simulate`) serve the training reward,
+One parser (`parse_plan`, method.md §4) and one simulator (`simulate`) serve the training reward,
 validation and every evaluation. Pictures are PIL primitives only (no assets): each cell is a
 pasted tile, the cell centre always shows one flat colour per cell type (`LEGEND`, the same table
 the prompts describe), so the symbolic state can be read back from the pixels.
 
-Data rows (SPEC §6; one JSON line each, images as relative paths, see `instance_rows`):
+Data rows (method.md §6; one JSON line each, images as relative paths, see `instance_rows`):
   planning       student prompt (image) -> reference_response   (direct visual SFT, the oracle)
   text-planning  text-student prompt    -> reference_response   (text-planning pre-training)
-  perception     numbered questions (image) -> numbered answer  (stage-1 SFT, SPEC §5.1)
-  dynamics       forward / inverse (two images) / verify QA with exact labels (SPEC §5.2)
+  perception     numbered questions (image) -> numbered answer  (stage-1 SFT, method.md §5.1)
+  dynamics       forward / inverse (two images) / verify QA with exact labels (method.md §5.2)
 
-Choices where the SPEC is silent:
+Choices where docs/method.md is silent:
   - A seed whose FrozenLake map has no path, or whose MiniBehaviour printer/table cannot be
     reached, or whose maze has no target in the seed's difficulty bucket, is skipped
     (`generate` returns None).
@@ -76,7 +76,7 @@ SPLITS = {"train": (0, 0.0, 0.8), "val": (10**8, 0.8, 0.9), "test": (2 * 10**8, 
 HOLE_PROB = 0.1
 
 # One legend per task: (role, how the prompt describes it, RGB at the cell centre). The renderer
-# paints exactly these centre colours and the prompts quote exactly these descriptions (SPEC §10).
+# paints exactly these centre colours and the prompts quote exactly these descriptions (method.md §10).
 LEGEND = {
     "frozenlake": (("frozen", "ice-blue cells are frozen (safe)", (190, 225, 250)),
                    ("hole", "dark navy cells are holes", (20, 30, 70)),
@@ -172,7 +172,7 @@ def solve(state):
 
 
 def simulate(state, actions):
-    """Run `actions` from the initial state; stop at the first success or failure (SPEC §4)."""
+    """Run `actions` from the initial state; stop at the first success or failure (method.md §4)."""
     world = World(state)
     sim = world.start
     for i, a in enumerate(actions):
@@ -398,7 +398,7 @@ def png_bytes(img):
             + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + chunk(b"IEND", b""))
 
 
-# ---------------------------------------------------------------- text views (SPEC §2)
+# ---------------------------------------------------------------- text views (method.md §2)
 def _adjacent(n, cells, blocked):
     out = {(r + dr, c + dc) for r, c in cells for dr, dc in MOVES.values()}
     return sorted(p for p in out if 0 <= p[0] < n and 0 <= p[1] < n and p not in blocked)
@@ -411,7 +411,7 @@ def legal_moves(state):
 
 
 def facts(state):
-    """Typed facts of a state, in the order of the perception questions (SPEC §5.1)."""
+    """Typed facts of a state, in the order of the perception questions (method.md §5.1)."""
     task, n = state["task"], state["level"]
     pos = lambda key: tuple(state[key])
     if task == "frozenlake":
@@ -430,7 +430,7 @@ def _open_lines(open_, space=False):
 
 
 def text_state(state):
-    """The symbolic state as plain text, one fact per line, without the reference plan (SPEC §2.2)."""
+    """The symbolic state as plain text, one fact per line, without the reference plan (method.md §2.2)."""
     task, n, f = state["task"], state["level"], facts(state)
     lines = [f"Task: {NAMES[task]}", f"Map size: {n}x{n}"]
     if task == "frozenlake":
@@ -470,7 +470,7 @@ FOCUS = {  # the rules restated in the symbols of the text state, for the teache
 
 
 def teacher_context(state, with_plan=True):
-    """The teacher's privileged context (SPEC §2.1): what it is, the text state (for Maze also a wall
+    """The teacher's privileged context (method.md §2.1): what it is, the text state (for Maze also a wall
     table), the rules restated in its symbols, by default the reference plan, and the answer request.
     with_plan=False drops the plan line and the clause about not mentioning it, together."""
     task, n = state["task"], state["level"]
@@ -488,7 +488,7 @@ def teacher_context(state, with_plan=True):
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- prompts and the output contract (SPEC §3)
+# ---------------------------------------------------------------- prompts and the output contract (method.md §3)
 GOAL = {"frozenlake": "move the player from its start cell to the goal without falling into a hole",
         "maze": "move the player through the corridors to the target",
         "minibehaviour": "walk the agent next to the printer, pick it up, carry it next to the table and drop it"}
@@ -606,7 +606,7 @@ def teacher_messages(state, with_plan=True):
     return [{"role": "system", "content": [_text(system)]}] + _user(_text(teacher_context(state, with_plan)))
 
 
-# ---------------------------------------------------------------- the one parser and scorer (SPEC §4)
+# ---------------------------------------------------------------- the one parser and scorer (method.md §4)
 OPEN_TAG, CLOSE_TAG = re.compile("<answer>", re.IGNORECASE), re.compile("</answer>", re.IGNORECASE)
 TOKENS = {"left": "L", "right": "R", "up": "U", "down": "D", "←": "L", "→": "R", "↑": "U", "↓": "D",
           "pick": "PICK", "pickup": "PICK", "pick_up": "PICK", "drop": "DROP", "putdown": "DROP"}
@@ -674,7 +674,7 @@ def aggregate(episodes):
     return {"per_level": per_level, "per_task": per_task, "macro": macro}
 
 
-# ---------------------------------------------------------------- perception QA (SPEC §5.1)
+# ---------------------------------------------------------------- perception QA (method.md §5.1)
 QUESTIONS = {
     "frozenlake": (("size", "What is the map size?"), ("player", "Where is the player?"),
                    ("goal", "Where is the goal?"), ("holes", "Where are all the holes?")),
@@ -757,7 +757,7 @@ def score_perception(state, response):
     return {**result, "all_correct": all(result.values())}
 
 
-# ---------------------------------------------------------------- dynamics QA, World2VLM-style (SPEC §5.2)
+# ---------------------------------------------------------------- dynamics QA, World2VLM-style (method.md §5.2)
 STATUS_WORDS = {"ok": "ok", "fell": "fell into hole", "illegal": "illegal", "success": "goal reached"}
 STATUS_RE = re.compile(r"\b(fell into (?:a )?hole|goal reached|dropped|illegal|ok)\b")
 
@@ -874,7 +874,7 @@ def score_row(row, response):
     raise ValueError(f"unknown row kind {row['kind']!r}")
 
 
-# ---------------------------------------------------------------- data sets on disk (SPEC §6)
+# ---------------------------------------------------------------- data sets on disk (method.md §6)
 def _draw(task, level, seed):
     """The state of a seed without its plan (cheap: no search), or None when skipped."""
     body = GENERATORS[task](level, _rng(task, level, seed), seed)

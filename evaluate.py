@@ -1,4 +1,4 @@
-"""Evaluate a vision-language model on visual planning, perception and the modality gap (SPEC §9).
+"""Evaluate a vision-language model on visual planning, perception and the modality gap (method.md §9).
 
 What it measures
 - planning: the model sees one task image (student prompt, condition `image`) or the equivalent
@@ -199,7 +199,7 @@ def vllm_backend(args, episodes):
     prompts = vllm_prompts(processor, [ep["messages"] for ep in episodes])
     images = [p.get("multi_modal_data", {}).get("image", []) for p in prompts]
     images = [x if isinstance(x, list) else [x] for x in images]
-    tokens_per_image = 0  # all images of a split have one size (SPEC §1), so one image tells
+    tokens_per_image = 0  # all images of a split have one size (method.md §1), so one image tells
     if any(images):
         grid = processor.image_processor(images=[next(x for x in images if x)[0]], return_tensors="pt")["image_grid_thw"]
         tokens_per_image = int(grid[0].prod()) // processor.image_processor.merge_size ** 2

@@ -1,4 +1,4 @@
-"""Merge a LoRA adapter into its base model and save a plain Hugging Face checkpoint (SPEC §7).
+"""Merge a LoRA adapter into its base model and save a plain Hugging Face checkpoint (method.md §7).
 
 Algorithm: load the pristine base weights in float32, add the adapter's LoRA layers, compute
 the probe logits of base + adapter, fold each adapter into its weight, W <- W + (alpha/r) B A,

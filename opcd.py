@@ -1,6 +1,6 @@
 """Stage 2 of MGSD: on-policy context distillation (OPCD), one file, plain PyTorch.
 
-The algorithm (SPEC §8). Every step, on a batch of training instances mixed over tasks/levels:
+The algorithm (method.md §8). Every step, on a batch of training instances mixed over tasks/levels:
   1. Rollout: the student sees the task *image* and samples one response per prompt
      (T 1.0, top-p 1.0, up to --max-new-tokens; vision special tokens are never sampled).
   2. Teacher: a frozen model sees the privileged *symbolic state* as text (and, by default,
@@ -104,6 +104,9 @@ def parse_args(argv=None):
     a("--freeze-vision", action="store_true", help="do not train the vision tower and merger")
     a("--fsdp", action="store_true", help="shard the student and optimiser states over the ranks (FSDP2 fully_shard)")
     a("--kl-chunk", type=int, default=256, help="--loss full: positions per chunk of the vocabulary-wide KL")
+    a("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+      help="non-reentrant gradient checkpointing of the decoder layers and vision blocks (default on; tiny CPU "
+           "models run faster without)")
     a("--val-every", type=int, default=20, help="validate and save every N steps (and after the last step)")
     a("--val-size", type=int, default=0, help="validate on the first N val instances (0: all)")
     a("--val-temperature", type=float, default=0.6, help="validation sampling temperature")
@@ -309,6 +312,8 @@ def rollout(backend, model, llm, processor, messages_list, max_new_tokens, tempe
             m = common.unwrap(model)
             batch = {k: v.to(m.device) for k, v in common.encode_prompts(processor, messages_list).items()}
             torch.manual_seed(seeds[0])
+            was_training = m.training
+            m.eval()  # HF turns the KV cache off under gradient checkpointing in train mode
             if isinstance(m, FSDPModule):
                 m.unshard()  # generate runs the vision tower (root-owned weights) before any root forward
             gen = m.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
@@ -319,6 +324,7 @@ def rollout(backend, model, llm, processor, messages_list, max_new_tokens, tempe
             outs = [dict(token_ids=row.tolist(), logprobs=None) for row in gen[:, batch["input_ids"].shape[1]:]]
             if isinstance(m, FSDPModule):
                 m.reshard()
+            m.train(was_training)
     results = []
     for o in outs:
         ids, finished = cut_at_end_of_turn(o["token_ids"], eos_ids)
@@ -546,6 +552,8 @@ def main(argv=None):
         common.add_lora(model, rank=args.lora_rank, alpha=2 * args.lora_rank)
     elif args.freeze_vision:
         common.unwrap(model).model.visual.requires_grad_(False)
+    if args.grad_checkpointing:  # activations of a layer are recomputed in the backward pass, not stored
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     if args.fsdp and ddp:
         shard_model(model)

@@ -1,4 +1,4 @@
-"""Stage 1 of MGSD: supervised fine-tuning of a Qwen-VL model on chat rows (SPEC §7).
+"""Stage 1 of MGSD: supervised fine-tuning of a Qwen-VL model on chat rows (method.md §7).
 
 Algorithm: for each row, render the chat with the processor's template, tokenize it segment by
 segment, and put the loss on the assistant tokens only (each assistant turn up to and including

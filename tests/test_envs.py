@@ -1,7 +1,7 @@
-"""envs.py against SPEC §1-§6: parser, optimal plans, rules, prompts, pictures, data on disk, CLI.
+"""envs.py against method.md §1-§6: parser, optimal plans, rules, prompts, pictures, data on disk, CLI.
 
 The references here are written independently of envs.py: an exhaustive search over action
-sequences, the rules of SPEC §1 restated, and a pixel decoder that reads cell-centre colours."""
+sequences, the rules of method.md §1 restated, and a pixel decoder that reads cell-centre colours."""
 import hashlib
 import itertools
 import json
@@ -26,7 +26,7 @@ def instances(task, level, count, first_seed=0):
     return [s for s in found if s is not None][:count]
 
 
-# ---------------------------------------------------------------- parser (SPEC §4)
+# ---------------------------------------------------------------- parser (method.md §4)
 @pytest.mark.parametrize("text, task, plan", [
     ("<answer>UUR</answer>", "maze", ["U", "U", "R"]),
     ("<answer>U,DDDRRR</answer>", "frozenlake", ["U", "D", "D", "D", "R", "R", "R"]),
@@ -82,9 +82,9 @@ def test_parser_stays_fast_on_thousands_of_unclosed_tags():
     assert envs.parse_plan(text, "maze") == ["R", "D"]
 
 
-# ---------------------------------------------------------------- the rules, restated (SPEC §1)
+# ---------------------------------------------------------------- the rules, restated (method.md §1)
 def reference_step(state, pos, carrying, action):
-    """SPEC §1 rules written out again: -> (pos, carrying, status)."""
+    """method.md §1 rules written out again: -> (pos, carrying, status)."""
     n, (r, c) = state["level"], pos
     delta = {"L": (0, -1), "D": (1, 0), "R": (0, 1), "U": (-1, 0)}
     inside = lambda p: 0 <= p[0] < n and 0 <= p[1] < n
@@ -191,7 +191,7 @@ def test_off_grid_move_is_illegal_and_actions_after_success_are_ignored():
                                                "illegal": False, "plan": None}
 
 
-# ---------------------------------------------------------------- generation (SPEC §1)
+# ---------------------------------------------------------------- generation (method.md §1)
 def test_generation_is_a_pure_function_of_task_level_seed():
     for task in envs.TASKS:
         for level in envs.DEFAULT_LEVELS[task]:
@@ -226,7 +226,7 @@ def test_maze_split_balances_difficulty_buckets():
     assert counts == {"easy": 10, "medium": 10, "hard": 10}
 
 
-# ---------------------------------------------------------------- prompts (SPEC §3)
+# ---------------------------------------------------------------- prompts (method.md §3)
 def valid_state(state):
     n = state["level"]
     inside = lambda p: 0 <= p[0] < n and 0 <= p[1] < n
@@ -304,7 +304,7 @@ def test_maze_teacher_context_has_a_wall_table_that_matches_the_open_directions(
             assert {a for a, bit in zip("URDL", mask) if bit == "0"} == set(state["open"][r][c])
 
 
-# ---------------------------------------------------------------- pictures (SPEC §1, §10)
+# ---------------------------------------------------------------- pictures (method.md §1, §10)
 def decode(img, task, n, cell=None):
     """Recover the symbolic state from pixels: the colour at each cell centre names its content
     (LEGEND); maze walls are black pixels just inside a cell edge, at the middle of that edge.
@@ -396,8 +396,8 @@ def test_prompt_legend_is_the_renderer_legend():
     assert "the red triangle is the agent" in envs.picture_legend("minibehaviour")
 
 
-# SPEC §1's colour words, and what each means in RGB.
-SPEC_COLOURS = {("frozenlake", "frozen"): "ice-blue", ("frozenlake", "hole"): "dark", ("maze", "corridor"): "white",
+# method.md §1's colour words, and what each means in RGB.
+DOC_COLOURS = {("frozenlake", "frozen"): "ice-blue", ("frozenlake", "hole"): "dark", ("maze", "corridor"): "white",
                 ("maze", "player"): "yellow", ("maze", "target"): "blue", ("minibehaviour", "floor"): "black",
                 ("minibehaviour", "table"): "tan", ("minibehaviour", "printer"): "white", ("minibehaviour", "agent"): "red"}
 COLOUR_WORDS = {"ice-blue": lambda r, g, b: b > 220 and g > 180 and r < b, "dark": lambda r, g, b: max(r, g, b) < 90,
@@ -407,7 +407,7 @@ COLOUR_WORDS = {"ice-blue": lambda r, g, b: b > 220 and g > 180 and r < b, "dark
 
 
 def test_legend_colours_are_the_spec_colours_at_rendered_cell_centres():
-    for (task, role), word in SPEC_COLOURS.items():
+    for (task, role), word in DOC_COLOURS.items():
         state = envs.generate(task, envs.DEFAULT_LEVELS[task][-1], 11)
         img = envs.render(state, 128)
         cell, margin = envs.geometry(state["level"], 128)
@@ -418,7 +418,7 @@ def test_legend_colours_are_the_spec_colours_at_rendered_cell_centres():
         assert word in description and description in envs.picture_legend(task)
 
 
-# ---------------------------------------------------------------- QA and scoring (SPEC §4, §5)
+# ---------------------------------------------------------------- QA and scoring (method.md §4, §5)
 @pytest.mark.parametrize("task", envs.TASKS)
 def test_perception_answer_scores_correct_and_errors_are_caught(task):
     state = instances(task, envs.DEFAULT_LEVELS[task][-1], 1, first_seed=7)[0]
@@ -497,7 +497,7 @@ def test_aggregate_macro_is_the_unweighted_mean_over_tasks():
     assert agg["macro"]["optimal"] == pytest.approx((0.5 + 0.0 + 0.25) / 3)
 
 
-# ---------------------------------------------------------------- data on disk (SPEC §6)
+# ---------------------------------------------------------------- data on disk (method.md §6)
 ALL_KINDS = ("planning", "text-planning", "perception", "dynamics")
 
 
