@@ -91,7 +91,8 @@ def get_parser():
     p.add_argument("--backend", default="hf", choices=BACKENDS, help="how responses are produced")
     p.add_argument("--condition", default="image", choices=("image", "text", "both"),
                    help="planning input: the image, the text state, or both (then the gap text - image is reported)")
-    p.add_argument("--kind", default="planning", choices=("planning", "perception", "dynamics"), help="which rows to evaluate")
+    p.add_argument("--kind", default="planning", choices=("planning", "perception", "dynamics", "vision"),
+                   help="which rows to evaluate (vision: tiny.py's generic grid reading)")
     p.add_argument("--max-new-tokens", type=int, default=4096, help="greedy decoding budget per response")
     p.add_argument("--out", default=None, help="output directory (default runs/eval/<model>-<backend>-<kind>)")
     p.add_argument("--batch-size", type=int, default=8, help="hf: prompts per generate call")
@@ -135,7 +136,7 @@ def build_episodes(rows, kind, conditions):
                         else envs.text_student_messages(row["state"]))
             elif kind == "perception":
                 turn = envs.perception_messages(row["state"], row["image"])
-            else:  # dynamics rows carry their own prompt; drop the assistant target
+            else:  # dynamics and vision rows carry their own prompt; drop the assistant target
                 turn = [m for m in row["messages"] if m["role"] != "assistant"]
             episodes.append({"row": row, "condition": condition, "messages": turn})
     return episodes
@@ -144,7 +145,7 @@ def build_episodes(rows, kind, conditions):
 def oracle_response(row):
     if row["kind"] == "perception":
         return envs.perception_answer(row["state"])
-    if row["kind"] == "dynamics":
+    if row["kind"] in ("dynamics", "vision"):
         return row["answer"]
     return envs.reference_response(row["state"])
 

@@ -173,7 +173,7 @@ def main():
         run([py, "opcd.py", "--model", student, "--teacher", base, "--data", data / "train", "--val-data", data / "val",
              "--out", out / name, "--rollout", backend, "--max-steps", args.opcd_steps, "--batch-size", args.opcd_batch,
              "--lr", args.opcd_lr, "--max-new-tokens", args.max_new_tokens, "--val-every", max(1, args.opcd_steps // 4),
-             "--seed", args.seed, "--loss", "full", *extra], out / name / "best" / "config.json")
+             "--seed", args.seed, "--loss", "full", "--no-grad-checkpointing", *extra], out / name / "best" / "config.json")
         return out / name / "best"
 
     results = {}

@@ -85,13 +85,15 @@ def test_encode_prompts_pads_on_the_left(loaded):
     assert (batch["input_ids"][1][mask[1] == 0] == processor.tokenizer.pad_token_id).all()
 
 
-def test_response_logprobs_match_unpadded_full_forward(loaded):
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_response_logprobs_match_unpadded_full_forward(loaded, temperature):
+    """... of logits / temperature: the rollout's sampling distribution, as the reference computes it."""
     model, processor = loaded
     batch = _batch(processor)
     response = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
     response_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     with torch.no_grad():
-        got = common.response_logprobs(model, batch, response, response_mask)
+        got = common.response_logprobs(model, batch, response, response_mask, temperature)
     assert got.shape == (2, 4)
     for i in range(2):  # each row alone, no padding at all, full log_softmax
         n = int(response_mask[i].sum())
@@ -102,7 +104,7 @@ def test_response_logprobs_match_unpadded_full_forward(loaded):
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm, **extra).logits[0]
         P = int(keep.sum())
-        ref = torch.log_softmax(logits[P - 1:P + n - 1], -1).gather(-1, response[i, :n, None]).squeeze(-1)
+        ref = torch.log_softmax(logits[P - 1:P + n - 1] / temperature, -1).gather(-1, response[i, :n, None]).squeeze(-1)
         torch.testing.assert_close(got[i, :n], ref, atol=1e-5, rtol=1e-5)
 
 

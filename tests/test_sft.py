@@ -131,6 +131,16 @@ def test_lora_sft_trains_only_lora_and_writes_a_peft_adapter(tiny_model, train_d
     assert [x["step"] for x in lines] == [1, 2] and all(x["loss"] > 0 for x in lines)
 
 
+def test_stage_one_trains_on_perception_rows_only_by_default(tiny_model, train_dir, tmp_path, capsys):
+    """The reference's stage 1 never sees a plan: without --kinds, planning rows are left out."""
+    rows = envs.load_split(train_dir)
+    perception = sum(r["kind"] == "perception" for r in rows)
+    assert 0 < perception < len(rows)
+    sft.main(["--model", tiny_model, "--data", train_dir, "--out", tmp_path / "run", "--batch-size", 4,
+              "--micro-batch-size", 4, "--max-steps", 1])
+    assert f"sft: {perception} rows," in capsys.readouterr().out
+
+
 def test_full_sft_leaves_the_vision_tower_frozen(tiny_model, train_dir, tmp_path):
     out = tmp_path / "full"
     sft.main(["--model", tiny_model, "--data", train_dir, "--out", out, "--full", "--batch-size", 4,
