@@ -28,6 +28,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import cli
 import envs
 
 WALLS = {"north": "U", "east": "R", "south": "D", "west": "L"}
@@ -169,8 +170,8 @@ def write_split(items, out_dir, image_size=256, cell_size=None):
 
 
 def main(argv=None):
-    parser = envs._Parser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="benchmark", required=True, parser_class=envs._Parser)
+    parser = cli.Parser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="benchmark", required=True, parser_class=cli.Parser)
     vsp = sub.add_parser("vsp", help="VSP FrozenLake: a folder of levelN/{table,img,metadata.json}")
     vsp.add_argument("src", help="the vsp-frozenlake folder")
     vsp.add_argument("--draw-missing", action="store_true",

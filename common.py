@@ -52,7 +52,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
+
+import cli
 
 # ------------------------------------------------------------------------------------------
 # Distributed set-up and logging
@@ -99,6 +100,7 @@ def atomic_dir(path):
     A reader never sees a half-written checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    cli.recover_dir(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -147,14 +149,22 @@ def write_model_files(model, processor, folder):
 # Loading, encoding, log-probs
 
 
-def load_model(path, device="cpu", dtype=None):
-    """Model + processor from a local folder or a hub id. dtype None -> float32 weights."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
-
+def check_model_dir(path):
+    """Cheap checks of a local model folder before anything loads: FileNotFoundError / ValueError."""
     path = str(path)
     local = Path(path)
     if (local.exists() or path.startswith((".", "/"))) and not (local / "config.json").is_file():
         raise FileNotFoundError(f"no model at {path} (missing config.json)")
+    if local.is_dir() and not any((local / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+        raise ValueError(f"{path}: no tokenizer files (tokenizer.json or vocab.json)")
+
+
+def load_model(path, device="cpu", dtype=None):
+    """Model + processor from a local folder or a hub id. dtype None -> float32 weights."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
+
+    check_model_dir(path)
+    path = str(path)
     try:
         processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError, TypeError) as e:
@@ -163,7 +173,10 @@ def load_model(path, device="cpu", dtype=None):
         # AutoProcessor silently falls back to the bare tokenizer when the processor cannot be built.
         raise ValueError(f"{path}: no multimodal processor (got {type(processor).__name__}; "
                          "need preprocessor_config.json, video_preprocessor_config.json and a tokenizer)")
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32)
+    except Exception as e:  # a truncated or foreign weights file: one line, not a traceback
+        raise ValueError(f"{path}: cannot load the weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     model.to(device)
     tok = processor.tokenizer
     if tok.pad_token_id is None:

@@ -45,7 +45,6 @@ Commands:
   python envs.py data --out data/val --split val --per-level 100 --kinds planning,perception,dynamics
   python envs.py show maze --level 4 --seed 7 --out maze.png
 """
-import argparse
 import hashlib
 import json
 import multiprocessing
@@ -63,6 +62,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+import cli
 
 TASKS = ("frozenlake", "maze", "minibehaviour")
 DEFAULT_LEVELS = {"frozenlake": (3, 4, 5, 6, 7, 8), "maze": (3, 4, 5, 6), "minibehaviour": (5, 6)}
@@ -1059,6 +1060,49 @@ def make_split(out_dir, split, per_level, tasks=None, levels=None, kinds=("plann
     return out
 
 
+STATE_KEYS = {"frozenlake": ("start", "goal", "holes"), "maze": ("start", "target", "open"),
+              "minibehaviour": ("agent", "printer", "table"), "grid": ("background", "shapes", "ask_shape", "ask_background")}
+
+
+def row_problem(row):
+    """What is wrong with a data row (types and contents, with the offending value), or None."""
+    if not isinstance(row, dict):
+        return f"a row must be a JSON object, got {type(row).__name__}"
+    missing = [k for k in ("id", "task", "level", "kind", "state", "plan", "messages") if k not in row]
+    if missing:
+        return f"row misses {', '.join(missing)}"
+    task, kind = row["task"], row["kind"]
+    if (task, kind) != ("grid", "vision") and (task not in TASKS or kind not in KINDS):
+        return f"unknown task/kind {task!r}/{kind!r} (tasks: {', '.join(TASKS)}; kinds: {', '.join(KINDS)})"
+    if not isinstance(row["level"], int) or isinstance(row["level"], bool):
+        return f"level must be an integer, got {row['level']!r}"
+    state = row["state"]
+    if not isinstance(state, dict) or state.get("task") != task or state.get("level") != row["level"]:
+        return f"state does not describe this {task} level {row['level']} row"
+    absent = [k for k in STATE_KEYS[task] if k not in state]
+    if absent:
+        return f"state misses {', '.join(absent)}"
+    if not isinstance(row["plan"], list) or not all(isinstance(a, str) for a in row["plan"]):
+        return f"plan must be a list of actions, got {row['plan']!r}"
+    messages = row["messages"]
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return "messages must be a list of {role, content} objects"
+    for m in messages:
+        if m.get("role") not in ("system", "user", "assistant"):
+            return f"unknown message role {m.get('role')!r}"
+        content = m.get("content")
+        items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(items, list):
+            return f"message content must be a string or a list, got {type(content).__name__}"
+        for item in items:
+            if not isinstance(item, dict) or item.get("type") not in ("text", "image") \
+                    or not isinstance(item.get(item.get("type")), str):
+                return f"message item must be {{type: text, text: str}} or {{type: image, image: path}}, got {item!r}"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "messages hold no assistant turn"
+    return None
+
+
 def load_split(data_dir, kinds=None):
     """Rows of data_dir/data.jsonl (optionally only `kinds`), with image paths made absolute.
     FileNotFoundError / ValueError with a one-line message on a missing or malformed split."""
@@ -1083,23 +1127,22 @@ def load_split(data_dir, kinds=None):
     with open(path) as f:
         for number, line in enumerate(f, 1):
             where = f"{path}:{number}"
+            if not line.strip():
+                continue  # a trailing blank line is not a row
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
-            missing = {"id", "task", "level", "kind", "state", "plan", "messages", "answer"} - set(row) \
-                if isinstance(row, dict) else {"a JSON object"}
-            generic = not missing and (row["task"], row["kind"]) == ("grid", "vision")  # tiny.py's grid rows
-            if missing or not generic and (row["task"] not in TASKS or row["kind"] not in KINDS):
-                raise ValueError(f"{where}: malformed row (missing {sorted(missing)} or unknown task/kind)")
-            if kinds and row["kind"] not in kinds:
+            if kinds and isinstance(row, dict) and row.get("kind") not in kinds:
                 continue
             try:  # state and query are JSON strings on disk (see ROW_KEYS)
-                row.update({k: json.loads(row[k]) for k in ("state", "query") if isinstance(row.get(k), str)})
+                if isinstance(row, dict):
+                    row.update({k: json.loads(row[k]) for k in ("state", "query") if isinstance(row.get(k), str)})
             except json.JSONDecodeError:
-                raise ValueError(f"{where}: malformed row (state or query is not JSON)") from None
-            if not isinstance(row["state"], dict) or row["state"].get("task") != row["task"]:
-                raise ValueError(f"{where}: malformed row (state does not describe a {row['task']} instance)")
+                raise ValueError(f"{where}: state or query is not JSON") from None
+            problem = row_problem(row)
+            if problem:
+                raise ValueError(f"{where}: {problem}")
             if row.get("image"):
                 row["image"] = resolve(row["image"], where)
             for message in row["messages"]:
@@ -1111,12 +1154,6 @@ def load_split(data_dir, kinds=None):
 
 
 # ---------------------------------------------------------------- command line
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr, exit code 2
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def _levels_arg(tokens):
     """`3 4` -> [3, 4] for every task; `frozenlake=3,4 maze=3` -> {task: levels} (unnamed tasks: default)."""
     if not tokens:
@@ -1153,8 +1190,8 @@ def _show(args):
 
 
 def main(argv=None):
-    parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = cli.Parser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=cli.Parser)
     data = sub.add_parser("data", help="write one split: DIR/data.jsonl and DIR/images/")
     data.add_argument("--out", required=True, help="output directory (replaced atomically)")
     data.add_argument("--split", required=True, choices=tuple(SPLITS), help="which split (disjoint seeds and states)")

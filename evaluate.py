@@ -59,33 +59,30 @@ Usage
   python evaluate.py --backend openai --base-url http://localhost:8000/v1 \
       --model Qwen/Qwen3-VL-8B-Instruct --data data/test --condition both --concurrency 32 --resume
 """
-import argparse
 import base64
 import http.client
 import io
 import json
 import os
+import re
+import shutil
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+import cli
 import envs
 
 BACKENDS = ("hf", "vllm", "openai", "oracle")
 PLANNING_METRICS = ("success", "optimal", "parse_ok", "illegal")
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr, exit 2 (argparse prints the usage too)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def get_parser():
-    p = Parser(prog="evaluate.py", description=__doc__.split("\n")[0])
+    p = cli.Parser(prog="evaluate.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="checkpoint directory or hub id (model name for --backend openai)")
     p.add_argument("--data", required=True, help="split directory holding data.jsonl (python envs.py data ...)")
     p.add_argument("--backend", default="hf", choices=BACKENDS, help="how responses are produced")
@@ -93,24 +90,26 @@ def get_parser():
                    help="planning input: the image, the text state, or both (then the gap text - image is reported)")
     p.add_argument("--kind", default="planning", choices=("planning", "perception", "dynamics", "vision"),
                    help="which rows to evaluate (vision: tiny.py's generic grid reading)")
-    p.add_argument("--max-new-tokens", type=int, default=4096, help="greedy decoding budget per response")
-    p.add_argument("--out", default=None, help="output directory (default runs/eval/<model>-<backend>-<kind>)")
-    p.add_argument("--batch-size", type=int, default=8, help="hf: prompts per generate call")
-    p.add_argument("--max-model-len", type=int, default=None, help="vllm: context length (default: longest prompt + max-new-tokens)")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=4096, help="greedy decoding budget per response")
+    p.add_argument("--out", default=None, help="output directory (default runs/eval/<the model path, / as _>-<backend>-<kind>)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8, help="hf: prompts per generate call")
+    p.add_argument("--max-model-len", type=cli.positive_int, default=None, help="vllm: context length (default: longest prompt + max-new-tokens)")
     p.add_argument("--base-url", default=None, help="openai: endpoint base URL, e.g. http://localhost:8000/v1")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: name of the environment variable holding the key")
-    p.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight")
-    p.add_argument("--timeout-seconds", type=float, default=600.0, help="openai: per-request timeout")
-    p.add_argument("--retries", type=int, default=3, help="openai: retries per request after the first attempt")
-    p.add_argument("--backoff-seconds", type=float, default=2.0, help="openai: first retry delay, doubled on each retry")
+    p.add_argument("--concurrency", type=cli.positive_int, default=8, help="openai: requests in flight")
+    p.add_argument("--timeout-seconds", type=cli.positive_float, default=600.0, help="openai: per-request timeout")
+    p.add_argument("--retries", type=cli.nonneg_int, default=3, help="openai: retries per request after the first attempt")
+    p.add_argument("--backoff-seconds", type=cli.nonneg_float, default=2.0, help="openai: first retry delay, doubled on each retry")
     p.add_argument("--resume", action="store_true", help="keep finished episodes of OUT/episodes.jsonl, request only the rest")
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most N instances, round-robin over (task, level)")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that already holds a run")
+    p.add_argument("--limit", type=cli.positive_int, default=None,
+                   help="evaluate at most N instances, round-robin over (task, level) (default: all)")
+    p.add_argument("--max-error-share", type=cli.nonneg_float, default=0.1,
+                   help="exit with code 1 when more than this share of episodes errored (results are still written)")
     return p
 
 
-def fail(message):
-    print(f"evaluate.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+fail = cli.fail
 
 
 # ----------------------------------------------------------------------------- episodes
@@ -440,8 +439,10 @@ def evaluate(args):
         fail(f"--condition {args.condition} applies to planning only (perception and dynamics are visual)")
     if args.backend == "openai" and not args.base_url:
         fail("--backend openai needs --base-url (e.g. http://localhost:8000/v1)")
-    if min(args.max_new_tokens, args.batch_size, args.concurrency) < 1 or args.retries < 0:
-        fail("--max-new-tokens, --batch-size and --concurrency must be >= 1, --retries >= 0")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", args.api_key_env):  # never echo it: it may be the key itself
+        fail("--api-key-env must name an environment variable (e.g. OPENAI_API_KEY), not hold the key")
+    if args.base_url and "@" in urllib.parse.urlsplit(args.base_url).netloc:
+        fail("--base-url must not carry credentials; put the key in the variable named by --api-key-env")
     try:
         rows = envs.load_split(args.data, kinds=[args.kind])
     except (OSError, ValueError) as e:
@@ -453,7 +454,8 @@ def evaluate(args):
     conditions = ["image", "text"] if args.condition == "both" else [args.condition]
     episodes = build_episodes(rows, args.kind, conditions)
 
-    out = Path(args.out or Path("runs/eval") / f"{Path(args.model).name}-{args.backend}-{args.kind}")
+    out = Path(args.out or Path("runs/eval") / f"{args.model.strip('/').replace('/', '_')}-{args.backend}-{args.kind}")
+    cli.check_out(out, args.resume, args.overwrite)
     episodes_path = out / "episodes.jsonl"
     settings = {k: str(getattr(args, k)) for k in ("model", "data", "kind", "max_new_tokens")}
     if args.resume and (out / "run.json").exists() and json.loads((out / "run.json").read_text()) != settings:
@@ -470,6 +472,8 @@ def evaluate(args):
         run = backend(args, todo) if todo else (lambda emit: None)
     except (OSError, ValueError) as e:
         fail(str(e))
+    if args.overwrite and not args.resume:
+        shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "run.json", json.dumps(settings))
     write_jsonl(episodes_path, finished.values())  # drops errored and torn lines of the previous run
@@ -504,11 +508,21 @@ def evaluate(args):
     plot(summary, headline, out / f"{headline}.png")
     print(report)
     print(f"wrote {out}/episodes.jsonl, summary.json, report.md, {headline}.png")
+    errored = sum(r["error"] for r in records)
+    if errored > args.max_error_share * len(records):
+        print(f"error: {errored} of {len(records)} episodes errored (more than --max-error-share "
+              f"{args.max_error_share}); they count as failures above", file=sys.stderr)
+        sys.exit(1)
     return summary
 
 
 def main(argv=None):
-    return evaluate(get_parser().parse_args(argv))
+    args = get_parser().parse_args(argv)
+    try:
+        return evaluate(args)
+    except KeyboardInterrupt:
+        print("error: interrupted; finished episodes are kept in episodes.jsonl (--resume continues)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Command lines:
     python merge.py --base Qwen/Qwen3-VL-4B-Instruct --adapter runs/sft-4b/adapter --out models/sft-4b
     python merge.py --base models/small --checkpoint runs/sft-full/checkpoint --out models/small-full
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -27,17 +26,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+import cli
 import common
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="merge a LoRA adapter (or a full-FT checkpoint) into a plain HF model")
+    p = cli.Parser(prog="merge.py", description="merge a LoRA adapter (or a full-FT checkpoint) into a plain HF model")
     p.add_argument("--base", required=True, help="base model folder or hub id (the one the adapter was trained on)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--adapter", help="PEFT-format LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
     src.add_argument("--checkpoint", help="sft.py --full training checkpoint folder (trainable.safetensors)")
-    p.add_argument("--out", required=True, help="output model folder")
-    p.add_argument("--tolerance", type=float, default=1e-3, help="max allowed |logit diff| of merged vs base+adapter (fp32)")
+    p.add_argument("--out", required=True, help="output model folder (not the base's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that already holds files")
+    p.add_argument("--tolerance", type=cli.positive_float, default=1e-3, help="max allowed |logit diff| of merged vs base+adapter (fp32)")
     p.add_argument("--probe-data", default=None, help="optional split directory whose first rows' prompts form the probe batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device for the probe forward")
     return p.parse_args(argv)
@@ -63,6 +64,9 @@ def probe_logits(model, batch):
 
 def main(argv=None):
     args = parse_args(None if argv is None else [str(a) for a in argv])
+    if Path(args.out).resolve() == Path(args.base).resolve():
+        cli.fail("--out is the --base folder: merging there would overwrite the base weights")
+    cli.check_out(args.out, overwrite=args.overwrite)
     try:
         source = Path(args.adapter or args.checkpoint)
         needed = ["adapter_config.json", "adapter_model.safetensors"] if args.adapter else ["trainable.safetensors"]
@@ -88,7 +92,7 @@ def main(argv=None):
             for name, tensor in weights.items():
                 params[name].data.copy_(tensor)
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(print(f"error: {e}", file=sys.stderr) or 2)
+        cli.fail(str(e).splitlines()[0])
 
     reference = probe_logits(model, batch)  # base + adapter, unmerged, float32
     common.merge_lora(model)

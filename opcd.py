@@ -53,7 +53,7 @@ import json
 import math
 import os
 import random
-import sys
+import shutil
 import time
 from pathlib import Path
 
@@ -64,12 +64,13 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
+import cli
 import common
 import envs
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="MGSD stage 2: on-policy context distillation (OPCD)")
+    p = cli.Parser(prog="opcd.py", description="MGSD stage 2: on-policy context distillation (OPCD)")
     a = p.add_argument
     a("--model", required=True, help="the student: a model folder or hub id (the merged stage-1 checkpoint)")
     a("--teacher", required=True, help="the frozen teacher: the base model the student started from (the reference's "
@@ -79,47 +80,45 @@ def parse_args(argv=None):
     a("--out", required=True, help="run folder: log.jsonl, best/ and last/ checkpoints")
     a("--rollout", default="vllm", choices=["vllm", "hf"], help="rollout backend: in-process vLLM or HF generate")
     a("--loss", default="sampled", choices=["sampled", "full"], help="sampled: REINFORCE with A=ℓT−ℓS (reference); full: exact KL over the vocabulary")
-    a("--reward-coef", type=float, default=0.0, help="adds coef*(success − batch mean) to every token's advantage")
-    a("--updates-per-batch", type=int, default=1, help="optimiser steps per rollout batch (>1: clipped-ratio PPO form)")
-    a("--clip-low", type=float, default=0.2, help="PPO ratio clip below 1")
-    a("--clip-high", type=float, default=0.3, help="PPO ratio clip above 1")
+    a("--reward-coef", type=cli.nonneg_float, default=0.0, help="adds coef*(success − batch mean) to every token's advantage")
+    a("--updates-per-batch", type=cli.positive_int, default=1, help="optimiser steps per rollout batch (>1: clipped-ratio PPO form)")
+    a("--clip-low", type=cli.nonneg_float, default=0.2, help="PPO ratio clip below 1")
+    a("--clip-high", type=cli.nonneg_float, default=0.3, help="PPO ratio clip above 1")
     a("--no-teacher-plan", action="store_true", help="drop the reference-plan line from the teacher context")
     a("--teacher-context", default="privileged", choices=["privileged", "image"],
       help="privileged: the teacher reads the symbolic state as text (MGSD); image: it gets the student's own image "
-           "prompt, an ablation that removes the privileged information (default: %(default)s)")
-    a("--batch-size", type=int, default=32, help="prompts per step, global (divisible by the number of ranks)")
-    a("--micro-batch-size", type=int, default=4, help="sequences per forward/backward pass")
-    a("--max-new-tokens", type=int, default=2048, help="rollout response length cap")
-    a("--temperature", type=float, default=1.0, help="rollout sampling temperature")
-    a("--top-p", type=float, default=1.0, help="rollout nucleus sampling")
-    a("--lr", type=float, default=1e-6, help="AdamW learning rate (constant)")
-    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    a("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
-    a("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
-    a("--epochs", type=int, default=5, help="passes over the train split")
-    a("--max-steps", type=int, default=0, help="stop after this many steps (0: run all epochs)")
+           "prompt, an ablation that removes the privileged information")
+    a("--batch-size", type=cli.positive_int, default=32, help="prompts per step, global (divisible by the number of ranks)")
+    a("--micro-batch-size", type=cli.positive_int, default=4, help="sequences per forward/backward pass")
+    a("--max-new-tokens", type=cli.positive_int, default=2048, help="rollout response length cap")
+    a("--temperature", type=cli.positive_float, default=1.0, help="rollout sampling temperature")
+    a("--top-p", type=cli.positive_float, default=1.0, help="rollout nucleus sampling")
+    a("--lr", type=cli.positive_float, default=1e-6, help="AdamW learning rate (constant)")
+    a("--weight-decay", type=cli.nonneg_float, default=0.01, help="AdamW weight decay")
+    a("--betas", type=cli.nonneg_float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
+    a("--max-grad-norm", type=cli.nonneg_float, default=1.0, help="gradient-norm clip")
+    a("--epochs", type=cli.positive_float, default=5, help="passes over the train split")
+    a("--max-steps", type=cli.nonneg_int, default=0, help="stop after this many steps (0: run all epochs)")
     a("--bf16-master", action="store_true", help="keep weights and Adam states in the model dtype (the reference's bf16), no fp32 master copy")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="model dtype; auto: bf16 on GPU, fp32 on CPU")
-    a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on the language model instead of all weights")
+    a("--lora-rank", type=cli.nonneg_int, default=0, help="train LoRA adapters of this rank on the language model instead of all weights (0: none)")
     a("--freeze-vision", action="store_true", help="do not train the vision tower and merger")
     a("--fsdp", action="store_true", help="shard the student and optimiser states over the ranks (FSDP2 fully_shard)")
-    a("--kl-chunk", type=int, default=256, help="--loss full: positions per chunk of the vocabulary-wide KL")
+    a("--kl-chunk", type=cli.positive_int, default=256, help="--loss full: positions per chunk of the vocabulary-wide KL")
     a("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
       help="non-reentrant gradient checkpointing of the decoder layers and vision blocks (default on; tiny CPU "
            "models run faster without)")
-    a("--val-every", type=int, default=20, help="validate and save every N steps (and after the last step)")
-    a("--val-size", type=int, default=0, help="validate on the first N val instances (0: all)")
-    a("--val-temperature", type=float, default=0.6, help="validation sampling temperature")
-    a("--val-top-p", type=float, default=0.95, help="validation nucleus sampling")
-    a("--max-model-len", type=int, default=8192, help="vLLM context length (prompt + response)")
-    a("--vllm-kv-cache-mb", type=int, default=256, help="vLLM KV cache size on CPU")
-    a("--vllm-gpu-memory", type=float, default=0.3, help="vLLM share of GPU memory (the trainer shares the GPU)")
-    a("--resume", action="store_true", help="continue from OUT/last (model, optimiser, data position)")
+    a("--val-every", type=cli.positive_int, default=20, help="validate and save every N steps (and after the last step)")
+    a("--val-size", type=cli.nonneg_int, default=0, help="validate on the first N val instances (0: all)")
+    a("--val-temperature", type=cli.positive_float, default=0.6, help="validation sampling temperature")
+    a("--val-top-p", type=cli.positive_float, default=0.95, help="validation nucleus sampling")
+    a("--max-model-len", type=cli.positive_int, default=8192, help="vLLM context length (prompt + response)")
+    a("--vllm-kv-cache-mb", type=cli.positive_int, default=256, help="vLLM KV cache size on CPU")
+    a("--vllm-gpu-memory", type=cli.positive_float, default=0.3, help="vLLM share of GPU memory (the trainer shares the GPU)")
+    a("--resume", action="store_true", help="continue from OUT/last (model, optimiser, data position; same settings)")
+    a("--overwrite", action="store_true", help="replace an --out that already holds a run")
     a("--seed", type=int, default=0, help="seed of data order and sampling")
-    args = p.parse_args(argv)
-    if args.updates_per_batch < 1 or args.batch_size < 1 or args.micro_batch_size < 1:
-        p.error("--updates-per-batch, --batch-size and --micro-batch-size must be >= 1")
-    return args
+    return p.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------
@@ -484,9 +483,10 @@ def save_checkpoint(path, model, processor, trainer_state=None, rank=0):
             torch.save(trainer_state, tmp / "trainer_state.pt")
 
 
-def validate_and_save(args, step, val_rows, model, llm, processor, opt, best, log, rank, world_size):
+def validate_and_save(args, step, val_rows, model, llm, processor, opt, best, log, rank, world_size, write_log):
     """Validate (if a val split is given), keep the best checkpoint by macro success, check that
-    the ranks hold identical weights, save the last checkpoint with the trainer state."""
+    the ranks hold identical weights, write the step's log line, then save the last checkpoint with
+    the trainer state: a kill in between leaves a line past the checkpoint, which --resume drops."""
     out = Path(args.out)
     if val_rows:
         agg = validate(args, step, val_rows, model, llm, processor, rank, world_size)
@@ -501,6 +501,7 @@ def validate_and_save(args, step, val_rows, model, llm, processor, opt, best, lo
     if len(set(checksums)) > 1:
         raise RuntimeError(f"ranks diverged: weight checksums {checksums}")
     log["rank_weight_checksums"] = checksums
+    write_log(log)
     save_checkpoint(out / "last", model, processor, {"step": step + 1, "optimizer": opt.state_dict(),
                                                      "best_macro_success": best, "args": vars(args)}, rank)
     if world_size > 1:
@@ -508,29 +509,38 @@ def validate_and_save(args, step, val_rows, model, llm, processor, opt, best, lo
     return best
 
 
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+# Settings that may change when a run is resumed; any other difference is refused.
+RESUMABLE = {"resume", "overwrite", "max_steps", "val_every", "val_size", "val_data", "max_model_len", "vllm_kv_cache_mb",
+             "vllm_gpu_memory"}
 
 
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     state_file = out / "last" / "trainer_state.pt"
-    if args.resume and not state_file.is_file():
-        fail(f"--resume: no {state_file}")
+    cli.check_out(out, args.resume, args.overwrite)
+    if args.resume:
+        for folder in ("last", "best"):
+            cli.recover_dir(out / folder)
+        if not state_file.is_file():
+            cli.fail(f"--resume: no {state_file}")
+        cli.check_resume(json.loads((out / "args.json").read_text()), args, RESUMABLE)
     if args.loss == "full" and (args.reward_coef or args.updates_per_batch > 1):
-        fail("--reward-coef and --updates-per-batch > 1 need --loss sampled")
+        cli.fail("--reward-coef and --updates-per-batch > 1 need --loss sampled")
     if args.fsdp and (args.loss == "full" or args.lora_rank):
-        fail("--fsdp supports neither --loss full nor --lora-rank")
+        cli.fail("--fsdp supports neither --loss full nor --lora-rank")
     if args.rollout == "vllm" and not common.vllm_available():
-        fail("--rollout vllm: vllm is not installed (use --rollout hf)")
+        cli.fail("--rollout vllm: vllm is not installed (use --rollout hf)")
     ddp, rank, local_rank, world_size, device = common.compute_init(args.seed)
     if args.batch_size % world_size:
-        fail(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks")
+        cli.fail(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks")
     try:
         train_rows = envs.load_split(args.data, kinds=["planning"])
         val_rows = envs.load_split(args.val_data, kinds=["planning"]) if args.val_data else []
+        if len(train_rows) < args.batch_size:
+            raise ValueError(f"{args.data}: {len(train_rows)} planning rows, fewer than --batch-size {args.batch_size}")
+        for path in [args.model] + ([] if args.teacher == "live" else [args.teacher]):
+            common.check_model_dir(path)
         dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
                  "bfloat16": torch.bfloat16}[args.dtype]
         model, processor = common.load_model(args.model, device, dtype)
@@ -539,15 +549,16 @@ def main(argv=None):
         else:
             teacher, teacher_processor = common.load_model(args.teacher, device, dtype)
             if teacher_processor.tokenizer.get_vocab() != processor.tokenizer.get_vocab():
-                fail(f"teacher {args.teacher} has a different tokenizer from the student")
+                cli.fail(f"teacher {args.teacher} has a different tokenizer from the student")
             teacher.requires_grad_(False).eval()
     except (ValueError, FileNotFoundError) as e:
-        fail(str(e).splitlines()[0])
+        cli.fail(str(e).splitlines()[0])
     val_rows = val_rows[:args.val_size] if args.val_size else val_rows
     steps_per_epoch = len(train_rows) // args.batch_size
     if steps_per_epoch == 0:
-        fail(f"{args.data}: {len(train_rows)} planning rows, fewer than --batch-size {args.batch_size}")
-    total_steps = args.epochs * steps_per_epoch if not args.max_steps else min(args.max_steps, args.epochs * steps_per_epoch)
+        cli.fail(f"{args.data}: {len(train_rows)} planning rows, fewer than --batch-size {args.batch_size}")
+    total_steps = max(1, int(args.epochs * steps_per_epoch))
+    total_steps = min(args.max_steps, total_steps) if args.max_steps else total_steps
     if args.lora_rank:
         common.add_lora(model, rank=args.lora_rank, alpha=2 * args.lora_rank)
     elif args.freeze_vision:
@@ -574,6 +585,8 @@ def main(argv=None):
         common.push_weights(llm, model)
     writer = None
     if rank == 0:
+        if args.overwrite and not args.resume:
+            shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
         try:
@@ -590,6 +603,14 @@ def main(argv=None):
         if rank == 0:
             line = {"step": 0, "val_macro_success": best, **{f"val_{t}_success": v["success"] for t, v in agg["per_task"].items()}}
             (out / "log.jsonl").write_text(json.dumps(line) + "\n")
+    def write_log(log):
+        if rank == 0:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(log) + "\n")
+            for k, v in log.items():
+                if writer is not None and isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, log["step"])
+
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc="opcd")
     for step in range(start_step, total_steps):
@@ -597,15 +618,11 @@ def main(argv=None):
         log = opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size, device)
         log["epoch"] = step // steps_per_epoch
         if (step + 1) % args.val_every == 0 or step + 1 == total_steps:
-            best = validate_and_save(args, step, val_rows, model, llm, processor, opt, best, log, rank, world_size)
-        if rank == 0:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(log) + "\n")
-            if writer is not None:
-                for k, v in log.items():
-                    if isinstance(v, (int, float)):
-                        writer.add_scalar(k, v, step + 1)
-            bar.set_postfix(kl=f"{log['reverse_kl']:.3f}", success=f"{log['success']:.2f}")
+            best = validate_and_save(args, step, val_rows, model, llm, processor, opt, best, log, rank, world_size,
+                                     write_log)
+        else:
+            write_log(log)
+        bar.set_postfix(kl=f"{log['reverse_kl']:.3f}", success=f"{log['success']:.2f}")
         bar.update(1)
     bar.close()
     common.print0(f"done: {total_steps} steps" + (f", best val macro success {best:.3f}" if val_rows else "")

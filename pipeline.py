@@ -26,7 +26,6 @@ Every stage is skipped when its output exists, so an interrupted run resumes whe
     python pipeline.py --rows all --seed 1 --out runs/mini-s1      # one seed of the report
     python pipeline.py --aggregate runs/mini-s0 runs/mini-s1 runs/mini-s2
 """
-import argparse
 import importlib.util
 import json
 import os
@@ -36,6 +35,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import cli
 
 ROOT = Path(__file__).resolve().parent
 SHIPPED_BASE = ROOT / "models" / "mini-base"
@@ -58,7 +59,7 @@ HELP = dict(levels="levels per task, as task=l1,l2", train_per_level="train inst
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(prog="pipeline.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/mini", help="run folder; stages already there are skipped (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and a freshly built tiny base: a smoke run")
     p.add_argument("--rows", default="mgsd", choices=("mgsd", "all"),
@@ -70,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--backend", default=None, choices=("hf", "vllm"),
                    help="engine of OPCD rollouts and evaluation (default: vllm where installed, else hf)")
     for key, text in HELP.items():
-        kind = str if key == "levels" else float if key.endswith("lr") else int
+        kind = str if key == "levels" else cli.positive_float if key.endswith("lr") else cli.positive_int
         p.add_argument("--" + key.replace("_", "-"), type=kind, help=f"{text} (default {DEFAULT[key]}, quick {QUICK[key]})")
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else DEFAULT).items():
@@ -119,8 +120,9 @@ def pretrain_commands(out, quick=False):
     cmds.append(([py, "sft.py", "--model", out / "init", "--data", d / "grids-train", d / "text-train", d / "text-train-fl3",
                   d / "teacher-train", "--val-data", d / "grids-val", d / "text-val", "--kinds", "vision,text-planning,teacher", "--full",
                   "--train-vision", "--lr", 2e-3, "--warmup-ratio", 0.03, "--batch-size", 16, "--micro-batch-size", 16,
-                  "--epochs", epochs, "--no-grad-checkpointing", "--eval-every", 1000, "--save-every", 250,
-                  "--val-samples", 16 if quick else 128, "--max-new-tokens", 100, "--seed", 0, "--out", out / "sft"],
+                  "--epochs", epochs, "--no-grad-checkpointing", "--val-every", 1000, "--save-every", 250,
+                  "--val-size", 16 if quick else 128, "--max-new-tokens", 100, "--seed", 0, "--out", out / "sft",
+                  *(["--resume"] if (out / "sft" / "checkpoint" / "state.json").is_file() else [])],
                  out / "sft" / "model" / "config.json"))
     return cmds
 
@@ -165,15 +167,16 @@ def main():
         epochs = round(args.perception_steps * 16 / sum(rows_of_kind[k] for k in kinds.split(",")) + 1e-4, 4)
         run([py, "sft.py", "--model", student, "--data", data / "train", "--val-data", data / "val", "--kinds", kinds,
              "--full", "--train-vision", "--lr", args.perception_lr, "--epochs", epochs, "--batch-size", 16,
-             "--micro-batch-size", 16, "--no-grad-checkpointing", "--val-samples", 64, "--max-new-tokens",
-             args.max_new_tokens, "--seed", args.seed, "--out", out / name], out / name / "model" / "config.json")
+             "--micro-batch-size", 16, "--no-grad-checkpointing", "--val-size", 64, "--max-new-tokens",
+             args.max_new_tokens, "--seed", args.seed, "--out", out / name, "--overwrite"], out / name / "model" / "config.json")
         return out / name / "model"
 
     def opcd(name, student, *extra):
         run([py, "opcd.py", "--model", student, "--teacher", base, "--data", data / "train", "--val-data", data / "val",
              "--out", out / name, "--rollout", backend, "--max-steps", args.opcd_steps, "--batch-size", args.opcd_batch,
              "--lr", args.opcd_lr, "--max-new-tokens", args.max_new_tokens, "--val-every", max(1, args.opcd_steps // 4),
-             "--seed", args.seed, "--loss", "full", "--no-grad-checkpointing", *extra], out / name / "best" / "config.json")
+             "--seed", args.seed, "--loss", "full", "--no-grad-checkpointing", "--overwrite", *extra],
+            out / name / "best" / "config.json")
         return out / name / "best"
 
     results = {}
@@ -182,11 +185,12 @@ def main():
         """Held-out test planning from the image and from text; perception too for stage-1 models."""
         eval_dir = out / "eval" / f"row{len(results)}"  # the row order is fixed, so a re-run finds its results
         run([py, "evaluate.py", "--model", model, "--data", data / "test", "--backend", backend, "--condition", "both",
-             "--max-new-tokens", args.max_new_tokens, "--batch-size", 32, "--out", eval_dir], eval_dir / "summary.json")
+             "--max-new-tokens", args.max_new_tokens, "--batch-size", 32, "--out", eval_dir, "--overwrite"],
+            eval_dir / "summary.json")
         results[name] = json.loads((eval_dir / "summary.json").read_text())
         perception = out / "eval" / f"row{len(results) - 1}-perception"
         run([py, "evaluate.py", "--model", model, "--data", data / "test", "--backend", backend, "--kind", "perception",
-             "--max-new-tokens", args.max_new_tokens, "--batch-size", 32, "--out", perception],
+             "--max-new-tokens", args.max_new_tokens, "--batch-size", 32, "--out", perception, "--overwrite"],
             perception / "summary.json")
         results[name]["perception"] = json.loads((perception / "summary.json").read_text())
         return model

@@ -23,7 +23,7 @@ Simplifications, on purpose:
 - The last partial global batch of an epoch is dropped; the epoch order is a seeded permutation,
   so --resume reproduces an uninterrupted run exactly (same rows, same optimiser state).
 - Sequences longer than --max-length are cut on the right (an error if the cut hits an image).
-- Validation: loss on up to --val-samples rows of the val split, and task metrics from greedy
+- Validation: loss on up to --val-size rows of the val split, and task metrics from greedy
   `generate` scored by envs.score_row (perception: accuracy per question and all-correct).
 
 Outputs in --out: adapter/ (PEFT format: adapter_config.json + adapter_model.safetensors; merge
@@ -43,17 +43,17 @@ Command lines:
         --batch-size 8 --micro-batch-size 4
     # Qwen3-VL-4B (data made with --image-size 256): one GPU, bf16 autocast, LoRA r8, batch 64 = 4 x 16 accumulation
     python sft.py --model Qwen/Qwen3-VL-4B-Instruct --data data/train --val-data data/val --out runs/sft-4b \
-        --micro-batch-size 4 --eval-every 50 --save-every 50
+        --micro-batch-size 4 --val-every 50 --save-every 50
     # ... or 8 GPUs: batch 64 = 8 GPUs x 2 rows x 4 accumulation
     torchrun --nproc_per_node=8 sft.py --model Qwen/Qwen3-VL-4B-Instruct --data data/train --val-data data/val \
-        --out runs/sft-4b --micro-batch-size 2 --eval-every 50 --save-every 50
+        --out runs/sft-4b --micro-batch-size 2 --val-every 50 --save-every 50
     python merge.py --base Qwen/Qwen3-VL-4B-Instruct --adapter runs/sft-4b/adapter --out models/sft-4b
     python merge.py --base models/tiny --adapter runs/sft-ddp/adapter --out models/tiny-sft
 """
 import argparse
 import json
 import math
-import sys
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -63,42 +63,44 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import common
 from common import print0
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="MGSD stage 1: SFT (LoRA or full) of a Qwen-VL model on chat rows")
+    p = cli.Parser(prog="sft.py", description="MGSD stage 1: SFT (LoRA or full) of a Qwen-VL model on chat rows")
     p.add_argument("--model", required=True, help="base model: local folder or hub id")
     p.add_argument("--data", required=True, nargs="+", help="training split directories (data.jsonl + images), concatenated")
     p.add_argument("--val-data", default=None, nargs="+", help="validation split directories (optional)")
     p.add_argument("--out", required=True, help="output directory (adapter/ or model/, checkpoint/, metrics.jsonl)")
     p.add_argument("--kinds", default="perception",
-                   help="comma-separated row kinds to train on: perception, planning, text-planning, dynamics, vision "
-                        "(default: %(default)s; stage 1 never trains on plans)")
+                   help="comma-separated row kinds to train on: perception, planning, text-planning, teacher, dynamics, vision "
+                        "(stage 1 never trains on plans)")
     p.add_argument("--full", action="store_true", help="train every language-model weight instead of a LoRA")
     p.add_argument("--train-vision", action="store_true",
                    help="also train the vision tower and merger in full (frozen by default, as in the reference)")
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r")
-    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (scaling alpha/r)")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
-    p.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps of linear warm-up")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
-    p.add_argument("--epochs", type=float, default=3, help="number of passes over the training rows")
-    p.add_argument("--batch-size", type=int, default=64, help="effective (global) batch in rows per optimiser step")
-    p.add_argument("--micro-batch-size", type=int, default=4, help="rows per forward on each device (accumulation fills the rest)")
-    p.add_argument("--max-length", type=int, default=2048, help="maximum tokens per row (cut on the right)")
+    p.add_argument("--lora-rank", type=cli.positive_int, default=8, help="LoRA rank r")
+    p.add_argument("--lora-alpha", type=cli.positive_float, default=16, help="LoRA alpha (scaling alpha/r)")
+    p.add_argument("--lora-dropout", type=cli.nonneg_float, default=0.0, help="dropout on the LoRA input")
+    p.add_argument("--lr", type=cli.positive_float, default=1e-4, help="peak learning rate")
+    p.add_argument("--warmup-ratio", type=cli.nonneg_float, default=0.1, help="fraction of steps of linear warm-up")
+    p.add_argument("--weight-decay", type=cli.nonneg_float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=cli.nonneg_float, default=1.0, help="gradient-norm clip (0 = off)")
+    p.add_argument("--epochs", type=cli.positive_float, default=3, help="number of passes over the training rows")
+    p.add_argument("--batch-size", type=cli.positive_int, default=64, help="effective (global) batch in rows per optimiser step")
+    p.add_argument("--micro-batch-size", type=cli.positive_int, default=4, help="rows per forward on each device (accumulation fills the rest)")
+    p.add_argument("--max-length", type=cli.positive_int, default=2048, help="maximum tokens per row (cut on the right)")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="non-reentrant gradient checkpointing of the decoder layers")
-    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: only at the end)")
-    p.add_argument("--save-every", type=int, default=0, help="write checkpoint/ every N steps (0: only at the end)")
-    p.add_argument("--val-samples", type=int, default=64, help="validation rows used for loss and generation")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="generation budget of validation answers")
-    p.add_argument("--max-steps", type=int, default=0,
-                   help="stop after this many steps (the schedule still spans all epochs; for smoke tests)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--val-every", type=cli.nonneg_int, default=0, help="validate every N steps (0: only at the end)")
+    p.add_argument("--save-every", type=cli.nonneg_int, default=0, help="write checkpoint/ every N steps (0: only at the end)")
+    p.add_argument("--val-size", type=cli.positive_int, default=64, help="validation rows used for loss and generation")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=512, help="generation budget of validation answers")
+    p.add_argument("--max-steps", type=cli.nonneg_int, default=0,
+                   help="stop after this many steps, 0 = no limit (the schedule still spans all epochs)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings; see RESUMABLE)")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that already holds a run")
     p.add_argument("--seed", type=int, default=0, help="seed of LoRA init and data order")
     return p.parse_args(argv)
 
@@ -288,8 +290,21 @@ def load_checkpoint(path, model, optimizer):
 # ------------------------------------------------------------------------------------------
 
 
+# Settings that may change when a run is resumed; any other difference is refused.
+RESUMABLE = {"resume", "overwrite", "max_steps", "val_every", "save_every", "val_size", "val_data", "max_new_tokens"}
+
+
 def main(argv=None):
     args = parse_args(None if argv is None else [str(a) for a in argv])
+    out = Path(args.out)
+    cli.check_out(out, args.resume, args.overwrite)
+    if args.train_vision and not args.full:
+        cli.fail("--train-vision needs --full (a LoRA adapter holds no vision weights)")
+    if args.resume:
+        cli.recover_dir(out / "checkpoint")
+        if not (out / "checkpoint" / "state.json").is_file():
+            cli.fail(f"--resume: no checkpoint in {out / 'checkpoint'}")
+        cli.check_resume(json.loads((out / "args.json").read_text()), args, RESUMABLE)
     ddp, rank, local_rank, world, device = common.compute_init(args.seed)
     try:
         import envs
@@ -297,24 +312,20 @@ def main(argv=None):
         kinds = args.kinds.split(",")
         rows = [r for d in args.data for r in envs.load_split(d, kinds=kinds) if r.get("messages")]
         val_rows = [r for d in args.val_data or () for r in envs.load_split(d, kinds=kinds)]
-        val_rows = val_rows[::max(1, len(val_rows) // max(1, args.val_samples))][:args.val_samples]  # spread over tasks
+        val_rows = val_rows[::max(1, len(val_rows) // max(1, args.val_size))][:args.val_size]  # spread over tasks
         if not rows:
             raise ValueError(f"{' '.join(args.data)}: no rows with messages of kinds {kinds}")
-        if args.train_vision and not args.full:
-            raise ValueError("--train-vision needs --full (a LoRA adapter holds no vision weights)")
         if args.batch_size % world or args.batch_size > len(rows):
             raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {world} ranks and at most "
                              f"the {len(rows)} training rows")
-        out = Path(args.out)
-        if args.resume and not (out / "checkpoint" / "state.json").is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoint'}")
         model, processor = common.load_model(args.model, device)
-        for r in rows[:1] + val_rows[:1]:  # fail now, not after an hour, on a row the template cannot encode
+        for r in rows[:1] + val_rows:  # fail now, not after an hour, on a row the template cannot encode
             encode_chat(processor, r["messages"], args.max_length)
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
         common.compute_cleanup()
-        sys.exit(2)
+        cli.fail(str(e).splitlines()[0])
+    if args.overwrite and not args.resume and rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
 
     # Trainable set: a LoRA on the language model, or (--full) the whole language model + lm_head;
     # with --train-vision also the whole vision tower and merger.
@@ -343,9 +354,8 @@ def main(argv=None):
     try:
         step = load_checkpoint(out / "checkpoint", model, optimizer) if args.resume else 0
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
         common.compute_cleanup()
-        sys.exit(2)
+        cli.fail(str(e))
     n_params = sum(p.numel() for p in params)
     print0(f"sft: {len(rows)} rows, {world} rank(s), {total_steps} steps of {args.batch_size} rows, "
            f"{'full' if args.full else f'LoRA r{args.lora_rank}'} ({n_params / 1e6:.2f}M trainable), from step {step}")
@@ -401,7 +411,7 @@ def main(argv=None):
                 (nll * world / max(1.0, n_target)).backward()
             nll_sum += nll.item()
             tokens_seen += int(b["attention_mask"].sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip) if args.grad_clip > 0 else torch.zeros(())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm > 0 else torch.zeros(())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -413,15 +423,15 @@ def main(argv=None):
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        if val_rows and ((args.eval_every and step % args.eval_every == 0) or step == last_step):
-            val = validate(model, processor, val_rows, args, rank, world, device, autocast)
-            log(val)
-            print0(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in val.items()))
-        if (args.save_every and step % args.save_every == 0) or step == last_step:
+        if (args.save_every and step % args.save_every == 0) or step == last_step:  # before a validation can crash
             if rank == 0:
                 save_checkpoint(out / "checkpoint", model, optimizer, step)
             if ddp:
                 dist.barrier()
+        if val_rows and ((args.val_every and step % args.val_every == 0) or step == last_step):
+            val = validate(model, processor, val_rows, args, rank, world, device, autocast)
+            log(val)
+            print0(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in val.items()))
 
     if ddp:  # DDP keeps replicas identical; check it rather than trust it
         flat = torch.cat([p.detach().float().flatten() for p in params])

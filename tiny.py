@@ -28,6 +28,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+import cli
 import envs
 
 COLOURS = {"red": (220, 30, 30), "orange": (240, 140, 20), "yellow": (250, 210, 0), "green": (40, 170, 60),
@@ -179,8 +180,8 @@ def write_grids(out_dir, split, count, canvas=160, cell=32):
 
 
 def main(argv=None):
-    parser = envs._Parser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=envs._Parser)
+    parser = cli.Parser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=cli.Parser)
     g = sub.add_parser("grids", help="write a split of generic grid-reading rows (kind vision)")
     g.add_argument("--out", required=True, help="output directory (must not exist)")
     g.add_argument("--split", required=True, choices=tuple(SEED_BASE), help="seed range: train / val / test")

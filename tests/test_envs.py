@@ -498,7 +498,7 @@ def test_aggregate_macro_is_the_unweighted_mean_over_tasks():
 
 
 # ---------------------------------------------------------------- data on disk (method.md §6)
-ALL_KINDS = ("planning", "text-planning", "perception", "dynamics")
+ALL_KINDS = ("planning", "text-planning", "teacher", "perception", "dynamics")
 
 
 def tree_bytes(root):
@@ -570,7 +570,7 @@ def test_load_split_resolves_images_and_rejects_broken_dirs(make_data, tmp_path)
             assert decoded == {k: (sorted(v) if k in ("holes", "table") else v) for k, v in row["state"].items()
                                if k in decoded}
         score = envs.score_row(row, row["answer"])
-        assert score[{"planning": "optimal", "text-planning": "optimal", "perception": "all_correct",
+        assert score[{"planning": "optimal", "text-planning": "optimal", "teacher": "optimal", "perception": "all_correct",
                       "dynamics": "correct"}[row["kind"]]]
     assert {r["kind"] for r in envs.load_split(data, kinds=["perception"])} == {"perception"}
     with pytest.raises(FileNotFoundError, match="data directory not found"):
@@ -588,7 +588,7 @@ def test_load_split_resolves_images_and_rejects_broken_dirs(make_data, tmp_path)
     with pytest.raises(ValueError, match=r"data.jsonl:1: malformed JSON"):
         envs.load_split(broken)
     (broken / "data.jsonl").write_text('{"id": "x"}\n')
-    with pytest.raises(ValueError, match=r"data.jsonl:1: malformed row"):
+    with pytest.raises(ValueError, match=r"data.jsonl:1: row misses task, level, kind, state, plan, messages$"):
         envs.load_split(broken)
 
 

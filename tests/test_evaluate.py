@@ -213,7 +213,8 @@ def test_openai_errors_count_as_failures_and_resume_fills_only_missing_episodes(
             return 500, None, 0
         return 200, envs.reference_response(row["state"]), 1.5 if row["id"] in slow else 0
     args = ["--model", "m", "--data", data, "--backend", "openai", "--condition", "both", "--retries", 1,
-            "--backoff-seconds", 0.05, "--timeout-seconds", 0.5, "--concurrency", 4, "--out", tmp_path]
+            "--backoff-seconds", 0.05, "--timeout-seconds", 0.5, "--concurrency", 4, "--out", tmp_path,
+            "--max-error-share", 1]  # errors are the point here
     with Server(faulty) as server:
         summary = run(*args, "--base-url", server.url)
     n, bad = len(rows), failing | slow
@@ -268,6 +269,20 @@ def test_hf_and_vllm_give_identical_greedy_outputs_on_the_tiny_model(tiny_model,
         assert sum("inverse" in e["id"] for e in hf) == 2
     assert [e["response"] for e in hf] == [e["response"] for e in vllm]
     assert sum(len(e["response"]) for e in hf) > 0
+
+
+def test_a_run_where_most_episodes_errored_exits_1_after_writing_its_results(data, tmp_path, capsys):
+    """A server that fails every request: the episodes count as failures and are written, but the
+    exit code says the run is not to be trusted (it used to exit 0)."""
+    with Server(lambda payload: (500, None, 0)) as server:
+        with pytest.raises(SystemExit) as exit_info:
+            run("--model", "m", "--data", data, "--backend", "openai", "--base-url", server.url, "--retries", 0,
+                "--out", tmp_path)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    n = len(envs.load_split(data, kinds=["planning"]))
+    assert err == [f"error: {n} of {n} episodes errored (more than --max-error-share 0.1); they count as failures above"]
+    assert json.loads((tmp_path / "summary.json").read_text())["conditions"]["image"]["errors"] == n
 
 
 def free_port():

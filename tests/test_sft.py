@@ -227,7 +227,7 @@ def test_perception_sft_learns_player_position(tiny_model, make_data, tmp_path):
     val = make_data("val", 40, tasks=["frozenlake"], levels=[3], kinds=("perception",))
     out = tmp_path / "learn"
     result = _run("--model", tiny_model, "--data", train, "--val-data", val, "--out", out, "--full", "--lr", 2e-3,
-                  "--batch-size", 8, "--micro-batch-size", 8, "--epochs", 10, "--val-samples", 40,
+                  "--batch-size", 8, "--micro-batch-size", 8, "--epochs", 10, "--val-size", 40,
                   "--max-new-tokens", 40, "--no-grad-checkpointing")
     assert result.returncode == 0, result.stderr[-2000:]
     # Before training: the same validation on the untouched model.

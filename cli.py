@@ -1,0 +1,96 @@
+"""One way to fail, shared by every script: argument checks at parse time, one line on stderr,
+exit code 2, nothing written. No torch here, so that evaluate.py's API path stays light.
+
+- `Parser`: argparse with one-line errors and every default shown in --help;
+- `positive_int`, `nonneg_int`, `positive_float`, `nonneg_float`: argparse types that reject
+  out-of-range and non-finite numbers at parse time;
+- `check_out`: an --out that already holds a run needs --resume or --overwrite, and must be writable;
+- `check_resume`: a resumed run must keep its saved settings, except the ones named safe;
+- `recover_dir`: the leftovers of a checkpoint write that was killed are cleaned up or put back.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+class _ShowDefaults(argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return text + " (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block) and whose --help shows every default."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", _ShowDefaults)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        fail(f"{self.prog}: {message}")
+
+
+def _number(kind, low, low_open, text):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < low or (low_open and value == low):
+        raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
+    return value
+
+
+positive_int = lambda text: _number(int, 0, True, text)  # noqa: E731  argparse types: bad values fail at parse time
+nonneg_int = lambda text: _number(int, 0, False, text)  # noqa: E731
+positive_float = lambda text: _number(float, 0.0, True, text)  # noqa: E731
+nonneg_float = lambda text: _number(float, 0.0, False, text)  # noqa: E731
+
+
+def check_out(out, resume=False, overwrite=False):
+    """Refuse an --out that would silently mix two runs, or that cannot be written; writes nothing.
+    A non-empty folder needs --resume (continue it) or --overwrite (replace it)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file")
+    if out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")) and not (resume or overwrite):
+        fail(f"--out {out} already holds a run; --resume continues it, --overwrite replaces it")
+    anchor = next(p for p in [out, *out.parents] if p.exists())
+    if not anchor.is_dir() or not os.access(anchor, os.W_OK | os.X_OK):
+        fail(f"--out {out}: cannot write into {anchor}")
+
+
+def check_resume(saved_args, args, safe):
+    """Fail when a resumed run's settings differ from the saved ones, except the `safe` ones."""
+    now = json.loads(json.dumps(vars(args)))  # tuples -> lists, as saved
+    changed = sorted(k for k in set(saved_args) | set(now) if k not in safe and saved_args.get(k) != now.get(k))
+    if changed:
+        fail("--resume with other settings than the saved run: " + ", ".join(
+            f"--{k.replace('_', '-')} {saved_args.get(k)} -> {now.get(k)}" for k in changed)
+             + f" (safe to change: {', '.join('--' + k.replace('_', '-') for k in sorted(safe))})")
+
+
+def recover_dir(path):
+    """Clean up after an atomic_dir write that was killed: a half-written `.NAME.tmp-PID` is removed,
+    and if the kill fell between the two renames (NAME gone, `.NAME.old-PID` present) the old
+    folder is put back. Called at start-up and before every write."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for leftover in sorted(path.parent.glob(f".{path.name}.old-*")):
+        if not path.exists():
+            os.replace(leftover, path)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)

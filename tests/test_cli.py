@@ -1,0 +1,257 @@
+"""Bad input, reused folders and interrupted runs, across every script: one line on stderr naming the
+problem, exit code 2, and the output folder exactly as it was. The catalogue runs in-process (most
+cases fail at parse time and load no model)."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import benchmarks
+import cli
+import envs
+import evaluate
+import merge
+import opcd
+import sft
+import tiny
+
+NUMBERS = {"positive": ["0", "-4", "x", "nan", "inf"], "nonneg": ["-1", "nan", "x"]}
+SFT_NUMBERS = {"--batch-size": "positive", "--micro-batch-size": "positive", "--lora-rank": "positive",
+               "--max-length": "positive", "--max-new-tokens": "positive", "--val-size": "positive",
+               "--lr": "positive", "--epochs": "positive", "--lora-alpha": "positive", "--warmup-ratio": "nonneg",
+               "--weight-decay": "nonneg", "--max-grad-norm": "nonneg", "--lora-dropout": "nonneg",
+               "--val-every": "nonneg", "--save-every": "nonneg", "--max-steps": "nonneg"}
+OPCD_NUMBERS = {"--batch-size": "positive", "--micro-batch-size": "positive", "--max-new-tokens": "positive",
+                "--kl-chunk": "positive", "--val-every": "positive", "--updates-per-batch": "positive",
+                "--max-model-len": "positive", "--lr": "positive", "--temperature": "positive", "--top-p": "positive",
+                "--val-temperature": "positive", "--epochs": "positive", "--max-steps": "nonneg",
+                "--reward-coef": "nonneg", "--weight-decay": "nonneg", "--max-grad-norm": "nonneg"}
+EVAL_NUMBERS = {"--limit": "positive", "--max-new-tokens": "positive", "--batch-size": "positive",
+                "--concurrency": "positive", "--timeout-seconds": "positive", "--retries": "nonneg",
+                "--backoff-seconds": "nonneg", "--max-error-share": "nonneg"}
+
+
+def number_cases(script, table):
+    return [(script, [flag, value], flag) for flag, kind in table.items() for value in NUMBERS[kind][:4 if kind == "positive" else 3]]
+
+
+# (script, extra arguments, text the error line must contain). Base arguments are added per script;
+# {model}, {data}, {out}, {bad:...} are filled in by the fixture.
+CASES = (
+    number_cases("sft", SFT_NUMBERS) + number_cases("opcd", OPCD_NUMBERS) + number_cases("evaluate", EVAL_NUMBERS) + [
+        ("sft", ["--train-vision"], "--train-vision needs --full"),
+        ("sft", ["--kinds", "nonsense"], "no rows with messages of kinds ['nonsense']"),
+        ("sft", ["--data", "{tmp}/nowhere"], "nowhere"),
+        ("sft", ["--out", "{run}"], "already holds a run"),
+        ("sft", ["--out", "{file}"], "is a file"),
+        ("sft", ["--out", "{file}/sub"], "cannot write into"),
+        ("sft", ["--resume"], "--resume: no checkpoint"),
+        ("sft", ["--batch-size", "100000"], "at most the"),
+        ("sft", ["--model", "{tmp}/no-model"], "no-model"),
+        ("sft", ["--model", "{no_tokenizer}"], "no tokenizer files"),
+        ("sft", ["--model", "{truncated}"], "cannot load the weights"),
+        ("sft", ["--data", "{bad:messages_string}"], "messages must be a list"),
+        ("sft", ["--data", "{bad:content_int}"], "message content must be a string or a list, got int"),
+        ("sft", ["--data", "{bad:no_assistant}"], "no assistant turn"),
+        ("sft", ["--data", "{bad:state_missing}"], "state misses holes"),
+        ("sft", ["--data", "{bad:level_string}"], "level must be an integer, got '3'"),
+        ("sft", ["--data", "{bad:unknown_task}"], "'sokoban'"),
+        ("sft", ["--data", "{bad:image_item}"], "message item must be"),
+        ("sft", ["--data", "{bad:not_json}"], "malformed JSON"),
+        ("sft", ["--data", "{bad:not_object}"], "a row must be a JSON object"),
+        ("sft", ["--data", "{bad:plan_string}"], "plan must be a list"),
+        ("sft", ["--val-data", "{bad:no_assistant}"], "no assistant turn"),
+        ("opcd", ["--teacher", "{tmp}/no-teacher"], "no-teacher"),
+        ("opcd", ["--loss", "full", "--reward-coef", "0.5"], "need --loss sampled"),
+        ("opcd", ["--fsdp", "--loss", "full"], "--fsdp supports neither"),
+        ("opcd", ["--out", "{run}"], "already holds a run"),
+        ("opcd", ["--resume"], "--resume: no"),
+        ("opcd", ["--data", "{tmp}/nowhere"], "nowhere"),
+        ("opcd", ["--batch-size", "100000"], "fewer than --batch-size"),
+        ("opcd", ["--loss", "exact"], "invalid choice: 'exact'"),
+        ("opcd", ["--data", "{bad:state_missing}"], "state misses holes"),
+        ("opcd", ["--out", "{file}/sub"], "cannot write into"),
+        ("evaluate", ["--api-key-env", "sk-secret-123"], "must name an environment variable"),
+        ("evaluate", ["--backend", "openai", "--base-url", "http://user:sk-secret-123@127.0.0.1:1/v1"],
+         "must not carry credentials"),
+        ("evaluate", ["--backend", "openai"], "needs --base-url"),
+        ("evaluate", ["--condition", "text", "--kind", "perception"], "applies to planning only"),
+        ("evaluate", ["--data", "{tmp}/nowhere"], "nowhere"),
+        ("evaluate", ["--out", "{run}"], "already holds a run"),
+        ("evaluate", ["--data", "{bad:unknown_task}"], "'sokoban'"),
+        ("evaluate", ["--backend", "tgi"], "invalid choice: 'tgi'"),
+        ("merge", ["--out", "{model}"], "would overwrite the base weights"),
+        ("merge", ["--out", "{run}"], "already holds a run"),
+        ("merge", ["--tolerance", "0"], "--tolerance"),
+        ("merge", ["--adapter", "{tmp}/no-adapter"], "not a LoRA adapter"),
+        ("envs", ["data", "--out", "{out}", "--split", "train", "--per-level", "0"], "at least 1"),
+        ("envs", ["data", "--out", "{out}", "--split", "train", "--per-level", "1", "--tasks", "sokoban"], "'sokoban'"),
+        ("envs", ["data", "--out", "{out}", "--split", "dev", "--per-level", "1"], "'dev'"),
+        ("envs", ["data", "--out", "{out}", "--split", "train", "--per-level", "1", "--levels", "maze=6",
+                  "--image-size", "160", "--cell-size", "32"], "does not fit"),
+        ("tiny", ["grids", "--out", "{out}", "--split", "train", "--count", "0"], "at least 1"),
+        ("tiny", ["grids", "--out", "{run}", "--split", "train", "--count", "1"], "exists"),
+        ("benchmarks", ["vsp", "{tmp}/nowhere", "--out", "{out}"], "no levelN folders"),
+        ("benchmarks", ["visualplanning", "{tmp}/nowhere.jsonl", "--out", "{out}"], "unreadable"),
+    ])
+
+BAD_ROWS = {
+    "messages_string": lambda r: r.update(messages="hello"),
+    "content_int": lambda r: r["messages"][0].update(content=7),
+    "no_assistant": lambda r: r.update(messages=r["messages"][:-1]),
+    "state_missing": lambda r: r.update(state=json.dumps({k: v for k, v in json.loads(r["state"]).items() if k != "holes"})),
+    "level_string": lambda r: r.update(level="3"),
+    "unknown_task": lambda r: r.update(task="sokoban"),
+    "image_item": lambda r: r["messages"][0]["content"].append({"type": "image", "image": 5}),
+    "plan_string": lambda r: r.update(plan="RRD"),
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model, make_data):
+    """A tiny model, good data, a folder holding a finished-looking run, broken copies of model and data."""
+    root = tmp_path_factory.mktemp("catalogue")
+    data = Path(make_data("train", 6, tasks=["frozenlake"], levels=[3], kinds=("perception", "planning")))
+    run = root / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (root / "a-file").write_text("x")
+    no_tok = root / "no-tokenizer"
+    shutil.copytree(tiny_model, no_tok)
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
+        (no_tok / name).unlink(missing_ok=True)
+    truncated = root / "truncated"
+    shutil.copytree(tiny_model, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    lines = (data / "data.jsonl").read_text().splitlines()
+    bad = {}
+    for name, edit in list(BAD_ROWS.items()) + [("not_json", None), ("not_object", None)]:
+        folder = root / f"bad-{name}"
+        shutil.copytree(data, folder)
+        broken = []
+        for line in lines[1:3]:  # a planning and a perception row: every script meets one
+            if edit is None:
+                broken.append(line[:40] if name == "not_json" else "[1, 2]")
+            else:
+                row = json.loads(line)
+                edit(row)
+                broken.append(json.dumps(row))
+        (folder / "data.jsonl").write_text("\n".join(lines[:1] + broken + lines[3:]) + "\n")
+        bad[name] = folder
+    return {"tmp": root, "model": tiny_model, "data": data, "run": run, "file": root / "a-file", "no_tokenizer": no_tok,
+            "truncated": truncated, "bad": bad}
+
+
+SCRIPTS = {"sft": sft.main, "opcd": opcd.main, "evaluate": evaluate.main, "merge": merge.main, "envs": envs.main,
+           "tiny": tiny.main, "benchmarks": benchmarks.main}
+
+
+def base_args(script, w, out):
+    return {"sft": ["--model", w["model"], "--data", w["data"], "--out", out, "--batch-size", 4, "--micro-batch-size", 4,
+                    "--max-steps", 1],
+            "opcd": ["--model", w["model"], "--teacher", w["model"], "--data", w["data"], "--out", out, "--rollout", "hf",
+                     "--batch-size", 2, "--max-steps", 1],
+            "evaluate": ["--model", "oracle", "--backend", "oracle", "--data", w["data"], "--out", out],
+            "merge": ["--base", w["model"], "--adapter", w["tmp"] / "no-adapter", "--out", out],
+            }.get(script, [])
+
+
+def fill(arg, w, out):
+    arg = str(arg)
+    if arg.startswith("{bad:"):
+        return str(w["bad"][arg[5:-1]])
+    return arg.format(tmp=w["tmp"], model=w["model"], run=w["run"], file=w["file"], out=out,
+                      no_tokenizer=w["no_tokenizer"], truncated=w["truncated"])
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(root).rglob("*")}
+
+
+def test_the_catalogue_has_over_a_hundred_cases():
+    assert len(CASES) >= 100 and {script for script, _, _ in CASES} == set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script, extra, expected", CASES, ids=[f"{s}:{' '.join(e)}" for s, e, _ in CASES])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(script, extra, expected, world, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [fill(a, world, out) for a in base_args(script, world, out)]
+    extra = [fill(a, world, out) for a in extra]
+    for i in range(0, len(extra)):  # a flag given in extra replaces the base value
+        if extra[i].startswith("--") and extra[i] in argv:
+            j = argv.index(extra[i])
+            takes_value = j + 1 < len(argv) and not argv[j + 1].startswith("--")
+            del argv[j:j + 1 + takes_value]
+    before = snapshot(world["tmp"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        SCRIPTS[script](argv + extra)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert expected in err, err
+    assert "sk-secret-123" not in err
+    assert not out.exists() and snapshot(world["tmp"]) == before
+
+
+def test_help_of_every_script_shows_the_defaults(capsys):
+    for main, flag in ((sft.main, "--lr LR               peak learning rate (default: 0.0001)"),
+                       (opcd.main, "(default: vllm)"), (evaluate.main, "(default: 4096)")):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        assert flag in capsys.readouterr().out
+
+
+def test_resume_refuses_other_settings_and_names_them(tiny_model, world, tmp_path, capsys):
+    args = ["--model", tiny_model, "--data", world["data"], "--out", tmp_path / "run", "--batch-size", 4,
+            "--micro-batch-size", 4, "--full", "--lr", "1e-3", "--epochs", 3]
+    sft.main(args + ["--max-steps", 1])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        sft.main(args[:-4] + ["--epochs", 5, "--lr", "2e-3", "--resume"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "--lr 0.001 -> 0.002" in err and "--epochs 3.0 -> 5.0" in err
+    sft.main(args + ["--max-steps", 2, "--resume"])  # --max-steps is safe to change
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_a_kill_between_the_two_renames_of_a_checkpoint_is_recovered(tiny_model, world, tmp_path):
+    """atomic_dir moves the old checkpoint aside, then the new one in; killed in between, only
+    .checkpoint.old-PID is left. --resume puts it back and continues; stale temporaries are removed."""
+    args = ["--model", tiny_model, "--data", world["data"], "--out", tmp_path / "run", "--batch-size", 4,
+            "--micro-batch-size", 4, "--full", "--epochs", 3]
+    sft.main(args + ["--max-steps", 1])
+    run = tmp_path / "run"
+    (run / "checkpoint").rename(run / ".checkpoint.old-4242")
+    (run / ".checkpoint.tmp-4243").mkdir()  # a half-written newer one
+    sft.main(args + ["--max-steps", 2, "--resume"])
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+
+
+def test_the_final_checkpoint_is_written_before_the_final_validation(tiny_model, world, tmp_path, monkeypatch):
+    """A crash in the final validation used to lose the whole run (the only checkpoint came after it)."""
+    def crash(*args, **kwargs):
+        raise RuntimeError("validation crashed")
+
+    monkeypatch.setattr(sft, "validate", crash)
+    with pytest.raises(RuntimeError, match="validation crashed"):
+        sft.main(["--model", tiny_model, "--data", world["data"], "--val-data", world["data"], "--out", tmp_path / "run",
+                  "--batch-size", 4, "--micro-batch-size", 4, "--full", "--max-steps", 2])
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 2
+
+
+def test_check_out_accepts_an_empty_or_missing_folder_and_refuses_a_run(tmp_path):
+    cli.check_out(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    cli.check_out(tmp_path / "empty")
+    run = tmp_path / "empty"
+    (run / "log.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit):
+        cli.check_out(run)
+    cli.check_out(run, resume=True)
+    cli.check_out(run, overwrite=True)
