@@ -149,9 +149,10 @@ def main():
     if not (base / "config.json").is_file():
         sys.exit(f"error: no model in {base} (see --base / --pretrain)")
 
-    # Data: perception and text-planning rows for stage 1 (+ planning and dynamics rows for the ablations);
-    # val planning rows select OPCD checkpoints; test rows are held out for the tables.
-    train_kinds = "perception,text-planning" + (",planning,dynamics" if args.rows == "all" else "")
+    # Data: perception and text-planning rows for stage 1, planning rows whose prompts OPCD samples from
+    # (their reference responses are used only by direct visual SFT), dynamics rows for that ablation;
+    # val rows select OPCD checkpoints; test rows are held out for the tables.
+    train_kinds = "perception,text-planning,planning" + (",dynamics" if args.rows == "all" else "")
     for split, n, kinds in (("train", args.train_per_level, train_kinds), ("val", args.val_per_level, "planning,perception"),
                             ("test", args.test_per_level, "planning,perception")):
         run([py, "envs.py", "data", "--out", data / split, "--split", split, "--per-level", n, "--kinds", kinds,

@@ -1,5 +1,6 @@
-"""The main job's --quick form: every stage runs through the project's own scripts and leaves
-its outputs, and the results table is filled. (Smoke test: the numbers are not judged.)"""
+"""The main job's --quick form: every stage, the base's pretraining included, runs through the
+project's own scripts and leaves its outputs, and the results table is filled. (Smoke test: the
+numbers are not judged; tests/test_mini.py checks the shipped base's answers.)"""
 import json
 import os
 import subprocess
@@ -16,12 +17,12 @@ def test_quick_pipeline_runs_every_stage_and_fills_the_table(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for split in ("train", "val", "test"):
         assert (out / "data" / split / "data.jsonl").stat().st_size > 0
-    for model in (out / "models" / "init", out / "sft-text" / "model", out / "psft" / "model", out / "mgsd" / "best"):
+    for model in (out / "base" / "init", out / "base" / "sft" / "model", out / "psft" / "model", out / "mgsd" / "best"):
         assert (model / "config.json").is_file() and list(model.glob("*.safetensors")), model
     assert (out / "mgsd" / "log.jsonl").read_text().strip()
 
     results = json.loads((out / "results.json").read_text())
-    assert list(results) == ["base (text-pretrained)", "+ perception SFT", "+ OPCD (MGSD)"]
+    assert list(results) == ["base", "+ perception SFT", "+ OPCD (MGSD)"]
     test_rows = sum(1 for _ in open(out / "data" / "test" / "data.jsonl"))
     for summary in results.values():
         for condition in ("image", "text"):
@@ -29,6 +30,8 @@ def test_quick_pipeline_runs_every_stage_and_fills_the_table(tmp_path):
             assert cell["n"] == test_rows // 2  # one planning and one perception row per instance
             assert set(cell["per_task"]) == {"frozenlake", "maze", "minibehaviour"}
             assert 0.0 <= cell["macro"]["success"] <= 1.0
+        perception = summary["perception"]["conditions"]["image"]
+        assert perception["n"] == test_rows // 2 and 0.0 <= perception["per_task"]["maze"]["player"] <= 1.0
     table = (out / "results.md").read_text().splitlines()
     assert len(table) == 2 + len(results)
     assert all(row.count("|") == table[0].count("|") for row in table)
