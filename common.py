@@ -156,7 +156,7 @@ def check_model_dir(path):
     if (local.exists() or path.startswith((".", "/"))) and not (local / "config.json").is_file():
         raise FileNotFoundError(f"no model at {path} (missing config.json)")
     if local.is_dir() and not any((local / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer.model")):
-        raise ValueError(f"{path}: no tokenizer files (tokenizer.json or vocab.json)")
+        raise ValueError(f"{path}: no tokenizer files for its processor (tokenizer.json or vocab.json)")
 
 
 def load_model(path, device="cpu", dtype=None):

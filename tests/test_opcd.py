@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import envs
 import opcd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,8 +283,9 @@ def test_torchrun_two_ranks_run_three_steps_with_identical_weights(e2e, backend)
     out, _ = e2e[backend]
     log = read_log(out)
     assert [e["step"] for e in log] == [0, 1, 2, 3]  # step 0: the starting model, validated before training
-    assert 0 <= log[0]["val_macro_success"] <= 1 and set(log[0]) == {"step", "val_macro_success"} | {
-        f"val_{t}_success" for t in ("frozenlake", "maze", "minibehaviour")}
+    per_task = set(log[0]) - {"step", "val_macro_success"}
+    assert 0 <= log[0]["val_macro_success"] <= 1 and per_task and all(
+        k.removeprefix("val_").removesuffix("_success") in envs.TASKS for k in per_task)
     log = log[1:]
     for e in log:
         assert e["response_tokens"] > 0 and e["grad_norm"] > 0 and e["samples_per_second"] > 0
@@ -409,7 +411,7 @@ def test_student_reverse_kl_to_an_opinionated_teacher_falls_by_half(tiny_model, 
     rows = envs.load_split(train_dir, kinds=["planning"])
     style = processor.tokenizer(" R" * 12, add_special_tokens=False)["input_ids"]
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for it in range(30):
+    for it in range(60):
         batch = common.encode_prompts(processor, [envs.teacher_messages(r["state"]) for r in rows[it % 3::3][:8]])
         ids = torch.tensor([style] * batch["input_ids"].shape[0])
         loss = -common.response_logprobs(model, batch, ids, torch.ones_like(ids)).mean()
