@@ -409,16 +409,16 @@ def test_student_reverse_kl_to_an_opinionated_teacher_falls_by_half(tiny_model, 
 
     model, processor = common.load_model(tiny_model)
     rows = envs.load_split(train_dir, kinds=["planning"])
-    style = processor.tokenizer(" R" * 12, add_special_tokens=False)["input_ids"]
+    style = [processor.tokenizer("R", add_special_tokens=False)["input_ids"][-1]] * 12  # one token id, repeated
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for it in range(60):
+    for it in range(30):
         batch = common.encode_prompts(processor, [envs.teacher_messages(r["state"]) for r in rows[it % 3::3][:8]])
         ids = torch.tensor([style] * batch["input_ids"].shape[0])
         loss = -common.response_logprobs(model, batch, ids, torch.ones_like(ids)).mean()
         loss.backward()
         opt.step()
         opt.zero_grad()
-    assert loss.item() < 0.2  # the teacher now answers " R R R ..." with high probability
+    assert loss.item() < 0.2  # the teacher now answers "RRR..." with high probability
     common.save_model(model, processor, tmp_path / "teacher")
     opcd.main(["--model", tiny_model, "--teacher", str(tmp_path / "teacher"), "--data", train_dir,
                "--out", str(tmp_path / "run"), "--rollout", "hf", "--loss", "full", "--lr", "3e-3", "--batch-size", "8",
