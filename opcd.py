@@ -109,6 +109,7 @@ def parse_args(argv=None):
       help="non-reentrant gradient checkpointing of the decoder layers and vision blocks (default on; tiny CPU "
            "models run faster without)")
     a("--val-every", type=cli.positive_int, default=20, help="validate and save every N steps (and after the last step)")
+    a("--save-every", type=cli.nonneg_int, default=0, help="also save last/ every N steps between validations (0: off)")
     a("--val-size", type=cli.nonneg_int, default=0, help="validate on the first N val instances (0: all)")
     a("--val-temperature", type=cli.positive_float, default=0.6, help="validation sampling temperature")
     a("--val-top-p", type=cli.positive_float, default=0.95, help="validation nucleus sampling")
@@ -483,12 +484,14 @@ def save_checkpoint(path, model, processor, trainer_state=None, rank=0):
             torch.save(trainer_state, tmp / "trainer_state.pt")
 
 
-def validate_and_save(args, step, val_rows, model, llm, processor, opt, best, log, rank, world_size, write_log):
-    """Validate (if a val split is given), keep the best checkpoint by macro success, check that
-    the ranks hold identical weights, write the step's log line, then save the last checkpoint with
-    the trainer state: a kill in between leaves a line past the checkpoint, which --resume drops."""
+def validate_and_save(args, step, val_rows, model, llm, processor, opt, best, log, rank, world_size, write_log,
+                      validate_now=True):
+    """Validate (if a val split is given and validate_now), keep the best checkpoint by macro success,
+    check that the ranks hold identical weights, write the step's log line, then save the last
+    checkpoint with the trainer state: a kill in between leaves a line past the checkpoint, which
+    --resume drops."""
     out = Path(args.out)
-    if val_rows:
+    if val_rows and validate_now:
         agg = validate(args, step, val_rows, model, llm, processor, rank, world_size)
         log["val_macro_success"] = agg["macro"]["success"]
         log.update({f"val_{task}_success": v["success"] for task, v in agg["per_task"].items()})
@@ -510,7 +513,7 @@ def validate_and_save(args, step, val_rows, model, llm, processor, opt, best, lo
 
 
 # Settings that may change when a run is resumed; any other difference is refused.
-RESUMABLE = {"resume", "overwrite", "max_steps", "val_every", "val_size", "val_data", "max_model_len", "vllm_kv_cache_mb",
+RESUMABLE = {"resume", "overwrite", "max_steps", "val_every", "save_every", "val_size", "val_data", "max_model_len", "vllm_kv_cache_mb",
              "vllm_gpu_memory"}
 
 
@@ -617,9 +620,10 @@ def main(argv=None):
         rows = batch_rows(train_rows, step, args.batch_size, args.seed, rank, world_size)
         log = opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size, device)
         log["epoch"] = step // steps_per_epoch
-        if (step + 1) % args.val_every == 0 or step + 1 == total_steps:
+        validate_now = (step + 1) % args.val_every == 0 or step + 1 == total_steps
+        if validate_now or (args.save_every and (step + 1) % args.save_every == 0):
             best = validate_and_save(args, step, val_rows, model, llm, processor, opt, best, log, rank, world_size,
-                                     write_log)
+                                     write_log, validate_now)
         else:
             write_log(log)
         bar.set_postfix(kl=f"{log['reverse_kl']:.3f}", success=f"{log['success']:.2f}")

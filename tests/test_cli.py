@@ -255,3 +255,42 @@ def test_check_out_accepts_an_empty_or_missing_folder_and_refuses_a_run(tmp_path
         cli.check_out(run)
     cli.check_out(run, resume=True)
     cli.check_out(run, overwrite=True)
+
+
+def test_opcd_writes_a_steps_log_line_before_its_checkpoint_and_saves_every_n_steps(tiny_model, world, tmp_path,
+                                                                                     monkeypatch):
+    """A kill during the checkpoint write used to lose the step's log line (it was written after)."""
+    args = ["--model", tiny_model, "--teacher", tiny_model, "--data", str(world["data"]), "--rollout", "hf",
+            "--batch-size", "2", "--micro-batch-size", "2", "--max-new-tokens", "6", "--lr", "1e-4"]
+    opcd.main(args + ["--out", str(tmp_path / "every"), "--max-steps", "3", "--val-every", "100", "--save-every", "2"])
+    saved = [json.loads(x)["step"] for x in (tmp_path / "every" / "log.jsonl").read_text().splitlines()
+             if "rank_weight_checksums" in json.loads(x)]
+    assert saved == [2, 3]  # --save-every 2, and the last step
+
+    real_save = opcd.save_checkpoint
+
+    def killed_while_saving_last(path, *a, **kw):
+        if Path(path).name == "last":
+            raise KeyboardInterrupt("killed")
+        return real_save(path, *a, **kw)
+
+    monkeypatch.setattr(opcd, "save_checkpoint", killed_while_saving_last)
+    with pytest.raises(KeyboardInterrupt):
+        opcd.main(args + ["--out", str(tmp_path / "killed"), "--max-steps", "1"])
+    assert [json.loads(x)["step"] for x in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_evaluate_default_out_names_the_whole_model_path(world, tmp_path, monkeypatch):
+    """Every run's `.../best` used to land in the same runs/eval/best-... folder."""
+    monkeypatch.chdir(tmp_path)
+    for model in ("runs/a/best", "runs/b/best"):
+        evaluate.main(["--model", model, "--backend", "oracle", "--data", str(world["data"])])
+    assert sorted(p.name for p in (tmp_path / "runs" / "eval").iterdir()) == [
+        "runs_a_best-oracle-planning", "runs_b_best-oracle-planning"]
+
+
+def test_a_trailing_blank_line_does_not_fail_a_split(world, tmp_path):
+    shutil.copytree(world["data"], tmp_path / "d")
+    with open(tmp_path / "d" / "data.jsonl", "a") as f:
+        f.write("\n\n")
+    assert len(envs.load_split(tmp_path / "d")) == len(envs.load_split(world["data"]))
