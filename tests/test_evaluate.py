@@ -312,3 +312,23 @@ def test_bad_input_gives_one_line_error_and_exit_code_2(case, data, tmp_path):
         assert not (tmp_path / "out").exists()
     if case == "rejected_key":  # stopped at once: no retries of a request that cannot succeed
         assert len(server.requests) <= 2 * 8  # at most the requests already in flight (--concurrency 8)
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_finished_episodes(data, tmp_path):
+    """Ctrl-C used to print a traceback; now one line, exit 130, and --resume can continue."""
+    import signal
+
+    with Server(lambda payload: (200, "<answer>R</answer>", 0.3)) as server:
+        proc = subprocess.Popen([PY, str(ROOT / "evaluate.py"), "--model", "m", "--data", str(data), "--backend", "openai",
+                                 "--base-url", server.url, "--concurrency", "1", "--out", str(tmp_path / "out")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while time.time() < deadline and not (tmp_path / "out" / "episodes.jsonl").is_file():
+            time.sleep(0.1)
+        time.sleep(1.0)  # a few episodes finish
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == ["error: interrupted; finished episodes are kept in episodes.jsonl "
+                                        "(--resume continues)"]
+    assert len(read_episodes(tmp_path / "out")) >= 1
