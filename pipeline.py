@@ -1,4 +1,4 @@
-"""The main job: MGSD end to end, in miniature, from the base model shipped in models/mini-base.
+"""The main job: MGSD end to end, in miniature, on a tiny Qwen3-VL built here.
 
 It chains the project's own command lines, exactly what a user would type, and prints each one
 before it runs:
@@ -10,10 +10,13 @@ before it runs:
 
 and writes OUT/results.md (a table), OUT/results.json and OUT/results.png (a plot).
 
-The base (models/mini-base, 3.4M parameters) stands in for an instruct VLM: it plans from the
-symbolic text state and it reads pictures (generic grids of coloured shapes, tiny.py), but has
-never planned from a picture nor seen a task's picture. `--pretrain` rebuilds it with the
-commands of pretrain_commands() (about an hour on 2 cores); the shipped one was built that way.
+The base (3.5M parameters) stands in for an instruct VLM: it is trained by sft.py to plan from the
+symbolic text state (text-student and teacher prompts) and to read generic pictures (grids of
+coloured shapes, tiny.py), and never plans from a picture nor sees a task's picture. It is taken
+from models/mini-base when that folder exists (issue #15: not shipped yet, because the recipe does
+not yet give a base that reads positions; results/mini/REPORT.md), else built first by
+pretrain_commands() for --base-steps steps: the default fits the main job in about 20 minutes on 2
+cores; the full recipe is --base-steps 5877 (about an hour).
 
 --rows all adds the ablations of results/mini/REPORT.md: the reference's sampled estimator,
 OPCD without perception SFT, OPCD whose teacher sees the image prompt instead of the state,
@@ -21,7 +24,7 @@ direct visual SFT on the reference responses, and perception + dynamics SFT then
 
 Every stage is skipped when its output exists, so an interrupted run resumes where it stopped.
 
-    python pipeline.py                          # the main job
+    python pipeline.py                          # the main job (builds a base first while none is shipped)
     python pipeline.py --quick                  # every stage, tiny sizes (CI runs it)
     python pipeline.py --rows all --seed 1 --out runs/mini-s1      # one seed of the report
     python pipeline.py --aggregate runs/mini-s0 runs/mini-s1 runs/mini-s2
@@ -66,7 +69,10 @@ def parse_args(argv=None):
                    help="mgsd: base, +perception SFT, +OPCD; all: also the report's ablations (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of SFT order and OPCD sampling (default %(default)s)")
     p.add_argument("--base", default=None, help=f"base model folder (default: the shipped {SHIPPED_BASE.relative_to(ROOT)})")
-    p.add_argument("--pretrain", action="store_true", help="rebuild the base from random weights into OUT/base first")
+    p.add_argument("--pretrain", action="store_true", help="build the base from random weights into OUT/base even "
+                                                              f"when {SHIPPED_BASE.relative_to(ROOT)} exists")
+    p.add_argument("--base-steps", type=cli.positive_int, default=None,
+                   help="optimiser steps (16 rows) of the base's pretraining (default 1000, quick 8; full recipe 5877)")
     p.add_argument("--aggregate", nargs="+", metavar="RUN", help="print mean ± std over these run folders and exit")
     p.add_argument("--backend", default=None, choices=("hf", "vllm"),
                    help="engine of OPCD rollouts and evaluation (default: vllm where installed, else hf)")
@@ -79,6 +85,7 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.base and (args.pretrain or args.quick):
         p.error("--base cannot be combined with --pretrain or --quick (they build their own base)")
+    args.base_steps = args.base_steps or (8 if args.quick else 1000)
     return args
 
 
@@ -94,11 +101,14 @@ def run(cmd, done_marker):
     print(f"  ({time.time() - start:.0f} s)", flush=True)
 
 
-def pretrain_commands(out, quick=False):
+def pretrain_commands(out, steps, quick=False):
     """[(command, done marker)] that build the base from random weights: the tiny Qwen3-VL, generic grid
-    pictures, text-planning rows, then one full SFT on both (vision tower included)."""
+    pictures, text-planning and teacher rows, then one full SFT of `steps` steps on all of them (vision
+    tower included)."""
     py, d = sys.executable, out / "data"
-    grids, text_per_level, epochs = (64, 8, 1) if quick else (16000, 3000, 3.3)
+    grids, text_per_level = (64, 8) if quick else (16000, 3000)
+    rows = grids + 3 * text_per_level + 5 * min(700, text_per_level)  # the splits below
+    epochs = round(steps * 16 / rows + 1e-4, 4)
     cmds = [([py, "common.py", "tiny", "--out", out / "init", "--size", "tiny" if quick else "small", "--image-size", 160,
               "--seed", 0], out / "init" / "config.json"),
             ([py, "tiny.py", "grids", "--out", d / "grids-train", "--split", "train", "--count", grids], d / "grids-train"),
@@ -140,12 +150,12 @@ def main():
     start = time.time()
     data, levels = out / "data", args.levels.split()
 
-    if args.pretrain or args.quick:
-        for cmd, done in pretrain_commands(out / "base", args.quick):
+    base = Path(args.base).resolve() if args.base else SHIPPED_BASE
+    if not args.base and (args.pretrain or args.quick or not SHIPPED_BASE.is_dir()):
+        print(f"building the base: {args.base_steps} steps of pretraining")
+        for cmd, done in pretrain_commands(out / "base", args.base_steps, args.quick):
             run(cmd, done)
         base = out / "base" / "sft" / "model"
-    else:
-        base = Path(args.base).resolve() if args.base else SHIPPED_BASE
     if not (base / "config.json").is_file():
         sys.exit(f"error: no model in {base} (see --base / --pretrain)")
 

@@ -1,6 +1,5 @@
-"""The miniature's base: generic grid-reading rows (tiny.py) and the shipped model (models/mini-base)."""
+"""The miniature's generic grid-reading rows (tiny.py): pictures, answers, scorer, split folders."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,6 @@ import envs
 import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "models" / "mini-base"
 
 
 def test_grid_picture_shows_each_cells_background_and_filled_shape():
@@ -81,63 +79,3 @@ def test_grid_split_loads_and_is_scored_by_envs(tmp_path):
                            "--count", "2"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "exists" in proc.stderr
 
-
-# ------------------------------------------------------------------------------------------
-# The shipped base, models/mini-base: it loads in transformers and vLLM, and both decode the same,
-# correct answers greedily (a held-out grid it transcribes and a held-out map it plans from text).
-SHIPPED_GRID_SEED = 200_000_001  # test-range seeds (tiny.SEED_BASE["test"], envs test split)
-SHIPPED_TEXT_CASE = ("maze", 3, 200_000_002)
-
-VLLM_SCRIPT = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import common
-model, processor = common.load_model(sys.argv[2])
-chats = json.loads(open(sys.argv[3]).read())
-llm = common.make_llm(sys.argv[2], max_model_len=2048)
-outs = llm.generate(common.vllm_prompts(processor, chats), __import__("vllm").SamplingParams(max_tokens=160, temperature=0,
-                    allowed_token_ids=common.vllm_allowed_token_ids(llm, processor)), use_tqdm=False)
-print(json.dumps([[o.outputs[0].text, len(o.prompt_token_ids)] for o in outs]))
-"""
-
-
-def shipped_chats(tmp_path):
-    import envs as e
-
-    grid = tiny.make_grid(SHIPPED_GRID_SEED)
-    tiny.draw_grid(grid).save(tmp_path / "grid.png")
-    task, level, seed = SHIPPED_TEXT_CASE
-    state = e.generate(task, level, seed)
-    chats = [e._user(e._text(tiny.grid_prompt(grid)), {"type": "image", "image": str(tmp_path / "grid.png")}),
-             e.text_student_messages(state)]
-    return chats, [tiny.grid_answer(grid), e.reference_response(state)]
-
-
-def test_shipped_base_is_small_and_loads_as_a_qwen3_vl_folder():
-    import common
-
-    files = {p.name: p.stat().st_size for p in SHIPPED.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= set(files)
-    assert sum(files.values()) < 50 << 20
-    model, processor = common.load_model(SHIPPED)
-    assert type(model).__name__ == "Qwen3VLForConditionalGeneration" and type(processor).__name__ == "Qwen3VLProcessor"
-
-
-def test_shipped_base_answers_correctly_and_identically_in_transformers_and_vllm(tmp_path):
-    import common
-
-    chats, truth = shipped_chats(tmp_path)
-    model, processor = common.load_model(SHIPPED)
-    batch = common.encode_prompts(processor, chats[:1])
-    assert batch["image_grid_thw"].tolist() == [[1, 10, 10]]  # 160 px: 5 x 5 merged tokens, no resize
-    hf = common.generate_responses(model, processor, chats, max_new_tokens=160)
-    assert hf == truth
-    (tmp_path / "chats.json").write_text(json.dumps(chats))
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TORCH_COMPILE_DISABLE="1")
-    proc = subprocess.run([sys.executable, "-c", VLLM_SCRIPT, str(ROOT), str(SHIPPED), str(tmp_path / "chats.json")],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    vllm = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert [text for text, _ in vllm] == hf
-    hf_lengths = [int(common.encode_prompts(processor, [c])["attention_mask"].sum()) for c in chats]
-    assert [n for _, n in vllm] == hf_lengths  # the same number of image tokens: vLLM did not resize either
