@@ -4,7 +4,7 @@ It chains the project's own command lines, exactly what a user would type, and p
 before it runs:
 
     data   python envs.py data ...                    train / val / test, 32-px cells on 160-px pictures
-    psft   python sft.py --full --train-vision ...     stage 1: perception SFT (+ replay of text planning)
+    psft   python sft.py --full ...                    stage 1: perception SFT (+ replay of text planning)
     mgsd   python opcd.py --loss full ...              stage 2: OPCD; teacher = the base, reading the state as text
     eval   python evaluate.py ...                      after every stage: image and text conditions
 
@@ -48,10 +48,10 @@ PICTURE = ["--image-size", 160, "--cell-size", 32]  # one merged vision token pe
 
 # Settings of the main job and of --quick, chosen on the val split (results/mini/REPORT.md).
 DEFAULT = dict(levels="frozenlake=4 maze=3 minibehaviour=5", train_per_level=600, val_per_level=32,
-               test_per_level=170, perception_steps=300, perception_lr=1e-3, opcd_steps=40, opcd_batch=16,
+               test_per_level=170, perception_steps=800, perception_lr=5e-4, opcd_steps=40, opcd_batch=16,
                opcd_lr=1e-4, max_new_tokens=100)
 QUICK = dict(levels="frozenlake=4 maze=3 minibehaviour=5", train_per_level=16, val_per_level=2, test_per_level=3,
-             perception_steps=2, perception_lr=1e-3, opcd_steps=2, opcd_batch=4, opcd_lr=1e-5, max_new_tokens=48)
+             perception_steps=2, perception_lr=5e-4, opcd_steps=2, opcd_batch=4, opcd_lr=1e-5, max_new_tokens=48)
 HELP = dict(levels="levels per task, as task=l1,l2", train_per_level="train instances per (task, level)",
             val_per_level="val instances per (task, level), for OPCD checkpoint selection",
             test_per_level="held-out test instances per (task, level)",
@@ -103,8 +103,8 @@ def run(cmd, done_marker):
 
 def pretrain_commands(out, steps, quick=False):
     """[(command, done marker)] that build the base from random weights: the tiny Qwen3-VL, generic grid
-    pictures, text-planning and teacher rows, then one full SFT of `steps` steps on all of them (vision
-    tower included)."""
+    pictures, text-planning and teacher rows, then one full SFT of the language model, `steps` steps on
+    all of them at lr 5e-4 (the random vision tower stays frozen: see sft() in main)."""
     py, d = sys.executable, out / "data"
     grids, text_per_level = (64, 8) if quick else (16000, 3000)
     rows = grids + 3 * text_per_level + 5 * min(700, text_per_level)  # the splits below
@@ -129,7 +129,7 @@ def pretrain_commands(out, steps, quick=False):
                  d / "text-val" / "data.jsonl"))
     cmds.append(([py, "sft.py", "--model", out / "init", "--data", d / "grids-train", d / "text-train", d / "text-train-fl3",
                   d / "teacher-train", "--val-data", d / "grids-val", d / "text-val", "--kinds", "vision,text-planning,teacher", "--full",
-                  "--train-vision", "--lr", 2e-3, "--warmup-ratio", 0.03, "--batch-size", 16, "--micro-batch-size", 16,
+                  "--lr", 5e-4, "--warmup-ratio", 0.03, "--batch-size", 16, "--micro-batch-size", 16,
                   "--epochs", epochs, "--no-grad-checkpointing", "--val-every", 1000, "--save-every", 250,
                   "--val-size", 16 if quick else 128, "--max-new-tokens", 100, "--seed", 0, "--out", out / "sft",
                   *(["--resume"] if (out / "sft" / "checkpoint" / "state.json").is_file() else [])],
@@ -174,10 +174,12 @@ def main():
         rows_of_kind[kind] = rows_of_kind.get(kind, 0) + 1
 
     def sft(name, student, kinds):
-        """Full SFT (vision tower included) for --perception-steps steps of 16 rows over `kinds`."""
+        """Full SFT of the language model for --perception-steps steps of 16 rows over `kinds`. The random
+        vision tower stays frozen and the lr low: trained at 2e-3 the tiny model never learned to read
+        positions, and training the tower erased them from it (results/mini/REPORT.md, 2026-11-27)."""
         epochs = round(args.perception_steps * 16 / sum(rows_of_kind[k] for k in kinds.split(",")) + 1e-4, 4)
         run([py, "sft.py", "--model", student, "--data", data / "train", "--val-data", data / "val", "--kinds", kinds,
-             "--full", "--train-vision", "--lr", args.perception_lr, "--epochs", epochs, "--batch-size", 16,
+             "--full", "--lr", args.perception_lr, "--epochs", epochs, "--batch-size", 16,
              "--micro-batch-size", 16, "--no-grad-checkpointing", "--val-size", 64, "--max-new-tokens",
              args.max_new_tokens, "--seed", args.seed, "--out", out / name, "--overwrite"], out / name / "model" / "config.json")
         return out / name / "model"
