@@ -15,8 +15,8 @@ symbolic text state (text-student and teacher prompts) and to read generic pictu
 coloured shapes, tiny.py), and never plans from a picture nor sees a task's picture. It is taken
 from models/mini-base when that folder exists (issue #15: not shipped yet, because the recipe does
 not yet give a base that reads positions; results/mini/REPORT.md), else built first by
-pretrain_commands() for --base-steps steps: the default fits the main job in about 20 minutes on 2
-cores; the full recipe is --base-steps 5877 (about an hour).
+pretrain_commands() for --base-steps steps: the default keeps the main job near half an hour on 2
+cores (estimated from stage speeds); the full recipe is --base-steps 5877 (about an hour more).
 
 --rows all adds the ablations of results/mini/REPORT.md: the reference's sampled estimator,
 OPCD without perception SFT, OPCD whose teacher sees the image prompt instead of the state,
