@@ -22,7 +22,6 @@ condition is built from each row's state).
     python evaluate.py --model MODEL --data data/bench/vsp --condition both
 """
 import json
-import os
 import re
 import shutil
 import sys
@@ -145,10 +144,8 @@ def write_split(items, out_dir, image_size=256, cell_size=None):
     out = Path(out_dir).absolute()
     if out.exists():
         raise BenchmarkError(f"{out} exists; remove it or pick another --out")
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        (tmp / "images").mkdir(parents=True)
+    with cli.atomic_dir(out) as tmp:
+        (tmp / "images").mkdir()
         with open(tmp / "data.jsonl", "w") as f:
             for state, name, index, picture in items:
                 image = f"images/{name}.png"
@@ -156,16 +153,11 @@ def write_split(items, out_dir, image_size=256, cell_size=None):
                     shutil.copyfile(picture, tmp / image)
                 else:
                     envs.render(state, image_size, cell_size).save(tmp / image)
-                row = {"id": name, "task": state["task"], "level": state["level"], "seed": index, "split": "test",
-                       "kind": "planning", "state": state, "plan": state["plan"], "image": image,
-                       "messages": envs.student_messages(state, image)
-                       + [{"role": "assistant", "content": [envs._text(envs.reference_response(state))]}],
-                       "answer": envs.reference_response(state)}
+                base = {"id": name, "task": state["task"], "level": state["level"], "seed": index, "split": "test",
+                        "state": state, "plan": state["plan"]}
+                row = envs._message_row(base, "planning", envs.student_messages(state, image),
+                                        envs.reference_response(state), image=image)
                 f.write(envs._disk_row(row) + "\n")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -6,7 +6,8 @@ exit code 2, nothing written. No torch here, so that evaluate.py's API path stay
   out-of-range and non-finite numbers at parse time;
 - `check_out`: an --out that already holds a run needs --resume or --overwrite, and must be writable;
 - `check_resume`: a resumed run must keep its saved settings, except the ones named safe;
-- `recover_dir`: the leftovers of a checkpoint write that was killed are cleaned up or put back.
+- `atomic_dir`: write a folder to a temporary sibling, then rename it into place;
+- `recover_dir`: the leftovers of a write that was killed are cleaned up or put back.
 """
 import argparse
 import json
@@ -14,6 +15,7 @@ import math
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -94,3 +96,27 @@ def recover_dir(path):
             shutil.rmtree(leftover, ignore_errors=True)
     for leftover in path.parent.glob(f".{path.name}.tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(path):
+    """Yield a temporary sibling folder; on success it replaces `path`, on error it is deleted.
+    A reader never sees a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)

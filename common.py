@@ -12,7 +12,7 @@ What lives here (and nowhere else):
   response R]`;
 - a hand-rolled LoRA (`LoRALinear`, `add_lora`, `merge_lora`, `save_adapter`, `load_adapter`),
   saved in PEFT's adapter format so that `peft` can load it;
-- atomic checkpoint writes (`atomic_dir`, `save_model`, `write_model_files`): write to a
+- checkpoint writes (`save_model`, `write_model_files`, atomic through cli.atomic_dir): write to a
   temporary sibling, rename;
 - a tiny-model factory (`build_tiny`): a random Qwen3VLForConditionalGeneration of
   configurable size with a byte-level BPE tokenizer trained on the project's own text
@@ -43,9 +43,7 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -94,30 +92,6 @@ def print0(*args, **kwargs):
 # Atomic writes
 
 
-@contextmanager
-def atomic_dir(path):
-    """Yield a temporary sibling folder; on success it replaces `path`, on error it is deleted.
-    A reader never sees a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cli.recover_dir(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-
-
 def unwrap(model):
     """The plain HF model inside a DDP / compiled wrapper."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
@@ -130,7 +104,7 @@ def save_model(model, processor, out_dir):
     model = unwrap(model)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("save_model: the model still holds LoRA layers; merge_lora(model) first")
-    with atomic_dir(out_dir) as tmp:
+    with cli.atomic_dir(out_dir) as tmp:
         write_model_files(model, processor, tmp)
     return Path(out_dir)
 
@@ -363,7 +337,7 @@ def save_adapter(model, out_dir, base_model_path):
         "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
         "inference_mode": True,
     }
-    with atomic_dir(out_dir) as tmp:
+    with cli.atomic_dir(out_dir) as tmp:
         save_file({k: v.cpu() for k, v in adapter_state_dict(model).items()}, str(tmp / "adapter_model.safetensors"))
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return Path(out_dir)

@@ -104,7 +104,7 @@ def main(argv=None):
 
     model.to(base_dtype)
     merged_state = model.state_dict()
-    with common.atomic_dir(args.out) as tmp:
+    with cli.atomic_dir(args.out) as tmp:
         common.write_model_files(model, processor, tmp)
         saved, _ = common.load_model(tmp, args.device, dtype=base_dtype)
         for name, tensor in saved.state_dict().items():  # the folder holds exactly the merged weights

@@ -477,7 +477,7 @@ def save_checkpoint(path, model, processor, trainer_state=None, rank=0):
     weights = common.hf_state_dict(model)
     if rank != 0:
         return
-    with common.atomic_dir(path) as tmp:
+    with cli.atomic_dir(path) as tmp:
         common.unwrap(model).save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         processor.save_pretrained(tmp)
         if trainer_state is not None:

@@ -268,7 +268,7 @@ def trainable_state(model):
 def save_checkpoint(path, model, optimizer, step):
     from safetensors.torch import save_file
 
-    with common.atomic_dir(path) as tmp:
+    with cli.atomic_dir(path) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")

@@ -19,10 +19,8 @@ planning) has never planned from an image nor answered a task's perception quest
     python tiny.py grids --out data/grids/train --split train --count 20000
     python tiny.py grids --out data/grids/val --split val --count 200
 """
-import os
 import random
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -140,10 +138,10 @@ def grid_row(seed, split, canvas=160, cell=32):
              "shapes": [[r, c, letter, colour] for (r, c), (letter, colour) in sorted(grid["shapes"].items())],
              "ask_shape": grid["ask_shape"], "ask_background": grid["ask_background"], "seed": seed}
     answer = grid_answer(grid)
-    messages = envs._user(envs._text(grid_prompt(grid)), {"type": "image", "image": image})
-    messages += [{"role": "assistant", "content": [envs._text(answer)]}]
-    row = {"id": f"grid-{seed:09d}", "task": "grid", "level": grid["size"], "seed": seed, "split": split,
-           "kind": "vision", "state": state, "plan": [], "image": image, "messages": messages, "answer": answer}
+    base = {"id": f"grid-{seed:09d}", "task": "grid", "level": grid["size"], "seed": seed, "split": split,
+            "state": state, "plan": []}
+    row = envs._message_row(base, "vision", envs._user(envs._text(grid_prompt(grid)), {"type": "image", "image": image}),
+                            answer, image=image)
     return row, image, draw_grid(grid, canvas, cell)
 
 
@@ -163,19 +161,13 @@ def write_grids(out_dir, split, count, canvas=160, cell=32):
     out = Path(out_dir).absolute()
     if out.exists():
         raise ValueError(f"{out} exists; remove it first")
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        (tmp / "images").mkdir(parents=True)
+    with cli.atomic_dir(out) as tmp:
+        (tmp / "images").mkdir()
         with open(tmp / "data.jsonl", "w") as f:
             for seed in range(SEED_BASE[split], SEED_BASE[split] + count):
                 row, image, picture = grid_row(seed, split, canvas, cell)
                 picture.save(tmp / image)
                 f.write(envs._disk_row(row) + "\n")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
 import common
 import envs
 
@@ -172,11 +173,11 @@ def test_saved_adapter_roundtrips_and_peft_reproduces_our_logits(tiny_model, tmp
 
 def test_atomic_dir_leaves_nothing_on_error(tmp_path):
     with pytest.raises(RuntimeError):
-        with common.atomic_dir(tmp_path / "ckpt") as tmp:
+        with cli.atomic_dir(tmp_path / "ckpt") as tmp:
             (tmp / "half.bin").write_text("x")
             raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
-    with common.atomic_dir(tmp_path / "ckpt") as tmp:
+    with cli.atomic_dir(tmp_path / "ckpt") as tmp:
         (tmp / "done.txt").write_text("ok")
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"] and (tmp_path / "ckpt" / "done.txt").read_text() == "ok"
 
