@@ -554,6 +554,7 @@ def make_llm(path, seed=0, max_model_len=4096, dtype="float32", kv_cache_bytes=2
     Under torchrun (WORLD_SIZE > 1) every rank gets its own engine (external_launcher,
     data_parallel_size=WORLD_SIZE); all ranks must then call generate the same number of times.
     On CPU the KV cache is sized in bytes (kv_cache_bytes); on GPU by gpu_memory_utilization.
+    On GPU the engine is made with sleep mode (see llm_sleep).
     The engine re-seeds torch's global RNG: the caller's RNG state is restored afterwards."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights can be handed over directly
     from vllm import LLM
@@ -562,7 +563,7 @@ def make_llm(path, seed=0, max_model_len=4096, dtype="float32", kv_cache_bytes=2
     kwargs = dict(model=str(path), dtype=dtype, enforce_eager=not cuda, max_model_len=max_model_len, seed=seed,
                   limit_mm_per_prompt={"image": max_images, "video": 0})
     if cuda:
-        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
     else:
         kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
         # = TORCH_COMPILE_DISABLE=1: no first-request compile of a sampler helper (needs a C compiler, +5-20 s)
@@ -602,13 +603,26 @@ def hf_state_dict(model):
     return sd
 
 
+def llm_sleep(llm):
+    """Free the engine's GPU memory (KV cache and weights: vLLM sleep level 2) while the trainer works;
+    push_weights wakes it. A no-op on CPU, where vLLM has no sleep mode and the KV cache is small."""
+    if torch.cuda.is_available():
+        llm.sleep(level=2)
+
+
 def push_weights(llm, model):
     """Copy the trainer's current weights into the engine, then drop every cache computed with
-    the old ones: prefix (KV) cache, multimodal processor cache and encoder (vision) cache."""
+    the old ones: prefix (KV) cache, multimodal processor cache and encoder (vision) cache. A sleeping
+    engine (llm_sleep) gets its weight memory back first and its KV cache after the copy."""
+    asleep = torch.cuda.is_available() and llm.llm_engine.is_sleeping()
+    if asleep:
+        llm.wake_up(tags=["weights"])
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(hf_state_dict(model).items())})
     llm.reset_prefix_cache()
     llm.reset_mm_cache()
     llm.llm_engine.reset_encoder_cache()  # without it a seen image fails with "Encoder cache miss"
+    if asleep:
+        llm.wake_up(tags=["kv_cache"])
 
 
 def vllm_prompts(processor, messages_list):

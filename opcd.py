@@ -16,12 +16,13 @@ envs.aggregate); best (by macro success) and last checkpoints are ordinary HF fo
 
 Simplifications and deviations from the reference (EasyR1/verl fork, ~10k lines):
 - fp32 master weights and Adam states by default; the reference keeps them in bf16, where a
-  1e-6 step rounds away for almost every weight (--bf16-master reproduces it).
+  1e-6 step rounds away for almost every weight (--master bf16 reproduces it; --master stochastic
+  keeps the updates in expectation in 8 instead of 16 bytes a parameter).
 - One process per device; ranks sum gradients with one all-reduce after the backward passes
   (no DDP wrapper, no Ray). Every rank holds the bf16 model, ~16 bytes per trainable parameter
   (fp32 master, Adam moments, fp32 gradient), the teacher and vLLM's share: ~90 GB for a 4B
   model, so an H200-class GPU, or cut it with --teacher live, --freeze-vision, --lora-rank or
-  --bf16-master.
+  --master stochastic.
 - --fsdp shards the student, its fp32 masters and Adam states over the ranks (FSDP2 fully_shard
   per decoder layer and vision block; gradients reduce-scattered); whole tensors are gathered
   only for the vLLM push and checkpoints. The teacher stays whole; no --loss full or --lora-rank.
@@ -99,7 +100,10 @@ def parse_args(argv=None):
     a("--max-grad-norm", type=cli.nonneg_float, default=1.0, help="gradient-norm clip")
     a("--epochs", type=cli.positive_float, default=5, help="passes over the train split")
     a("--max-steps", type=cli.nonneg_int, default=0, help="stop after this many steps (0: run all epochs)")
-    a("--bf16-master", action="store_true", help="keep weights and Adam states in the model dtype (the reference's bf16), no fp32 master copy")
+    a("--master", default="fp32", choices=["fp32", "stochastic", "bf16"],
+      help="how a bf16 model takes lr-1e-6 steps: fp32 master weights and Adam states (16 B/param); stochastic: "
+           "bf16 weights rounded stochastically after an fp32 step, fp32 moments (8 B/param, the same updates in "
+           "expectation); bf16: the reference's plain bf16 AdamW, whose 1e-6 steps round away")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="model dtype; auto: bf16 on GPU, fp32 on CPU")
     a("--lora-rank", type=cli.nonneg_int, default=0, help="train LoRA adapters of this rank on the language model instead of all weights (0: none)")
     a("--freeze-vision", action="store_true", help="do not train the vision tower and merger")
@@ -193,13 +197,24 @@ def response_hidden(model, prompt_batch, response_ids, response_mask):
 
 
 class MasterAdamW:
-    """AdamW whose weights and states live in fp32 even when the model runs in bf16: gradients
-    are copied up, the step is taken on the master copy, and the result is rounded into the
-    model. With bf16_master (the reference) AdamW updates the model's own tensors instead."""
+    """AdamW for a bf16 model that still moves by lr-1e-6 steps (--master):
+    fp32        fp32 copies of the weights and states take the step and the result is rounded into the
+                model (16 bytes a trainable parameter besides the bf16 weight and gradient);
+    stochastic  the step is taken in fp32 on the fly and the new weight rounded to bf16 *stochastically*
+                (up with probability = the distance to the lower neighbour / the gap): a 1e-6 step
+                moves every weight by 1e-6 in expectation; fp32 moments (8 bytes a parameter: bf16
+                moments round away Adam's own small updates, v's above all);
+    bf16        the reference: AdamW on the bf16 weights themselves, where a 1e-6 step rounds away.
+    An fp32 model (CPU) is its own master in fp32 and bf16 modes."""
 
-    def __init__(self, params, lr, betas, weight_decay, bf16_master=False):
-        self.params = [p for p in params if p.requires_grad]
-        self.master = [p if (bf16_master or p.dtype == torch.float32) else p.detach().float().clone().requires_grad_()
+    def __init__(self, params, lr, betas, weight_decay, master="fp32"):
+        self.params, self.mode = [p for p in params if p.requires_grad], master
+        self.lr, self.betas, self.weight_decay, self.t = lr, betas, weight_decay, 0
+        if master == "stochastic":
+            self.state = [{k: torch.zeros_like(p, dtype=torch.float32) for k in ("m", "v")} for p in self.params]
+            self.master = self.params
+            return
+        self.master = [p if (master == "bf16" or p.dtype == torch.float32) else p.detach().float().clone().requires_grad_()
                        for p in self.params]
         self.opt = torch.optim.AdamW(self.master, lr=lr, betas=betas, weight_decay=weight_decay)
 
@@ -208,7 +223,10 @@ class MasterAdamW:
             if m is not p:
                 m.grad = None if p.grad is None else p.grad.float()
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.master, max_grad_norm))  # the norm over all shards
-        self.opt.step()
+        if self.mode == "stochastic":
+            self.stochastic_step()
+        else:
+            self.opt.step()
         with torch.no_grad():
             for p, m in zip(self.params, self.master):
                 if m is not p:
@@ -216,21 +234,50 @@ class MasterAdamW:
         self.zero_grad()
         return grad_norm.item()
 
+    @torch.no_grad()
+    def stochastic_step(self, eps=1e-8):
+        self.t += 1
+        (b1, b2), lr = self.betas, self.lr
+        noise = torch.Generator(self.params[0].device).manual_seed(self.t)  # same bits on --resume
+        for p, s in zip(self.params, self.state):
+            if p.grad is None:
+                continue
+            g, m, v = local(p.grad).float(), local(s["m"]), local(s["v"])
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            w = local(p).float().mul_(1 - lr * self.weight_decay)
+            w.addcdiv_(m / (1 - b1 ** self.t), (v / (1 - b2 ** self.t)).sqrt_().add_(eps), value=-lr)
+            if p.dtype == torch.bfloat16:  # add 16 random low bits, then cut them: bf16 is fp32's upper half
+                bits = w.view(torch.int32) + torch.randint(0, 1 << 16, w.shape, device=w.device, dtype=torch.int32,
+                                                          generator=noise)
+                w = (bits & -65536).view(torch.float32)
+            local(p).copy_(w)
+
     def zero_grad(self):
         for t in self.params + self.master:
             t.grad = None
 
     def state_dict(self):
         """Whole tensors, also under --fsdp (a collective then: every rank calls it)."""
+        if self.mode == "stochastic":
+            return {"t": self.t, "state": [{k: full_tensor(v) for k, v in s.items()} for s in self.state],
+                    "master": [full_tensor(p.detach()).clone() for p in self.params]}
         opt = self.opt.state_dict()
         opt["state"] = {i: {k: full_tensor(v) for k, v in s.items()} for i, s in opt["state"].items()}
         return {"opt": opt, "master": [full_tensor(m.detach()).clone() for m in self.master]}
 
     def load_state_dict(self, state):
-        opt = state["opt"]
-        opt["state"] = {i: {k: like(v, self.master[int(i)]) if v.dim() else v for k, v in s.items()}
-                        for i, s in opt["state"].items()}
-        self.opt.load_state_dict(opt)
+        if self.mode == "stochastic":
+            self.t = state["t"]
+            with torch.no_grad():
+                for s, saved in zip(self.state, state["state"]):
+                    for k in s:
+                        s[k].copy_(like(saved[k], s[k]))
+        else:
+            opt = state["opt"]
+            opt["state"] = {i: {k: like(v, self.master[int(i)]) if v.dim() else v for k, v in s.items()}
+                            for i, s in opt["state"].items()}
+            self.opt.load_state_dict(opt)
         with torch.no_grad():
             for p, m, saved in zip(self.params, self.master, state["master"]):
                 m.copy_(like(saved, m))
@@ -240,6 +287,11 @@ class MasterAdamW:
 def full_tensor(t):
     """The whole tensor of an FSDP shard (all-gather), or t itself."""
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local(t):
+    """This rank's shard of a DTensor (elementwise work needs no other shard), or `t` itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def like(full, ref):
@@ -365,6 +417,8 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
     student_msgs = [envs.student_messages(r["state"], r["image"]) for r in rows]
     responses = rollout(args.rollout, model, llm, processor, student_msgs, args.max_new_tokens, args.temperature,
                         args.top_p, [sample_seed(args.seed, step, rank, i) for i in range(n)])
+    if llm is not None:
+        common.llm_sleep(llm)  # GPU: the KV cache and the engine's weights make room for training
     scores = [envs.score_planning(r["state"], o["text"]) for r, o in zip(rows, responses)]
     resp = [pad_responses([responses[i] for i in ix], processor.tokenizer.pad_token_id, device) for ix in micro]
     student_in = [encode(processor, [student_msgs[i] for i in ix], device) for ix in micro]
@@ -571,7 +625,7 @@ def main(argv=None):
     model.train()
     if args.fsdp and ddp:
         shard_model(model)
-    opt = MasterAdamW(model.parameters(), args.lr, tuple(args.betas), args.weight_decay, args.bf16_master)
+    opt = MasterAdamW(model.parameters(), args.lr, tuple(args.betas), args.weight_decay, args.master)
     start_step, best = 0, -1.0
     if args.resume:  # trainable weights come back from the optimiser's master copy, bit-exact
         saved = torch.load(state_file, map_location=device, weights_only=False)

@@ -93,20 +93,49 @@ def test_clipped_ratio_form_equals_reinforce_at_ratio_one_and_stops_outside_the_
     assert g[0, 0] == 0 and g[0, 1] == 0 and torch.isclose(g[0, 2], torch.tensor(-2.0 * 1.1 / 3), atol=1e-3)
 
 
-def test_fp32_master_weights_keep_updates_that_bf16_weights_round_away():
-    torch.manual_seed(0)
+def test_fp32_and_stochastic_masters_keep_updates_that_bf16_weights_round_away():
     results = {}
-    for bf16_master in (False, True):
+    for master in ("fp32", "stochastic", "bf16"):
         w = torch.nn.Parameter(torch.full((1000,), 1.0, dtype=torch.bfloat16))
-        opt = opcd.MasterAdamW([w], lr=1e-6, betas=(0.9, 0.999), weight_decay=0.0, bf16_master=bf16_master)
+        opt = opcd.MasterAdamW([w], lr=1e-6, betas=(0.9, 0.999), weight_decay=0.0, master=master)
         for _ in range(3000):  # Adam's step is ~lr per step whatever the gradient scale
             w.grad = torch.ones_like(w)
             opt.step(max_grad_norm=1e9)
-        results[bf16_master] = w.float().mean().item()
+        results[master] = w.float().mean().item()
     # bf16 ulp at 1.0 is 2^-7 (below) / 2^-8: a 1e-6 step is far below half of it and rounds away.
-    assert results[True] == 1.0
+    assert results["bf16"] == 1.0
     # fp32 master: 3000 steps of ~1e-6 accumulate to ~3e-3, visible after rounding to bf16.
-    assert 1.0 - 0.004 < results[False] < 1.0 - 0.002
+    assert 1.0 - 0.004 < results["fp32"] < 1.0 - 0.002
+    # stochastic rounding: each weight moves one bf16 step with probability 3e-3 / 2^-8; the mean follows fp32
+    assert 1.0 - 0.004 < results["stochastic"] < 1.0 - 0.002
+
+
+def test_stochastic_master_moves_weights_as_fp32_masters_do_and_resumes_exactly():
+    """lr 1e-6, 200 Adam steps on gradients with a mean: the fp32 master moves each weight by ~-6e-5, far
+    below half a bf16 step at |w| ~ 0.05. Plain bf16 AdamW keeps almost none of it; stochastic rounding
+    keeps it on average. A state saved at step 100 and loaded into a fresh optimiser continues bit-exactly."""
+    torch.manual_seed(0)
+    init = (torch.randn(4000) * 0.05).to(torch.bfloat16)
+    grads = [(torch.randn(4000) + 0.3).to(torch.bfloat16) for _ in range(200)]
+
+    def train(master, steps=range(200), w=None, opt=None):
+        w = w if w is not None else torch.nn.Parameter(init.clone())
+        opt = opt or opcd.MasterAdamW([w], lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01, master=master)
+        for i in steps:
+            w.grad = grads[i].clone()
+            opt.step(max_grad_norm=1e9)
+        return w, opt
+
+    fp32_master = train("fp32")[1].master[0].detach()
+    moved = {m: (train(m)[0].detach().float() - init.float()).mean().item() for m in ("stochastic", "bf16")}
+    want = (fp32_master - init.float()).mean().item()
+    assert want < -4e-5
+    assert abs(moved["stochastic"] - want) < 0.1 * abs(want) and abs(moved["bf16"]) < 0.1 * abs(want)
+    w, opt = train("stochastic", range(100))
+    w2 = torch.nn.Parameter(torch.zeros(4000, dtype=torch.bfloat16))
+    opt2 = opcd.MasterAdamW([w2], lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01, master="stochastic")
+    opt2.load_state_dict(opt.state_dict())
+    assert torch.equal(train("stochastic", range(100, 200), w2, opt2)[0], train("stochastic")[0])
 
 
 # ------------------------------------------------------------------------------------------
