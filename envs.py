@@ -661,7 +661,9 @@ def aggregate(episodes):
 
     def summarise(eps):
         keys = sorted({k for e in eps for k, v in e.items() if k not in skip and isinstance(v, (bool, int, float))})
-        out = {k: sum(float(e.get(k) or 0) for e in eps) / len(eps) for k in keys}
+        # a key only some rows have (tiny.py's question types) is a mean over those rows; an errored row counts 0
+        has = {k: [e for e in eps if k in e or e.get("error")] for k in keys}
+        out = {k: sum(float(e.get(k) or 0) for e in has[k]) / len(has[k]) for k in keys}
         return {**out, "n": len(eps), "errors": sum(bool(e.get("error")) for e in eps)}
 
     by_task = {}
@@ -1061,7 +1063,7 @@ def make_split(out_dir, split, per_level, tasks=None, levels=None, kinds=("plann
 
 
 STATE_KEYS = {"frozenlake": ("start", "goal", "holes"), "maze": ("start", "target", "open"),
-              "minibehaviour": ("agent", "printer", "table"), "grid": ("background", "shapes", "ask_shape", "ask_background")}
+              "minibehaviour": ("agent", "printer", "table"), "grid": ("objects", "question")}
 
 
 def row_problem(row):

@@ -10,13 +10,11 @@ before it runs:
 
 and writes OUT/results.md (a table), OUT/results.json and OUT/results.png (a plot).
 
-The base (3.5M parameters) stands in for an instruct VLM: it is trained by sft.py to plan from the
-symbolic text state (text-student and teacher prompts) and to read generic pictures (grids of
-coloured shapes, tiny.py), and never plans from a picture nor sees a task's picture. It is taken
-from models/mini-base when that folder exists (issue #15: not shipped yet, because the recipe does
-not yet give a base that reads positions; results/mini/REPORT.md), else built first by
-pretrain_commands() for --base-steps steps: the default keeps the main job near half an hour on 2
-cores (estimated from stage speeds); the full recipe is --base-steps 5877 (about an hour more).
+The base (3.5M parameters, models/mini-base) stands in for an instruct VLM: trained from random weights
+by sft.py (pretrain_commands below) first to read generic pictures (objects on a grid, tiny.py), then to
+plan from the symbolic text state (text-student and teacher prompts), it never plans from a picture nor
+sees a task's picture. `--pretrain` rebuilds it into OUT/base (about 75 minutes on 2 cores) instead of
+using the shipped one; `--base DIR` starts from any other model folder.
 
 --rows all adds the ablations of results/mini/REPORT.md: the reference's sampled estimator,
 OPCD without perception SFT, OPCD whose teacher sees the image prompt instead of the state,
@@ -24,7 +22,7 @@ direct visual SFT on the reference responses, and perception + dynamics SFT then
 
 Every stage is skipped when its output exists, so an interrupted run resumes where it stopped.
 
-    python pipeline.py                          # the main job (builds a base first while none is shipped)
+    python pipeline.py                          # the main job, from the shipped base
     python pipeline.py --quick                  # every stage, tiny sizes (CI runs it)
     python pipeline.py --rows all --seed 1 --out runs/mini-s1      # one seed of the report
     python pipeline.py --aggregate runs/mini-s0 runs/mini-s1 runs/mini-s2
@@ -43,12 +41,13 @@ import cli
 
 ROOT = Path(__file__).resolve().parent
 SHIPPED_BASE = ROOT / "models" / "mini-base"
+BASE_STEPS = 5722  # the shipped base's second pretraining run: 6.3 passes over its 14,500 rows
 TASKS = ("frozenlake", "maze", "minibehaviour")
 PICTURE = ["--image-size", 160, "--cell-size", 32]  # one merged vision token per cell (tiny.py's layout)
 
 # Settings of the main job and of --quick, chosen on the val split (results/mini/REPORT.md).
 DEFAULT = dict(levels="frozenlake=4 maze=3 minibehaviour=5", train_per_level=600, val_per_level=32,
-               test_per_level=170, perception_steps=800, perception_lr=5e-4, opcd_steps=40, opcd_batch=16,
+               test_per_level=170, perception_steps=800, perception_lr=5e-4, opcd_steps=200, opcd_batch=16,
                opcd_lr=1e-4, max_new_tokens=100)
 QUICK = dict(levels="frozenlake=4 maze=3 minibehaviour=5", train_per_level=16, val_per_level=2, test_per_level=3,
              perception_steps=2, perception_lr=5e-4, opcd_steps=2, opcd_batch=4, opcd_lr=1e-5, max_new_tokens=48)
@@ -69,10 +68,10 @@ def parse_args(argv=None):
                    help="mgsd: base, +perception SFT, +OPCD; all: also the report's ablations (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of SFT order and OPCD sampling (default %(default)s)")
     p.add_argument("--base", default=None, help=f"base model folder (default: the shipped {SHIPPED_BASE.relative_to(ROOT)})")
-    p.add_argument("--pretrain", action="store_true", help="build the base from random weights into OUT/base even "
-                                                              f"when {SHIPPED_BASE.relative_to(ROOT)} exists")
+    p.add_argument("--pretrain", action="store_true", help="build the base from random weights into OUT/base instead "
+                                                              f"of using {SHIPPED_BASE.relative_to(ROOT)}")
     p.add_argument("--base-steps", type=cli.positive_int, default=None,
-                   help="optimiser steps (16 rows) of the base's pretraining (default 1000, quick 8; full recipe 5877)")
+                   help=f"optimiser steps (16 rows) of the base's second pretraining run (default {BASE_STEPS}, quick 8)")
     p.add_argument("--aggregate", nargs="+", metavar="RUN", help="print mean ± std over these run folders and exit")
     p.add_argument("--backend", default=None, choices=("hf", "vllm"),
                    help="engine of OPCD rollouts and evaluation (default: vllm where installed, else hf)")
@@ -85,7 +84,7 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.base and (args.pretrain or args.quick):
         p.error("--base cannot be combined with --pretrain or --quick (they build their own base)")
-    args.base_steps = args.base_steps or (8 if args.quick else 1000)
+    args.base_steps = args.base_steps or (8 if args.quick else BASE_STEPS)
     return args
 
 
@@ -102,17 +101,18 @@ def run(cmd, done_marker):
 
 
 def pretrain_commands(out, steps, quick=False):
-    """[(command, done marker)] that build the base from random weights: the tiny Qwen3-VL, generic grid
-    pictures, text-planning and teacher rows, then one full SFT of the language model, `steps` steps on
-    all of them at lr 5e-4 (the random vision tower stays frozen: see sft() in main)."""
+    """[(command, done marker)] that build the base from random weights, in two SFT runs of the language
+    model at lr 5e-4 with the random vision tower frozen (see sft() in main): `see`, 1,500 steps of generic
+    grid pictures only (tiny.py; learned in ~1,000 steps alone, never when mixed in from the start), then
+    `plan`, `steps` steps of text planning and teacher-prompt rows with a sixth of grid rows kept in."""
     py, d = sys.executable, out / "data"
-    grids, text_per_level = (64, 8) if quick else (16000, 3000)
-    rows = grids + 3 * text_per_level + 5 * min(700, text_per_level)  # the splits below
-    epochs = round(steps * 16 / rows + 1e-4, 4)
+    grids, text_per_level, teacher_per_level, see_steps = (64, 8, 8, 4) if quick else (12000, 3000, 700, 1500)
     cmds = [([py, "common.py", "tiny", "--out", out / "init", "--size", "tiny" if quick else "small", "--image-size", 160,
               "--seed", 0], out / "init" / "config.json"),
             ([py, "tiny.py", "grids", "--out", d / "grids-train", "--split", "train", "--count", grids], d / "grids-train"),
-            ([py, "tiny.py", "grids", "--out", d / "grids-val", "--split", "val", "--count", 8 if quick else 200],
+            ([py, "tiny.py", "grids", "--out", d / "grids-replay", "--split", "train", "--count", grids // 6],
+             d / "grids-replay"),
+            ([py, "tiny.py", "grids", "--out", d / "grids-val", "--split", "val", "--count", 8 if quick else 150],
              d / "grids-val")]
     # FrozenLake 3x3 has only ~770 distinct train maps, so it gets its own, smaller split.
     # The teacher rows (the teacher's prompt, state and reference plan as text) teach the base to read the
@@ -120,20 +120,25 @@ def pretrain_commands(out, steps, quick=False):
     for name, per_level, kinds, levels in (
             ("text-train", text_per_level, "text-planning", ["frozenlake=4", "maze=3", "minibehaviour=5"]),
             ("text-train-fl3", min(700, text_per_level), "text-planning", ["frozenlake=3"]),
-            ("teacher-train", min(700, text_per_level), "teacher", ["frozenlake=3,4", "maze=3", "minibehaviour=5"])):
+            ("teacher-train", teacher_per_level, "teacher", ["frozenlake=3,4", "maze=3", "minibehaviour=5"])):
         tasks = [level.split("=")[0] for level in levels]
         cmds.append(([py, "envs.py", "data", "--out", d / name, "--split", "train", "--per-level", per_level,
                       "--kinds", kinds, "--tasks", *tasks, "--levels", *levels], d / name / "data.jsonl"))
     cmds.append(([py, "envs.py", "data", "--out", d / "text-val", "--split", "val", "--per-level", 2 if quick else 16,
                   "--kinds", "text-planning", "--levels", "frozenlake=3,4", "maze=3", "minibehaviour=5"],
                  d / "text-val" / "data.jsonl"))
-    cmds.append(([py, "sft.py", "--model", out / "init", "--data", d / "grids-train", d / "text-train", d / "text-train-fl3",
-                  d / "teacher-train", "--val-data", d / "grids-val", d / "text-val", "--kinds", "vision,text-planning,teacher", "--full",
-                  "--lr", 5e-4, "--warmup-ratio", 0.03, "--batch-size", 16, "--micro-batch-size", 16,
-                  "--epochs", epochs, "--no-grad-checkpointing", "--val-every", 1000, "--save-every", 250,
-                  "--val-size", 16 if quick else 128, "--max-new-tokens", 100, "--seed", 0, "--out", out / "sft",
-                  *(["--resume"] if (out / "sft" / "checkpoint" / "state.json").is_file() else [])],
-                 out / "sft" / "model" / "config.json"))
+    common = ["--full", "--lr", 5e-4, "--warmup-ratio", 0.03, "--batch-size", 16, "--micro-batch-size", 16,
+              "--no-grad-checkpointing", "--save-every", 250, "--seed", 0]
+    plan_rows = 3 * text_per_level + min(700, text_per_level) + 4 * teacher_per_level + grids // 6
+    for phase, model, data, val, kinds, n_steps, rows in (
+            ("see", out / "init", [d / "grids-train"], [d / "grids-val"], "vision", see_steps, grids),
+            ("plan", out / "see" / "model", [d / "grids-replay", d / "text-train", d / "text-train-fl3", d / "teacher-train"],
+             [d / "text-val", d / "grids-val"], "vision,text-planning,teacher", steps, plan_rows)):
+        resume = ["--resume"] if (out / phase / "checkpoint" / "state.json").is_file() else []
+        cmds.append(([py, "sft.py", "--model", model, "--data", *data, "--val-data", *val, "--kinds", kinds,
+                      "--epochs", round((n_steps + 0.5) / (rows // 16), 6), *common, "--val-every", 500,
+                      "--val-size", 16 if quick else 128, "--max-new-tokens", 100, "--out", out / phase, *resume],
+                     out / phase / "model" / "config.json"))
     return cmds
 
 
@@ -155,30 +160,35 @@ def main():
         print(f"building the base: {args.base_steps} steps of pretraining")
         for cmd, done in pretrain_commands(out / "base", args.base_steps, args.quick):
             run(cmd, done)
-        base = out / "base" / "sft" / "model"
+        base = out / "base" / "plan" / "model"
     if not (base / "config.json").is_file():
         sys.exit(f"error: no model in {base} (see --base / --pretrain)")
 
     # Data: perception and text-planning rows for stage 1, planning rows whose prompts OPCD samples from
     # (their reference responses are used only by direct visual SFT), dynamics rows for that ablation;
     # val rows select OPCD checkpoints; test rows are held out for the tables.
-    train_kinds = "perception,text-planning,planning" + (",dynamics" if args.rows == "all" else "")
-    for split, n, kinds in (("train", args.train_per_level, train_kinds), ("val", args.val_per_level, "planning,perception"),
-                            ("test", args.test_per_level, "planning,perception")):
-        run([py, "envs.py", "data", "--out", data / split, "--split", split, "--per-level", n, "--kinds", kinds,
-             "--levels", *levels, *PICTURE, "--workers", 2], data / split / "data.jsonl")
+    splits = [("train", "train", args.train_per_level, "perception,text-planning,planning"),
+              ("val", "val", args.val_per_level, "planning,perception"),
+              ("test", "test", args.test_per_level, "planning,perception")]
+    if args.rows == "all":  # the dynamics ablation's rows, apart, so that a main-job run can be extended
+        splits.append(("dynamics", "train", args.train_per_level, "dynamics"))
+    for folder, split, n, kinds in splits:
+        run([py, "envs.py", "data", "--out", data / folder, "--split", split, "--per-level", n, "--kinds", kinds,
+             "--levels", *levels, *PICTURE, "--workers", 2], data / folder / "data.jsonl")
 
     rows_of_kind = {}
-    for line in open(data / "train" / "data.jsonl"):
-        kind = json.loads(line)["kind"]
-        rows_of_kind[kind] = rows_of_kind.get(kind, 0) + 1
+    for name in ("train", "dynamics") if args.rows == "all" else ("train",):
+        for line in open(data / name / "data.jsonl"):
+            kind = json.loads(line)["kind"]
+            rows_of_kind[kind] = rows_of_kind.get(kind, 0) + 1
 
     def sft(name, student, kinds):
         """Full SFT of the language model for --perception-steps steps of 16 rows over `kinds`. The random
         vision tower stays frozen and the lr low: trained at 2e-3 the tiny model never learned to read
         positions, and training the tower erased them from it (results/mini/REPORT.md, 2026-11-27)."""
         epochs = round(args.perception_steps * 16 / sum(rows_of_kind[k] for k in kinds.split(",")) + 1e-4, 4)
-        run([py, "sft.py", "--model", student, "--data", data / "train", "--val-data", data / "val", "--kinds", kinds,
+        folders = [data / "train"] + ([data / "dynamics"] if "dynamics" in kinds else [])
+        run([py, "sft.py", "--model", student, "--data", *folders, "--val-data", data / "val", "--kinds", kinds,
              "--full", "--lr", args.perception_lr, "--epochs", epochs, "--batch-size", 16,
              "--micro-batch-size", 16, "--no-grad-checkpointing", "--val-size", 64, "--max-new-tokens",
              args.max_new_tokens, "--seed", args.seed, "--out", out / name, "--overwrite"], out / name / "model" / "config.json")

@@ -1,5 +1,6 @@
 """The miniature's generic grid-reading rows (tiny.py): pictures, answers, scorer, split folders."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import tiny
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_grid_picture_shows_each_cells_background_and_filled_shape():
+def test_grid_picture_shows_each_object_at_its_cell():
     for seed in range(30):
         grid = tiny.make_grid(seed)
         img = tiny.draw_grid(grid)
@@ -20,40 +21,43 @@ def test_grid_picture_shows_each_cells_background_and_filled_shape():
         k = grid["size"]
         for r in range(k):
             for c in range(k):
-                background = tiny.COLOURS[grid["background"][r][c]]
-                assert img.getpixel((c * 32 + 1, r * 32 + 1)) == background
-                letter, colour = grid["shapes"].get((r, c), (".", None))
+                assert img.getpixel((c * 32 + 3, r * 32 + 3)) == tiny.FLOOR
+                letter = grid["objects"].get((r, c))
                 centre = img.getpixel((c * 32 + 16, r * 32 + 16))
-                if letter in "CST":  # filled shapes cover the cell centre
-                    assert centre == tiny.COLOURS[colour]
-                elif letter == ".":
-                    assert centre == background
-        assert {img.getpixel((x, 159)) for x in range(0, 160, 5) if k < 5} <= {tiny.PAD}  # outside the grid
+                if letter is None or letter == "O":  # a ring's centre is floor
+                    assert centre == tiny.FLOOR
+                else:
+                    assert centre == tiny.OBJECTS[letter][1]
+        if k < 5:
+            assert {img.getpixel((x, 159)) for x in range(0, 160, 5)} == {tiny.PAD}  # outside the grid
 
 
-def test_grid_answer_lists_what_the_grid_holds():
-    grid = {"size": 3, "seed": 0, "background": [["white", "white", "navy"], ["white", "navy", "white"],
-                                                 ["white", "white", "white"]],
-            "shapes": {(0, 1): ("T", "red"), (2, 2): ("C", "red"), (1, 0): ("O", "green")},
-            "ask_shape": "red", "ask_background": "navy"}
-    assert tiny.grid_answer(grid) == "1. 3x3\n2.\n.T.\nO..\n..C\n3. (0, 1), (2, 2)\n4. (0, 2), (1, 1)"
-    assert "What is the grid size?" in tiny.grid_prompt(grid) and "red shapes" in tiny.grid_prompt(grid)
+def test_every_question_type_and_answer():
+    objects = {(0, 1): "T", (2, 2): "C", (1, 0): "T"}
+    grid = {"size": 3, "seed": 0, "objects": objects, "question": ["map", None]}
+    assert tiny.grid_answer(grid) == ".T.\nT..\n..C"
+    assert "one letter per cell" in tiny.grid_prompt(grid)
+    grid["question"] = ["where", "T"]
+    assert tiny.grid_answer(grid) == "(0, 1), (1, 0)" and "green triangles" in tiny.grid_prompt(grid)
+    grid["question"] = ["where", "S"]
+    assert tiny.grid_answer(grid) == "none"
+    grid["question"] = ["what", [2, 2]]
+    assert tiny.grid_answer(grid) == "red circle" and "(2, 2)" in tiny.grid_prompt(grid)
+    grid["question"] = ["what", [0, 0]]
+    assert tiny.grid_answer(grid) == "nothing"
+    assert {tiny.make_grid(seed)["question"][0] for seed in range(3)} == set(tiny.QUESTIONS)
 
 
-def test_grid_scorer_grades_cells_and_questions():
-    grid = tiny.make_grid(3)
-    answer = tiny.grid_answer(grid)
-    perfect = tiny.score_grid(grid, answer)
-    assert perfect["all_correct"] and perfect["cells"] == 1.0
-    k = grid["size"]
-    lines = answer.split("\n")
-    row = lines[2]
-    lines[2] = ("X" if row[0] != "X" else "C") + row[1:]  # one wrong letter in row 0
-    one_wrong = tiny.score_grid(grid, "\n".join(lines))
-    assert not one_wrong["shape_map"] and one_wrong["cells"] == pytest.approx(1 - 1 / k**2)
-    assert one_wrong["size"] and one_wrong["shape_positions"] and one_wrong["background_positions"]
-    junk = tiny.score_grid(grid, "no idea")
-    assert not any(v for key, v in junk.items() if key != "cells") and junk["cells"] == 0.0
+def test_grid_scorer_grades_cells_and_answers():
+    grid = {"size": 3, "seed": 0, "objects": {(0, 1): "T", (2, 2): "C"}, "question": ["map", None]}
+    assert tiny.score_grid(grid, ".T.\n...\n..C") == {"all_correct": True, "map": True, "cells": 1.0}
+    one_wrong = tiny.score_grid(grid, ".T.\n...\n..X")
+    assert not one_wrong["map"] and one_wrong["cells"] == pytest.approx(8 / 9)
+    assert tiny.score_grid(grid, ".T.\n") == {"all_correct": False, "map": False, "cells": pytest.approx(3 / 9)}
+    grid["question"] = ["where", "T"]
+    assert tiny.score_grid(grid, "(0,1)")["where"] and not tiny.score_grid(grid, "(1, 0)")["where"]
+    grid["question"] = ["what", [2, 2]]
+    assert tiny.score_grid(grid, " Red circle\n")["what"] and not tiny.score_grid(grid, "red ring")["what"]
 
 
 def test_grid_rows_name_no_task_and_no_plan():
@@ -79,3 +83,42 @@ def test_grid_split_loads_and_is_scored_by_envs(tmp_path):
                            "--count", "2"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "exists" in proc.stderr
 
+
+BASE = ROOT / "models" / "mini-base"
+
+
+def evaluate_both_backends(args, out):
+    """Greedy episodes of evaluate.py with the HF backend (in-process) and with vLLM (a subprocess)."""
+    import evaluate
+
+    evaluate.main([*map(str, args), "--backend", "hf", "--out", str(out / "hf")])
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TORCH_COMPILE_DISABLE="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, args), "--backend", "vllm",
+                           "--out", str(out / "vllm")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [[json.loads(line) for line in (out / name / "episodes.jsonl").read_text().splitlines()] for name in ("hf", "vllm")]
+
+
+def test_shipped_base_reads_pictures_and_plans_from_text_alike_in_hf_and_vllm(tmp_path):
+    """models/mini-base loads in transformers and vLLM, both see a 160-px picture as 25 tokens and give the
+    same greedy answers, and the answers are right: held-out grid pictures read, text-state plans solved."""
+    from PIL import Image
+
+    import common
+
+    model, processor = common.load_model(BASE)
+    assert sum(p.numel() for p in model.parameters()) < 5e6
+    thw = processor.image_processor(images=[Image.new("RGB", (160, 160))], return_tensors="pt")["image_grid_thw"]
+    assert thw.tolist() == [[1, 10, 10]]  # 10 x 10 patches of 16 px, merged 2 x 2: one token per 32-px cell
+    grids = tiny.write_grids(tmp_path / "grids", "test", 12)
+    hf, vllm = evaluate_both_backends(["--model", BASE, "--data", grids, "--kind", "vision", "--max-new-tokens", 40],
+                                      tmp_path / "vision")
+    assert [e["response"] for e in hf] == [e["response"] for e in vllm]
+    assert sum(e["metrics"]["all_correct"] for e in hf) >= 10
+    text = envs.make_split(tmp_path / "text", "test", 3, levels={"frozenlake": [4], "maze": [3], "minibehaviour": [5]},
+                           kinds=("planning",), image_size=160, cell_size=32)
+    hf, vllm = evaluate_both_backends(["--model", BASE, "--data", text, "--condition", "both", "--max-new-tokens", 100],
+                                      tmp_path / "planning")
+    assert [e["response"] for e in hf] == [e["response"] for e in vllm]
+    success = {c: sum(e["metrics"]["success"] for e in hf if e["condition"] == c) for c in ("image", "text")}
+    assert success["text"] >= 5 and success["image"] <= success["text"] - 3  # of 9: it plans from text, not pictures

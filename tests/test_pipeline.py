@@ -17,7 +17,8 @@ def test_quick_pipeline_runs_every_stage_and_fills_the_table(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for split in ("train", "val", "test"):
         assert (out / "data" / split / "data.jsonl").stat().st_size > 0
-    for model in (out / "base" / "init", out / "base" / "sft" / "model", out / "psft" / "model", out / "mgsd" / "best"):
+    for model in (out / "base" / "init", out / "base" / "see" / "model", out / "base" / "plan" / "model",
+                  out / "psft" / "model", out / "mgsd" / "best"):
         assert (model / "config.json").is_file() and list(model.glob("*.safetensors")), model
     assert (out / "mgsd" / "log.jsonl").read_text().strip()
 
