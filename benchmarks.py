@@ -151,6 +151,9 @@ def write_split(items, out_dir, image_size=256, cell_size=None):
                 image = f"images/{name}.png"
                 if picture is not None:
                     shutil.copyfile(picture, tmp / image)
+                elif cell_size and state["level"] * cell_size > image_size:
+                    raise BenchmarkError(f"{name}: level {state['level']} does not fit {cell_size}-px cells into "
+                                         f"{image_size} px (lower --cell-size or raise --image-size)")
                 else:
                     envs.render(state, image_size, cell_size).save(tmp / image)
                 base = {"id": name, "task": state["task"], "level": state["level"], "seed": index, "split": "test",

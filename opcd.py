@@ -20,9 +20,9 @@ Simplifications and deviations from the reference (EasyR1/verl fork, ~10k lines)
   keeps the updates in expectation in 8 instead of 16 bytes a parameter).
 - One process per device; ranks sum gradients with one all-reduce after the backward passes
   (no DDP wrapper, no Ray). Every rank holds the bf16 model, ~16 bytes per trainable parameter
-  (fp32 master, Adam moments, fp32 gradient), the teacher and vLLM's share: ~90 GB for a 4B
-  model, so an H200-class GPU, or cut it with --teacher live, --freeze-vision, --lora-rank or
-  --master stochastic.
+  (fp32 master, Adam moments, fp32 gradient), the teacher and vLLM's share: ~107 GiB for a 4B
+  model (bench/memory_plan.py), so an H200-class GPU, or cut it with --master stochastic (~76 GiB),
+  --teacher live, --freeze-vision, --lora-rank or --fsdp.
 - --fsdp shards the student, its fp32 masters and Adam states over the ranks (FSDP2 fully_shard
   per decoder layer and vision block; gradients reduce-scattered); whole tensors are gathered
   only for the vLLM push and checkpoints. The teacher stays whole; no --loss full or --lora-rank.

@@ -116,6 +116,15 @@ def test_visualplanning_mismatch_is_one_error_naming_the_row(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_level_too_large_for_the_cell_size_is_one_error_and_writes_nothing(tmp_path):
+    path = vp_files(tmp_path, {"frozenlake": states("frozenlake", 4, 1) + states("frozenlake", 6, 1)})[0]
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks.py"), "visualplanning", str(path), "--out",
+                           str(tmp_path / "out"), "--image-size", "160", "--cell-size", "32"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "level 6 does not fit 32-px cells into 160 px" in proc.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
 def test_oracle_scores_100_percent_and_the_hf_backend_runs_on_imported_benchmarks(tmp_path, tiny_model):
     given = {"frozenlake": states("frozenlake", 3, 2), "maze": states("maze", 3, 2), "minibehaviour": states("minibehaviour", 5, 2)}
     out = tmp_path / "vp"
