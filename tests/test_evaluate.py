@@ -321,7 +321,10 @@ def test_ctrl_c_is_one_line_and_keeps_the_finished_episodes(data, tmp_path):
     with Server(lambda payload: (200, "<answer>R</answer>", 0.3)) as server:
         proc = subprocess.Popen([PY, str(ROOT / "evaluate.py"), "--model", "m", "--data", str(data), "--backend", "openai",
                                  "--base-url", server.url, "--concurrency", "1", "--out", str(tmp_path / "out")],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                # a shell starts background jobs with SIGINT ignored, and Python then keeps
+                                # ignoring it: give the child the default, as a terminal's foreground job has
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 60
         while time.time() < deadline and not (tmp_path / "out" / "episodes.jsonl").is_file():
             time.sleep(0.1)
