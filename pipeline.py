@@ -100,6 +100,11 @@ def run(cmd, done_marker):
     print(f"  ({time.time() - start:.0f} s)", flush=True)
 
 
+def epochs_for(steps, rows):
+    """The --epochs that makes sft.py (batch 16, int(rows // 16 * epochs) steps) run exactly `steps` steps."""
+    return round((steps + 0.5) / (rows // 16), 6)
+
+
 def pretrain_commands(out, steps, quick=False):
     """[(command, done marker)] that build the base from random weights, in two SFT runs of the language
     model at lr 5e-4 with the random vision tower frozen (see sft() in main): `see`, 1,500 steps of generic
@@ -136,7 +141,7 @@ def pretrain_commands(out, steps, quick=False):
              [d / "text-val", d / "grids-val"], "vision,text-planning,teacher", steps, plan_rows)):
         resume = ["--resume"] if (out / phase / "checkpoint" / "state.json").is_file() else []
         cmds.append(([py, "sft.py", "--model", model, "--data", *data, "--val-data", *val, "--kinds", kinds,
-                      "--epochs", round((n_steps + 0.5) / (rows // 16), 6), *common, "--val-every", 500,
+                      "--epochs", epochs_for(n_steps, rows), *common, "--val-every", 500,
                       "--val-size", 16 if quick else 128, "--max-new-tokens", 100, "--out", out / phase, *resume],
                      out / phase / "model" / "config.json"))
     return cmds
@@ -186,7 +191,7 @@ def main():
         """Full SFT of the language model for --perception-steps steps of 16 rows over `kinds`. The random
         vision tower stays frozen and the lr low: trained at 2e-3 the tiny model never learned to read
         positions, and training the tower erased them from it (results/mini/REPORT.md, 2026-11-27)."""
-        epochs = round(args.perception_steps * 16 / sum(rows_of_kind[k] for k in kinds.split(",")) + 1e-4, 4)
+        epochs = epochs_for(args.perception_steps, sum(rows_of_kind[k] for k in kinds.split(",")))
         folders = [data / "train"] + ([data / "dynamics"] if "dynamics" in kinds else [])
         run([py, "sft.py", "--model", student, "--data", *folders, "--val-data", data / "val", "--kinds", kinds,
              "--full", "--lr", args.perception_lr, "--epochs", epochs, "--batch-size", 16,
