@@ -139,7 +139,7 @@ def import_visualplanning(files):
     return out
 
 
-def write_split(items, out_dir, image_size=256, cell_size=None):
+def write_split(items, out_dir, image_size=256, cell_size=None, style="plain"):
     """Planning rows + pictures in out_dir (must not exist), written to a temporary sibling and renamed."""
     out = Path(out_dir).absolute()
     if out.exists():
@@ -155,7 +155,7 @@ def write_split(items, out_dir, image_size=256, cell_size=None):
                     raise BenchmarkError(f"{name}: level {state['level']} does not fit {cell_size}-px cells into "
                                          f"{image_size} px (lower --cell-size or raise --image-size)")
                 else:
-                    envs.render(state, image_size, cell_size).save(tmp / image)
+                    envs.render(state, image_size, cell_size, style).save(tmp / image)
                 base = {"id": name, "task": state["task"], "level": state["level"], "seed": index, "split": "test",
                         "state": state, "plan": state["plan"]}
                 row = envs._message_row(base, "planning", envs.student_messages(state, image),
@@ -177,11 +177,15 @@ def main(argv=None):
         p.add_argument("--out", required=True, help="output split folder (must not exist)")
         p.add_argument("--image-size", type=int, default=256, help="side of drawn pictures in pixels (default 256)")
         p.add_argument("--cell-size", type=int, default=None, help="cell side of drawn pictures (see envs.py data)")
+        p.add_argument("--frozenlake-style", default="plain", choices=envs.STYLES,
+                       help="FrozenLake pictures drawn (see envs.py data); sprites: as the VSP benchmark's own")
     args = parser.parse_args(argv)
     try:
         items = import_vsp(args.src, args.draw_missing) if args.benchmark == "vsp" else import_visualplanning(args.src)
-        out = write_split(items, args.out, args.image_size, args.cell_size)
-    except (BenchmarkError, OSError) as e:
+        if args.frozenlake_style == "sprites":
+            envs.sprite_folder()
+        out = write_split(items, args.out, args.image_size, args.cell_size, args.frozenlake_style)
+    except (BenchmarkError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     counts = {}

@@ -59,6 +59,13 @@ positive_float = lambda text: _number(float, 0.0, True, text)  # noqa: E731
 nonneg_float = lambda text: _number(float, 0.0, False, text)  # noqa: E731
 
 
+def fraction(text):
+    value = _number(float, 0.0, False, text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be <= 1, got {text}")
+    return value
+
+
 def check_out(out, resume=False, overwrite=False):
     """Refuse an --out that would silently mix two runs, or that cannot be written; writes nothing.
     A non-empty folder needs --resume (continue it) or --overwrite (replace it)."""

@@ -46,6 +46,7 @@ Commands:
   python envs.py show maze --level 4 --seed 7 --out maze.png
 """
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -380,9 +381,53 @@ def render_indexed(state, size=256, cell=None):
     return img
 
 
-def render(state, size=256, cell=None):
-    """RGB picture of the initial state, size x size pixels (PIL primitives only, no assets)."""
-    return render_indexed(state, size, cell).convert("RGB")
+# --frozenlake-style sprites: FrozenLake as gymnasium (<= 1.3) draws it, the style of the VSP benchmark's pictures
+# and of the reference's training images: every cell ice, then the hole, the goal's gift or the start's stool,
+# a light-blue outline, and the elf (facing down) on the player's cell; each sprite scaled to the cell.
+SPRITES = {"frozen": ("ice",), "hole": ("ice", "hole"), "goal": ("ice", "goal"), "player": ("ice", "stool", "elf_down")}
+STYLES = ("plain", "sprites")
+
+
+def sprite_folder():
+    """gymnasium's toy-text image folder, found without importing gymnasium; one-line ValueError without it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gymnasium")
+    folder = Path(spec.submodule_search_locations[0]) / "envs" / "toy_text" / "img" if spec else None
+    if folder is None or not all((folder / f"{name}.png").is_file() for names in SPRITES.values() for name in names):
+        raise ValueError("--frozenlake-style sprites needs gymnasium's classic FrozenLake sprites (ice.png, elf_down.png, "
+                         "...): pip install 'gymnasium<1.4' (1.4 replaced them)")
+    return folder
+
+
+@lru_cache(maxsize=None)
+def _sprite_cell(role, s):
+    folder, cell = sprite_folder(), Image.new("RGBA", (s, s))
+    for name in SPRITES[role]:  # pygame.transform.scale, as gymnasium uses, is nearest-neighbour
+        cell.alpha_composite(Image.open(folder / f"{name}.png").convert("RGBA").resize((s, s), Image.NEAREST))
+    ImageDraw.Draw(cell).rectangle([0, 0, s - 1, s - 1], outline=(180, 200, 230))
+    return cell.convert("RGB")
+
+
+def render_sprites(state, size=256, cell=None):
+    n = state["level"]
+    cell, margin = geometry(n, size, cell)
+    img = Image.new("RGB", (size, size), (180, 200, 230))
+    for (r, c), role in cell_roles(state).items():
+        img.paste(_sprite_cell(role, cell), (margin + c * cell, margin + r * cell))
+    return img
+
+
+def draw(state, size=256, cell=None, style="plain"):
+    """The picture: a palette image drawn with PIL primitives, or FrozenLake's gymnasium sprites (RGB)."""
+    if style == "sprites" and state["task"] == "frozenlake":
+        return render_sprites(state, size, cell)
+    return render_indexed(state, size, cell)
+
+
+def render(state, size=256, cell=None, style="plain"):
+    """RGB picture of the initial state, size x size pixels (no assets unless style is "sprites")."""
+    return draw(state, size, cell, style).convert("RGB")
 
 
 def png_bytes(img):
@@ -940,12 +985,12 @@ def _disk_row(row):
     return json.dumps({k: encoded.get(k) for k in ROW_KEYS}, separators=(",", ":"))
 
 
-def instance_rows(seed, state, split, kinds, image_size, cell_size=None):
+def instance_rows(seed, state, split, kinds, image_size, cell_size=None, style="plain"):
     """(rows of one instance in kind order, [(relative path, picture)] they reference)."""
     task, level = state["task"], state["level"]
     name = f"{task}-{level}-{seed:06d}"
     image = f"images/{name}.png"
-    pictures = [(image, render_indexed(state, image_size, cell_size))] if {"planning", "perception", "dynamics"} & set(kinds) else []
+    pictures = [(image, draw(state, image_size, cell_size, style))] if {"planning", "perception", "dynamics"} & set(kinds) else []
     base = {"id": name, "task": task, "level": level, "seed": seed, "split": split, "state": state, "plan": state["plan"]}
     rows = []
     for kind in kinds:
@@ -963,7 +1008,7 @@ def instance_rows(seed, state, split, kinds, image_size, cell_size=None):
                 content = [_text(question), {"type": "image", "image": image}]
                 if sub == "inverse":
                     after = f"images/{name}-after.png"
-                    pictures.append((after, render_indexed(_moved(state, query["after"]), image_size, cell_size)))
+                    pictures.append((after, draw(_moved(state, query["after"]), image_size, cell_size, style)))
                     content.append({"type": "image", "image": after})
                 rows.append(_message_row({**base, "id": f"{name}-dynamics-{sub}"}, kind, _user(*content), answer,
                                          image=image, subkind=sub, query=query))
@@ -978,20 +1023,27 @@ def _write_file(path, data):
 def _rows_chunk(job):
     """JSON lines of a chunk of instances; PNGs are encoded here and written by two threads, because
     creating a file mostly waits on the disk and would otherwise stall the rendering."""
-    items, split, kinds, image_size, cell_size, out_dir = job
+    items, split, kinds, image_size, cell_size, style, out_dir = job
     lines, writes = [], []
     with ThreadPoolExecutor(2) as writer:
         for seed, state in items:
-            rows, pictures = instance_rows(seed, state, split, kinds, image_size, cell_size)
+            rows, pictures = instance_rows(seed, state, split, kinds, image_size, cell_size, style)
             for path, picture in pictures:
-                writes.append(writer.submit(_write_file, Path(out_dir) / path, png_bytes(picture)))
+                writes.append(writer.submit(_write_file, Path(out_dir) / path, png_bytes(picture) if picture.mode == "P"
+                                            else _pil_png(picture)))
             lines += [_disk_row(row) for row in rows]
     for done in writes:
         done.result()  # re-raise a failed write
     return lines
 
 
-def check_request(tasks, levels, kinds, image_size, cell_size=None):
+def _pil_png(img):
+    buffer = io.BytesIO()
+    img.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def check_request(tasks, levels, kinds, image_size, cell_size=None, style="plain"):
     """One-line ValueError on an unknown task / kind or a level / image size out of range."""
     for task in tasks:
         if task not in TASKS:
@@ -1009,16 +1061,20 @@ def check_request(tasks, levels, kinds, image_size, cell_size=None):
         largest = max((level for task in tasks for level in levels.get(task, ())), default=0)
         if not 8 <= cell_size or largest * cell_size > image_size:
             raise ValueError(f"cell size {cell_size} does not fit level {largest} into {image_size} px (or is below 8)")
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r} (choose from {', '.join(STYLES)})")
+    if style == "sprites" and "frozenlake" in tasks:
+        sprite_folder()
 
 
 def make_split(out_dir, split, per_level, tasks=None, levels=None, kinds=("planning", "perception"), workers=1,
-               image_size=256, cell_size=None):
+               image_size=256, cell_size=None, style="plain"):
     """Write out_dir/data.jsonl and out_dir/images/ for one split, atomically (tmp dir, then rename).
     levels: a list applied to every task, or {task: levels}; default DEFAULT_LEVELS."""
     tasks = list(tasks or TASKS)
     levels = {t: tuple(levels.get(t, DEFAULT_LEVELS[t])) if isinstance(levels, dict) else tuple(levels or DEFAULT_LEVELS[t])
               for t in tasks if t in TASKS} if tasks else {}
-    check_request(tasks, levels, kinds, image_size, cell_size)
+    check_request(tasks, levels, kinds, image_size, cell_size, style)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
     if per_level < 1:
@@ -1036,7 +1092,7 @@ def make_split(out_dir, split, per_level, tasks=None, levels=None, kinds=("plann
     try:
         (tmp / "images").mkdir(parents=True)
         chunk = 50
-        jobs = [(items[i:i + chunk], split, tuple(kinds), image_size, cell_size, str(tmp))
+        jobs = [(items[i:i + chunk], split, tuple(kinds), image_size, cell_size, style, str(tmp))
                 for items in instances for i in range(0, len(items), chunk)]
         with open(tmp / "data.jsonl", "w") as f:
             if workers > 1:
@@ -1187,7 +1243,7 @@ def _show(args):
     section("perception answer", perception_answer(state))
     for sub, question, answer, _ in dynamics_questions(state, args.seed):
         section(f"dynamics {sub}", f"{question}\n-> {answer}")
-    render(state, args.image_size, args.cell_size).save(out)
+    render(state, args.image_size, args.cell_size, args.frozenlake_style).save(out)
     print(f"picture written to {out}")
 
 
@@ -1207,6 +1263,9 @@ def main(argv=None):
     data.add_argument("--cell-size", type=int, default=None,
                       help="draw each grid cell this many pixels wide at the top-left (tiny models: 32, one merged "
                            "vision token per cell); default: the grid fills the picture")
+    data.add_argument("--frozenlake-style", default="plain", choices=STYLES,
+                      help="plain: drawn with PIL primitives, no assets; sprites: gymnasium's FrozenLake sprites, as the "
+                           "VSP benchmark's pictures (needs gymnasium<1.4 installed)")
     show = sub.add_parser("show", help="print every view, prompt and QA pair of one instance and write its picture")
     show.add_argument("task", choices=TASKS, help="the task")
     show.add_argument("--level", type=int, required=True, help="grid side")
@@ -1214,6 +1273,7 @@ def main(argv=None):
     show.add_argument("--out", help="picture path (default TASK-LEVEL-SEED.png)")
     show.add_argument("--image-size", type=int, default=256, help="picture side in pixels")
     show.add_argument("--cell-size", type=int, default=None, help="cell side in pixels (see data --cell-size)")
+    show.add_argument("--frozenlake-style", default="plain", choices=STYLES, help="see data --frozenlake-style")
     args = parser.parse_args(argv)
     try:
         if args.command == "data":
@@ -1221,10 +1281,11 @@ def main(argv=None):
                 raise ValueError("--workers must be at least 1")
             kinds = [k for k in args.kinds.split(",") if k]
             out = make_split(args.out, args.split, args.per_level, args.tasks, _levels_arg(args.levels), kinds,
-                             args.workers, args.image_size, args.cell_size)
+                             args.workers, args.image_size, args.cell_size, args.frozenlake_style)
             print(f"wrote {out / 'data.jsonl'}")
         else:
-            check_request([args.task], {args.task: [args.level]}, [], args.image_size, args.cell_size)
+            check_request([args.task], {args.task: [args.level]}, [], args.image_size, args.cell_size,
+                          args.frozenlake_style)
             _show(args)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

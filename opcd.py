@@ -89,6 +89,9 @@ def parse_args(argv=None):
     a("--teacher-context", default="privileged", choices=["privileged", "image"],
       help="privileged: the teacher reads the symbolic state as text (MGSD); image: it gets the student's own image "
            "prompt, an ablation that removes the privileged information")
+    a("--text-share", type=cli.fraction, default=0.0,
+      help="share of each batch's prompts in which the student reads the state as text instead of the image "
+           "(rehearses text planning against the same teacher; 0: the method as published)")
     a("--batch-size", type=cli.positive_int, default=32, help="prompts per step, global (divisible by the number of ranks)")
     a("--micro-batch-size", type=cli.positive_int, default=4, help="sequences per forward/backward pass")
     a("--max-new-tokens", type=cli.positive_int, default=2048, help="rollout response length cap")
@@ -415,6 +418,9 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
     times = [time.time()]
     # 1. Rollout: the student sees the image and samples one response per prompt.
     student_msgs = [envs.student_messages(r["state"], r["image"]) for r in rows]
+    if args.text_share:  # rehearsal: the last share of the batch plans from the state as text
+        first_text = n - round(args.text_share * n)
+        student_msgs[first_text:] = [envs.text_student_messages(r["state"]) for r in rows[first_text:]]
     responses = rollout(args.rollout, model, llm, processor, student_msgs, args.max_new_tokens, args.temperature,
                         args.top_p, [sample_seed(args.seed, step, rank, i) for i in range(n)])
     if llm is not None:
