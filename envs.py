@@ -18,7 +18,7 @@ Data rows (method.md §6; one JSON line each, images as relative paths, see `ins
   planning       student prompt (image) -> reference_response   (direct visual SFT, the oracle)
   text-planning  text-student prompt    -> reference_response   (text-planning pre-training)
   perception     numbered questions (image) -> numbered answer  (stage-1 SFT, method.md §5.1)
-  dynamics       forward / inverse (two images) / verify QA with exact labels (method.md §5.2)
+  dynamics       forward / inverse (two images) / verify QA with exact labels (dynamics.py)
 
 Choices where docs/method.md is silent:
   - A seed whose FrozenLake map has no path, or whose MiniBehaviour printer/table cannot be
@@ -34,11 +34,6 @@ Choices where docs/method.md is silent:
   - "Printer-adjacent" / "table-adjacent" cells are the in-grid, non-table cells 4-adjacent to
     the printer / to any table cell; MiniBehaviour's legal moves include `pick` when it is legal.
     An empty <answer></answer> block does not parse.
-  - Dynamics: forward applies 1-4 random actions; inverse shows the state after a random legal
-    1-3 move walk (answer: a BFS-shortest walk); verify shows the reference plan or, half of the
-    time, a copy with one action replaced, dropped or repeated (label from the simulator).
-  - PNGs are 4-bit palette images (one fixed PALETTE of <= 16 colours), zlib level 1: small and
-    fast to write.
 
 Commands:
   python envs.py data --out data/train --split train --per-level 1000 --workers 2
@@ -46,18 +41,13 @@ Commands:
   python envs.py show maze --level 4 --seed 7 --out maze.png
 """
 import hashlib
-import io
 import json
 import multiprocessing
 import os
 import random
 import re
-import shutil
-import struct
 import sys
-import zlib
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -152,16 +142,17 @@ class World:
         return p, ("success" if p == self.goal else "ok")
 
 
-def solve(state):
-    """Breadth-first search over World.step: a shortest plan (list of actions) or None."""
+def solve(state, done=lambda sim, status: status == "success", actions=None):
+    """Breadth-first search over World.step: a shortest list of actions whose last step is `done`, every
+    earlier one "ok" (default: a shortest plan), or None."""
     world = World(state)
     parent = {world.start: None}
     queue = deque([world.start])
     while queue:
         sim = queue.popleft()
-        for a in ACTIONS[state["task"]]:
+        for a in actions or ACTIONS[state["task"]]:
             nxt, status = world.step(sim, a)
-            if status == "success":
+            if done(nxt, status):
                 plan, back = [a], sim
                 while parent[back] is not None:
                     back, act = parent[back]
@@ -173,16 +164,23 @@ def solve(state):
     return None
 
 
-def simulate(state, actions):
-    """Run `actions` from the initial state; stop at the first success or failure (method.md §4)."""
+def rollout(state, actions):
+    """(final sim, status, steps) of `actions` from the initial state, stopping at the first success or
+    failure (method.md §4); an illegal action leaves the position where it was."""
     world = World(state)
-    sim = world.start
-    for i, a in enumerate(actions):
-        sim, status = world.step(sim, a)
+    sim, status, steps = world.start, "ok", 0
+    for a in actions:
+        nxt, status = world.step(sim, a)
+        steps += 1
+        sim = nxt if status != "illegal" else sim
         if status != "ok":
-            return {"success": status == "success", "illegal": status == "illegal",
-                    "fell": status == "fell", "steps": i + 1}
-    return {"success": False, "illegal": False, "fell": False, "steps": len(actions)}
+            break
+    return sim, status, steps
+
+
+def simulate(state, actions):
+    _, status, steps = rollout(state, actions)
+    return {"success": status == "success", "illegal": status == "illegal", "fell": status == "fell", "steps": steps}
 
 
 # ---------------------------------------------------------------- generation
@@ -275,7 +273,6 @@ def generate(task, level, seed):
 INK = {"ice_line": (110, 150, 190), "gift": (210, 40, 40), "skin": (250, 210, 170), "wall": (0, 0, 0),
        "light_grey": (200, 200, 200), "floor_line": (70, 70, 70), "table_line": (170, 140, 100)}
 PALETTE = sorted({*INK.values(), *(rgb for rows in LEGEND.values() for _, _, rgb in rows)})
-assert len(PALETTE) <= 16, "PNGs store 4-bit palette indices"
 BORDER = {"frozenlake": INK["ice_line"], "maze": INK["wall"], "minibehaviour": INK["floor_line"]}
 
 
@@ -428,20 +425,6 @@ def draw(state, size=256, cell=None, style="plain"):
 def render(state, size=256, cell=None, style="plain"):
     """RGB picture of the initial state, size x size pixels (no assets unless style is "sprites")."""
     return draw(state, size, cell, style).convert("RGB")
-
-
-def png_bytes(img):
-    """A palette image as PNG bytes (4-bit indices, filter none, zlib level 1), written directly:
-    PIL's encoder takes ~2.5x longer on these pictures. PIL reads them back (tested)."""
-    pixels = np.asarray(img)
-    if pixels.shape[1] % 2:
-        pixels = np.pad(pixels, ((0, 0), (0, 1)))
-    rows = np.zeros((pixels.shape[0], pixels.shape[1] // 2 + 1), np.uint8)  # filter byte 0 before each row
-    rows[:, 1:] = (pixels[:, 0::2] << 4) | pixels[:, 1::2]  # two pixels per byte, high nibble first
-    chunk = lambda tag, data: struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-    header = struct.pack(">IIBBBBB", img.size[0], img.size[1], 4, 3, 0, 0, 0)  # 4-bit palette
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"PLTE", bytes(v for rgb in PALETTE for v in rgb))
-            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + chunk(b"IEND", b""))
 
 
 # ---------------------------------------------------------------- text views (method.md §2)
@@ -805,108 +788,6 @@ def score_perception(state, response):
     return {**result, "all_correct": all(result.values())}
 
 
-# ---------------------------------------------------------------- dynamics QA, World2VLM-style (method.md §5.2)
-STATUS_WORDS = {"ok": "ok", "fell": "fell into hole", "illegal": "illegal", "success": "goal reached"}
-STATUS_RE = re.compile(r"\b(fell into (?:a )?hole|goal reached|dropped|illegal|ok)\b")
-
-
-def rollout(state, actions, start=None):
-    """(final sim, status, steps) of `actions`; like `simulate`, but keeps the final position."""
-    world = World(state)
-    sim, status, steps = start or world.start, "ok", 0
-    for a in actions:
-        nxt, status = world.step(sim, a)
-        steps += 1
-        sim = nxt if status != "illegal" else sim
-        if status != "ok":
-            break
-    return sim, status, steps
-
-
-def _moved(state, pos):
-    key = "agent" if state["task"] == "minibehaviour" else "start"
-    return {**state, key: list(pos)}
-
-
-def _shortest_walk(state, src, dst):
-    """Shortest list of moves (status ok at every step) from position src to position dst."""
-    world = World(_moved(state, src))
-    parent, queue = {world.start: None}, deque([world.start])
-    while queue:
-        sim = queue.popleft()
-        if sim[:2] == tuple(dst):
-            walk = []
-            while parent[sim] is not None:
-                sim, a = parent[sim]
-                walk.append(a)
-            return walk[::-1]
-        for a in MOVES:
-            nxt, status = world.step(sim, a)
-            if status == "ok" and nxt not in parent:
-                parent[nxt] = (sim, a)
-                queue.append(nxt)
-    return None
-
-
-def dynamics_questions(state, seed):
-    """[(subkind, question, answer, query)] for one instance; deterministic in (task, level, seed).
-    forward: actions -> final (r, c) and status; inverse: before/after pictures -> a shortest walk;
-    verify: candidate plan -> yes/no. query holds what the scorer needs."""
-    task, rng = state["task"], _rng("dynamics/" + state["task"], state["level"], seed)
-    name, sep = NAMES[task], "," if task == "minibehaviour" else ""
-    actions = [rng.choice(ACTIONS[task]) for _ in range(rng.randint(1, 4))]
-    sim, status, _ = rollout(state, actions)
-    status_word = "dropped" if task == "minibehaviour" and status == "success" else STATUS_WORDS[status]
-    statuses = {"frozenlake": "ok, fell into hole, illegal, goal reached", "maze": "ok, illegal, goal reached",
-                "minibehaviour": "ok, illegal, dropped"}[task]
-    forward = (f"The image shows a {name} map. Starting from it, the actions {sep.join(actions)} are applied, stopping "
-               f"at the first failure or success. Give the final (r, c) position and the status ({statuses}) as: "
-               f"(r, c), status")
-    out = [("forward", forward, f"{fmt(sim[:2], True)}, {status_word}",
-            {"actions": actions, "final": list(sim[:2]), "status": status_word})]
-    world, sim, walk = World(state), World(state).start, []
-    for _ in range(rng.randint(1, 3)):  # a legal walk that neither finishes nor fails the task
-        options = [a for a in MOVES if world.step(sim, a)[1] == "ok"]
-        if not options:
-            break
-        a = rng.choice(options)
-        sim = world.step(sim, a)[0]
-        walk.append(a)
-    if sim[:2] != world.start[:2]:
-        after = list(sim[:2])
-        shortest = _shortest_walk(state, world.start[:2], after)
-        inverse = (f"The first image shows a {name} map, the second the same map after a few moves of the "
-                   f"{'agent' if task == 'minibehaviour' else 'player'}. Give a shortest move sequence between them "
-                   f"as <answer>...</answer>.")
-        out.append(("inverse", inverse, f"<answer>{sep.join(shortest)}</answer>", {"after": after, "length": len(shortest)}))
-    candidate = list(state["plan"])
-    if rng.random() < 0.5:  # a perturbed plan: one action replaced, dropped or repeated
-        i = rng.randrange(len(candidate))
-        edit = rng.choice(("replace", "drop", "repeat"))
-        candidate[i:i + 1] = {"replace": [rng.choice(ACTIONS[task])], "drop": [], "repeat": [candidate[i]] * 2}[edit]
-    verdict = "yes" if candidate and simulate(state, candidate)["success"] else "no"
-    verify = f"The image shows a {name} map. Does the plan {sep.join(candidate) or '(empty)'} solve it? Answer yes or no."
-    out.append(("verify", verify, verdict, {"candidate": candidate}))
-    return out
-
-
-def score_dynamics(row, response):
-    state, query, sub = row["state"], row["query"], row["subkind"]
-    text = (response or "").lower()
-    if sub == "forward":
-        positions = [[int(r), int(c)] for r, c in POS_RE.findall(text)]
-        statuses = {("fell into hole" if w.startswith("fell") else w) for w in STATUS_RE.findall(text)}
-        return {"correct": bool(positions) and positions[-1] == query["final"] and statuses == {query["status"]}}
-    if sub == "inverse":
-        walk = parse_plan(response, state["task"]) if response else None
-        start = World(state).start
-        end, status, _ = rollout(state, walk or [], start)
-        return {"correct": walk is not None and status == "ok" and list(end[:2]) == query["after"]
-                and len(walk) == query["length"]}
-    words = re.findall(r"\b(yes|no)\b", text)
-    return {"correct": bool(words) and words[0] == row["answer"]}
-
-
 def score_row(row, response):
     """Score a response to any data row: planning / text-planning / perception / dynamics / vision (tiny.py)."""
     if row["kind"] in ("planning", "text-planning", "teacher"):
@@ -914,7 +795,9 @@ def score_row(row, response):
     if row["kind"] == "perception":
         return score_perception(row["state"], response)
     if row["kind"] == "dynamics":
-        return score_dynamics(row, response)
+        import dynamics
+
+        return dynamics.score(row, response)
     if row["kind"] == "vision":
         import tiny
 
@@ -1004,43 +887,29 @@ def instance_rows(seed, state, split, kinds, image_size, cell_size=None, style="
         elif kind == "perception":
             rows.append(_message_row(row_base, kind, perception_messages(state, image), perception_answer(state), image=image))
         elif kind == "dynamics":
-            for sub, question, answer, query in dynamics_questions(state, seed):
+            import dynamics
+
+            for sub, question, answer, query in dynamics.questions(state, seed):
                 content = [_text(question), {"type": "image", "image": image}]
                 if sub == "inverse":
                     after = f"images/{name}-after.png"
-                    pictures.append((after, draw(_moved(state, query["after"]), image_size, cell_size, style)))
+                    pictures.append((after, draw(dynamics.moved(state, query["after"]), image_size, cell_size, style)))
                     content.append({"type": "image", "image": after})
                 rows.append(_message_row({**base, "id": f"{name}-dynamics-{sub}"}, kind, _user(*content), answer,
                                          image=image, subkind=sub, query=query))
     return rows, pictures
 
 
-def _write_file(path, data):
-    with open(path, "wb") as f:
-        f.write(data)
-
-
 def _rows_chunk(job):
-    """JSON lines of a chunk of instances; PNGs are encoded here and written by two threads, because
-    creating a file mostly waits on the disk and would otherwise stall the rendering."""
+    """JSON lines of a chunk of instances; their pictures are written as PNGs on the way."""
     items, split, kinds, image_size, cell_size, style, out_dir = job
-    lines, writes = [], []
-    with ThreadPoolExecutor(2) as writer:
-        for seed, state in items:
-            rows, pictures = instance_rows(seed, state, split, kinds, image_size, cell_size, style)
-            for path, picture in pictures:
-                writes.append(writer.submit(_write_file, Path(out_dir) / path, png_bytes(picture) if picture.mode == "P"
-                                            else _pil_png(picture)))
-            lines += [_disk_row(row) for row in rows]
-    for done in writes:
-        done.result()  # re-raise a failed write
+    lines = []
+    for seed, state in items:
+        rows, pictures = instance_rows(seed, state, split, kinds, image_size, cell_size, style)
+        for path, picture in pictures:
+            picture.save(Path(out_dir) / path)
+        lines += [_disk_row(row) for row in rows]
     return lines
-
-
-def _pil_png(img):
-    buffer = io.BytesIO()
-    img.save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def check_request(tasks, levels, kinds, image_size, cell_size=None, style="plain"):
@@ -1069,7 +938,7 @@ def check_request(tasks, levels, kinds, image_size, cell_size=None, style="plain
 
 def make_split(out_dir, split, per_level, tasks=None, levels=None, kinds=("planning", "perception"), workers=1,
                image_size=256, cell_size=None, style="plain"):
-    """Write out_dir/data.jsonl and out_dir/images/ for one split, atomically (tmp dir, then rename).
+    """Write out_dir/data.jsonl and out_dir/images/ for one split, atomically (cli.atomic_dir).
     levels: a list applied to every task, or {task: levels}; default DEFAULT_LEVELS."""
     tasks = list(tasks or TASKS)
     levels = {t: tuple(levels.get(t, DEFAULT_LEVELS[t])) if isinstance(levels, dict) else tuple(levels or DEFAULT_LEVELS[t])
@@ -1082,15 +951,12 @@ def make_split(out_dir, split, per_level, tasks=None, levels=None, kinds=("plann
     out = Path(out_dir).absolute()
     if out.exists() and not (out / "data.jsonl").exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not a data directory; refusing to overwrite it")
-    missing = [p for p in out.parents if not p.exists()]  # parents to create, deepest first
-    anchor = out.parents[len(missing)]
+    anchor = next(p for p in out.parents if p.exists())
     if not anchor.is_dir() or not os.access(anchor, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write into {anchor}")
     instances = [collect(task, level, split, per_level) for task in tasks for level in levels[task]]
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        (tmp / "images").mkdir(parents=True)
+    with cli.atomic_dir(out) as tmp:
+        (tmp / "images").mkdir()
         chunk = 50
         jobs = [(items[i:i + chunk], split, tuple(kinds), image_size, cell_size, style, str(tmp))
                 for items in instances for i in range(0, len(items), chunk)]
@@ -1102,19 +968,6 @@ def make_split(out_dir, split, per_level, tasks=None, levels=None, kinds=("plann
             else:
                 for job in jobs:
                     f.writelines(line + "\n" for line in _rows_chunk(job))
-        if out.exists():
-            old = out.parent / f".{out.name}.old{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for parent in missing:  # leave nothing behind
-            if parent.is_dir() and not any(parent.iterdir()):
-                parent.rmdir()
-        raise
     return out
 
 
@@ -1241,7 +1094,9 @@ def _show(args):
     section("reference response", reference_response(state))
     section("perception prompt", perception_prompt(state))
     section("perception answer", perception_answer(state))
-    for sub, question, answer, _ in dynamics_questions(state, args.seed):
+    import dynamics
+
+    for sub, question, answer, _ in dynamics.questions(state, args.seed):
         section(f"dynamics {sub}", f"{question}\n-> {answer}")
     render(state, args.image_size, args.cell_size, args.frozenlake_style).save(out)
     print(f"picture written to {out}")

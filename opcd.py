@@ -136,11 +136,7 @@ def parse_args(argv=None):
 
 
 def sampled_loss(logprobs, advantages, mask, n_tokens, old_logprobs=None, clip_low=0.2, clip_high=0.3):
-    """Reverse KL at position t, on the student's own prefix: KL_t = Σ_v p_θ(v) (log p_θ(v) − log p_T(v)).
-    Score-function identity (Σ_v p_θ ∇log p_θ = 0):  ∇KL_t = E_{y~p_θ}[(ℓ_S(y) − ℓ_T(y)) ∇ℓ_θ(y)].
-    So with the detached advantage A = ℓ_T − ℓ_S of the sampled token:
-        loss = −Σ_t m_t · A_t · ℓ_θ,t / N                  (REINFORCE, the reference's objective)
-    Back-propagating ℓ_S − ℓ_T itself would be wrong: E[∇ℓ_θ(y)] = 0.
+    """REINFORCE on the sampled tokens, −Σ_t m_t · A_t · ℓ_θ,t / N (the math is at its call in opcd_step).
     With old_logprobs (several updates per batch), the PPO form with r = exp(ℓ_θ − ℓ_old):
         loss = −Σ_t m_t · min(r A, clip(r, 1 − ε_low, 1 + ε_high) A) / N,   same gradient at r = 1."""
     if old_logprobs is None:
@@ -453,6 +449,10 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
         for j, ix in enumerate(micro):
             ids, mask = resp[j]
             if args.loss == "sampled":
+                # The reverse KL at t on the student's own prefix, KL_t = Σ_v p_θ(v)(log p_θ(v) − log p_T(v)), has
+                # ∇KL_t = E_{y~p_θ}[(ℓ_θ(y) − ℓ_T(y)) ∇ℓ_θ(y)] (score function: Σ_v p_θ ∇log p_θ = 0). So one sampled
+                # token gives REINFORCE with the *detached* advantage A_t = ℓ_T − ℓ_S; back-propagating ℓ_S − ℓ_T
+                # itself would be wrong (E[∇ℓ_θ(y)] = 0).
                 logprobs = common.response_logprobs(model, student_in[j], ids, mask, T)
                 student_lp, teacher_lp = (logprobs.detach() if old[j] is None else old[j]), teacher_out[j]
                 advantages = teacher_lp - student_lp + reward_adv[ix].unsqueeze(1)  # A_t = ℓ_T − ℓ_S (+ reward)

@@ -38,11 +38,11 @@ import time
 from pathlib import Path
 
 import cli
+from envs import TASKS
 
 ROOT = Path(__file__).resolve().parent
 SHIPPED_BASE = ROOT / "models" / "mini-base"
 BASE_STEPS = 5722  # the shipped base's second pretraining run: 6.3 passes over its 14,500 rows
-TASKS = ("frozenlake", "maze", "minibehaviour")
 PICTURE = ["--image-size", 160, "--cell-size", 32]  # one merged vision token per cell (tiny.py's layout)
 
 # Settings of the main job and of --quick, chosen on the val split (results/mini/REPORT.md).
