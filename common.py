@@ -14,36 +14,15 @@ What lives here (and nowhere else):
   saved in PEFT's adapter format so that `peft` can load it;
 - checkpoint writes (`save_model`, `write_model_files`, atomic through cli.atomic_dir): write to a
   temporary sibling, rename;
-- a tiny-model factory (`build_tiny`): a random Qwen3VLForConditionalGeneration of
-  configurable size with a byte-level BPE tokenizer trained on the project's own text
-  (prompts, reference responses, perception answers, teacher contexts from envs.py; merges may
-  cross words, see TOKENIZER_SPLIT), a Qwen-style chat template, and image + video processor
-  configs — an ordinary HF folder.
 
 Choices worth knowing:
-- Tiny models see fixed-size images (128x128 by default): the image processor's min and max
-  pixel counts are both image_size**2, so the HF processor and vLLM never resize and agree on
-  16 image tokens (one token per 32x32 pixels: patch 16, merge 2).
-- Text head_dim is >= 32 (vLLM's CPU attention needs it); mrope_section sums to head_dim/2.
 - `load_model` defaults to float32 weights (fp32 master weights; stages autocast to bf16 on
   GPU themselves).
-- HF initialises the vision position table with std 0.02 against patch features of std ~0.6;
-  build_tiny raises it to 0.5 so that a frozen random vision tower still says *where* things
-  are (a trained tower does). Measured on FrozenLake 3x3, 600 full-SFT steps at lr 1e-3:
-  held-out accuracy of the player's row 1.0 with it, 0.65 without (the model then mostly
-  memorises the training images).
-
-Command line:
-    python common.py tiny --out models/tiny --size tiny      # tests, < 1M parameters
-    python common.py tiny --out models/small --size small    # main CPU job, a few M
-    python common.py tiny --out models/medium --size medium  # >= 30M, vLLM-vs-generate bench
 """
-import argparse
 import json
 import math
 import os
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -369,168 +348,6 @@ def load_adapter(model, adapter_dir):
 
 
 # ------------------------------------------------------------------------------------------
-# Tiny models, built offline
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]  # Qwen's order
-
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' or 'image' in item -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif item['type'] == 'video' or 'video' in item -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
-    "{%- elif 'text' in item -%}{{- item['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
-
-# text: (hidden, layers, heads, kv_heads, head_dim, mlp) ; vision: (hidden, depth, heads, mlp, deepstack layers)
-SIZES = {
-    "tiny": dict(text=(128, 2, 4, 2, 32, 256), vision=(32, 2, 2, 64, (1,))),
-    "small": dict(text=(192, 4, 6, 2, 32, 512), vision=(96, 4, 4, 256, (1, 2))),
-    "medium": dict(text=(512, 8, 8, 4, 64, 1536), vision=(256, 6, 4, 1024, (2, 4))),
-}
-TOKENIZER_VOCAB = 2048
-
-
-def tokenizer_corpus(n_per_level=4):
-    """The project's own text: prompts, reference responses, perception answers, teacher
-    contexts and text states of a few instances of every task and level, and tiny.py's grid rows."""
-    import envs
-    import tiny
-
-    texts = []
-    for task in envs.TASKS:
-        for level in envs.DEFAULT_LEVELS[task]:
-            found, seed = 0, 0
-            while found < n_per_level and seed < 50 * n_per_level:
-                state = envs.generate(task, level, seed)
-                seed += 1
-                if state is None:
-                    continue
-                found += 1
-                chats = [envs.student_messages(state, "img.png"), envs.text_student_messages(state),
-                         envs.teacher_messages(state), envs.perception_messages(state, "img.png")]
-                for chat in chats:
-                    for m in chat:
-                        content = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
-                        texts += [c["text"] for c in content if c.get("type") == "text"]
-                texts += [envs.reference_response(state), envs.perception_answer(state), envs.text_state(state)]
-    for seed in range(8 * n_per_level):  # the generic grid-reading rows of tiny.py
-        grid = tiny.make_grid(seed)
-        texts += [tiny.grid_prompt(grid), tiny.grid_answer(grid)]
-    return texts
-
-
-# How the tiny tokenizer cuts text before BPE: digits, newlines, and the single letters of plans and
-# text maps ("RDD", "FHFF", "T..") stand alone; everything else may merge across words, so the fixed
-# instructions shrink to a few tokens. Measured on the default data: prompts 2.7-3.3x and responses
-# 1.5-2x shorter than with Qwen's word-level split, so every stage runs 2-3x faster on CPU.
-TOKENIZER_SPLIT = r"\d|\n|[A-Z.](?=[A-Z.<,\n])"
-
-
-def train_tokenizer(texts, vocab_size=TOKENIZER_VOCAB):
-    """A byte-level BPE trained on `texts`, cut by TOKENIZER_SPLIT, as a fast HF tokenizer."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(TOKENIZER_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), min_frequency=2, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(texts, trainer)
-    bpe.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  model_max_length=32768, additional_special_tokens=SPECIAL_TOKENS)
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
-def build_tiny(out_dir, size="tiny", seed=0, image_size=128):
-    """Build and save a random Qwen3VLForConditionalGeneration + processor folder. Returns the path."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
-    if image_size % 32:
-        raise ValueError(f"image_size must be a multiple of 32 (one token per 32x32 pixels), got {image_size}")
-    tok = train_tokenizer(tokenizer_corpus())
-    hidden, layers, heads, kv_heads, head_dim, mlp = SIZES[size]["text"]
-    v_hidden, v_depth, v_heads, v_mlp, deepstack = SIZES[size]["vision"]
-    half = head_dim // 2
-    mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]  # Qwen: 24/20/20 of 64
-    vocab_size = (len(tok) + 63) // 64 * 64
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    grid = image_size // 16
-    config = Qwen3VLConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-                         max_position_embeddings=4096 + 4096,
-                         rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=mrope,
-                                              mrope_interleaved=True),
-                         tie_word_embeddings=False, pad_token_id=ids["<|endoftext|>"],
-                         bos_token_id=None, eos_token_id=ids["<|im_end|>"]),
-        vision_config=dict(depth=v_depth, hidden_size=v_hidden, intermediate_size=v_mlp, num_heads=v_heads,
-                           out_hidden_size=hidden, num_position_embeddings=grid * grid, patch_size=16,
-                           spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=list(deepstack)),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).float()
-    # HF's init gives the vision position table std 0.02 against patch features of std ~0.6, so a
-    # random tower would hide where things are. A trained tower carries position strongly; so must a
-    # frozen random one, or no amount of language-model training can learn to read positions.
-    nn.init.normal_(model.model.visual.pos_embed.weight, std=0.5)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.bos_token_id = None
-    pixels = image_size * image_size  # min = max pixels: a fixed image size, never resized
-    image_processor = Qwen2VLImageProcessor(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=16,
-                                            temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3,
-                                            image_std=[0.5] * 3)
-    video_processor = Qwen3VLVideoProcessor(size={"shortest_edge": pixels, "longest_edge": pixels * 4},
-                                            patch_size=16, temporal_patch_size=2, merge_size=2,
-                                            image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
-                                 chat_template=CHAT_TEMPLATE)
-    return save_model(model, processor, out_dir)
-
-
-def main():
-    parser = argparse.ArgumentParser(description="mgsd shared model layer: build tiny offline models")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("tiny", help="build a random tiny Qwen3-VL model + processor folder")
-    p.add_argument("--out", required=True, help="output model folder")
-    p.add_argument("--size", default="tiny", choices=sorted(SIZES), help="tiny (<1M, tests), small (a few M), medium (>=30M)")
-    p.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
-    p.add_argument("--image-size", type=int, default=128, help="the fixed image side in pixels (multiple of 32)")
-    args = parser.parse_args()
-    try:
-        path = build_tiny(args.out, size=args.size, seed=args.seed, image_size=args.image_size)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    from transformers import AutoConfig
-
-    n = sum(p.numel() for p in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
-        str(path / "model.safetensors")).values())
-    print(f"wrote {path} ({args.size}, {n / 1e6:.2f}M parameters, {AutoConfig.from_pretrained(path).text_config.vocab_size} vocab)")
-
-
-
-# ------------------------------------------------------------------------------------------
 # vLLM: one in-process engine per rank, for rollouts (opcd.py) and evaluation (evaluate.py).
 # vllm is imported lazily: everything above works without it.
 #   llm = make_llm(path, seed=0, max_model_len=4096)          # under torchrun: one engine per rank
@@ -687,7 +504,3 @@ def vllm_score(llm, processor, messages_list, response_ids_list):
         entries = out.prompt_logprobs[len(out.prompt_logprobs) - len(response):]
         scores.append([d[t].logprob for d, t in zip(entries, response)])
     return scores
-
-
-if __name__ == "__main__":
-    main()

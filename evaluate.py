@@ -46,7 +46,7 @@ Simplifications: one sample per prompt (no pass@k); hf runs on one device (no da
 
 Usage
   # the tiny model (tests) on a tiny split, all four backends
-  python common.py tiny --out runs/tiny
+  python tiny.py model --out runs/tiny
   python envs.py data --out data/test --split test --per-level 4 --image-size 128
   python evaluate.py --model runs/tiny --data data/test --backend oracle --condition both
   python evaluate.py --model runs/tiny --data data/test --backend hf --max-new-tokens 64

@@ -112,7 +112,7 @@ def pretrain_commands(out, steps, quick=False):
     `plan`, `steps` steps of text planning and teacher-prompt rows with a sixth of grid rows kept in."""
     py, d = sys.executable, out / "data"
     grids, text_per_level, teacher_per_level, see_steps = (64, 8, 8, 4) if quick else (12000, 3000, 700, 1500)
-    cmds = [([py, "common.py", "tiny", "--out", out / "init", "--size", "tiny" if quick else "small", "--image-size", 160,
+    cmds = [([py, "tiny.py", "model", "--out", out / "init", "--size", "tiny" if quick else "small", "--image-size", 160,
               "--seed", 0], out / "init" / "config.json"),
             ([py, "tiny.py", "grids", "--out", d / "grids-train", "--split", "train", "--count", grids], d / "grids-train"),
             ([py, "tiny.py", "grids", "--out", d / "grids-replay", "--split", "train", "--count", grids // 6],

@@ -34,7 +34,7 @@ Command lines:
     # data and a tiny model (CPU)
     python envs.py data --out data/train --split train --per-level 200 --kinds perception --image-size 128
     python envs.py data --out data/val --split val --per-level 10 --kinds perception --image-size 128
-    python common.py tiny --out models/tiny --size tiny
+    python tiny.py model --out models/tiny --size tiny
     # one process (CPU: fp32)
     python sft.py --model models/tiny --data data/train --val-data data/val --out runs/sft-tiny \
         --full --lr 2e-3 --batch-size 8 --micro-batch-size 8 --epochs 10 --no-grad-checkpointing

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="checkpoint directory (default: build one with common.build_tiny)")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: build one with tiny.build_model)")
     p.add_argument("--size", default="tiny", choices=("tiny", "small", "medium"), help="size of the built model")
     p.add_argument("--data", default=None, help="split directory (default: make a test split)")
     p.add_argument("--per-level", type=int, default=2, help="instances per level of the made split")
@@ -41,8 +41,8 @@ def main():
 
 def bench(args, work):
     if args.model is None:
-        import common
-        args.model = str(common.build_tiny(work / "model", size=args.size, seed=0, image_size=128))
+        import tiny
+        args.model = str(tiny.build_model(work / "model", size=args.size, seed=0, image_size=128))
     if args.data is None:
         import envs
         args.data = str(envs.make_split(work / "data", "test", args.per_level, kinds=("planning",), image_size=128))

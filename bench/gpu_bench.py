@@ -37,6 +37,7 @@ import envs  # noqa: E402
 import memory_plan  # noqa: E402
 import opcd  # noqa: E402
 import sft  # noqa: E402
+import tiny  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s of the SXM cards
 
@@ -166,7 +167,7 @@ def main(argv=None):
     args.peak_flops = next((v for k, v in PEAK_BF16.items() if k in card), None)
     cfg = memory_plan.config(memory_plan.ARCHS[args.arch], args.layers, args.vocab, args.narrow)
     with tempfile.TemporaryDirectory() as tmp:
-        processor = common.load_model(common.build_tiny(Path(tmp) / "tok", "tiny", image_size=256))[1]
+        processor = common.load_model(tiny.build_model(Path(tmp) / "tok", "tiny", image_size=256))[1]
         per_level = -(-args.batch // 3)
         rows = envs.load_split(envs.make_split(Path(tmp) / "data", "train", per_level, tasks=["frozenlake", "maze", "minibehaviour"],
                                                levels={"frozenlake": [4], "maze": [4], "minibehaviour": [5]},

@@ -42,6 +42,7 @@ import torch  # noqa: E402
 import common  # noqa: E402
 import envs  # noqa: E402
 import opcd  # noqa: E402
+import tiny  # noqa: E402
 
 
 def main():
@@ -55,7 +56,7 @@ def main():
     p.add_argument("--backends", default="hf,vllm", help="comma-separated rollout backends to compare")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="opcd-bench-"))
-    model_dir = args.model or str(common.build_tiny(tmp / "model", size=args.size, image_size=128))
+    model_dir = args.model or str(tiny.build_model(tmp / "model", size=args.size, image_size=128))
     data = envs.make_split(tmp / "train", "train", per_level=-(-args.batch_size * (args.steps + 1) // 12),
                            kinds=("planning",), image_size=128)
     model, processor = common.load_model(model_dir)

@@ -195,9 +195,10 @@ def compare(args, tmp):
     import common
     import envs
     import sft
+    import tiny
 
     if args.model is None:
-        args.model = str(common.build_tiny(tmp / "model", size="tiny"))
+        args.model = str(tiny.build_model(tmp / "model", size="tiny"))
     if args.data is None:
         args.data = str(envs.make_split(tmp / "data", "train", max(1, args.rows // 24 + 1), kinds=("perception", "planning"),
                                         image_size=128))

@@ -15,9 +15,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """Path of a tiny random Qwen3-VL folder (model, tokenizer, processor), built offline."""
-    import common
+    import tiny
 
-    return str(common.build_tiny(tmp_path_factory.mktemp("tiny") / "model", size="tiny", seed=0))
+    return str(tiny.build_model(tmp_path_factory.mktemp("tiny") / "model", size="tiny", seed=0))
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from PIL import Image
 import cli
 import common
 import envs
+import tiny
 
 
 def _batch(processor):
@@ -31,7 +32,7 @@ def loaded(tiny_model):
 def test_tiny_model_has_qwen_special_tokens_and_16_image_tokens(loaded):
     model, processor = loaded
     tok = processor.tokenizer
-    ids = tok.convert_tokens_to_ids(common.SPECIAL_TOKENS)
+    ids = tok.convert_tokens_to_ids(tiny.SPECIAL_TOKENS)
     assert ids == sorted(ids) and ids[1:] == [ids[0] + i for i in range(1, len(ids))]  # Qwen's order, contiguous
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
@@ -44,8 +45,8 @@ def test_tiny_model_has_qwen_special_tokens_and_16_image_tokens(loaded):
 
 
 def test_tokenizer_training_is_deterministic():
-    corpus = common.tokenizer_corpus()
-    a, b = common.train_tokenizer(corpus), common.train_tokenizer(corpus)
+    corpus = tiny.tokenizer_corpus()
+    a, b = tiny.train_tokenizer(corpus), tiny.train_tokenizer(corpus)
     assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
     assert len(a) > 300
 

@@ -202,7 +202,6 @@ def test_batched_logprobs_equal_single_row_logprobs(tiny, train_dir):
 
     model, processor = tiny
     rows = rows_of(train_dir, 3)
-    msgs = [envs.student_messages(r["state"], r["image"]) for r in rows]
     responses = [dict(token_ids=list(range(40, 40 + k)) + [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")])
                  for k in (3, 9, 6)]
     ids, mask = opcd.pad_responses(responses, processor.tokenizer.pad_token_id, "cpu")
