@@ -347,6 +347,42 @@ def load_adapter(model, adapter_dir):
     return model
 
 
+class RunLog:
+    """OUT/log.jsonl, one JSON line of metrics a call (and TensorBoard scalars under OUT/tb where it is
+    installed), written by rank 0 only. Resuming from `resume_step` first drops the lines logged after it."""
+
+    def __init__(self, out, resume_step=None, rank=0):
+        self.file, self.writer = None, None
+        if rank != 0:
+            return
+        path = Path(out) / "log.jsonl"
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step] \
+            if resume_step is not None and path.is_file() else []
+        self.file = open(path, "w")
+        self.file.write("".join(line + "\n" for line in kept))
+        self.file.flush()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(out) / "tb"))
+        except ImportError:
+            pass
+
+    def __call__(self, metrics):
+        if self.file is None:
+            return
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        for key, value in metrics.items():
+            if self.writer is not None and key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, metrics["step"])
+
+    def close(self):
+        for handle in (self.file, self.writer):
+            if handle is not None:
+                handle.close()
+
+
 # ------------------------------------------------------------------------------------------
 # vLLM: one in-process engine per rank, for rollouts (opcd.py) and evaluation (evaluate.py).
 # vllm is imported lazily: everything above works without it.

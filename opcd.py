@@ -637,42 +637,26 @@ def main(argv=None):
         saved = torch.load(state_file, map_location=device, weights_only=False)
         opt.load_state_dict(saved["optimizer"])
         start_step, best = saved["step"], saved["best_macro_success"]
-        if rank == 0 and (out / "log.jsonl").is_file():  # drop lines logged after the checkpoint
-            lines = (out / "log.jsonl").read_text().splitlines()
-            (out / "log.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= start_step))
     llm = None
     if args.rollout == "vllm":
         llm = common.make_llm(args.model, seed=args.seed, max_model_len=args.max_model_len,
                               dtype=str(dtype).removeprefix("torch."), kv_cache_bytes=args.vllm_kv_cache_mb << 20,
                               gpu_memory_utilization=args.vllm_gpu_memory)
         common.push_weights(llm, model)
-    writer = None
     if rank == 0:
         if args.overwrite and not args.resume:
             shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(out / "tb"))
-        except ImportError:
-            pass
+    write_log = common.RunLog(out, start_step if args.resume else None, rank)  # a resumed run drops later lines
     common.print0(f"OPCD: {len(train_rows)} train rows, {steps_per_epoch} steps/epoch, steps {start_step}->{total_steps}, "
                   f"{world_size} rank(s), rollout {args.rollout}, loss {args.loss}, teacher {args.teacher}")
     if start_step == 0 and val_rows:  # as the reference: validate the starting model, which may stay the best
         agg = validate(args, -1, val_rows, model, llm, processor, rank, world_size)
         best = agg["macro"]["success"]
         save_checkpoint(out / "best", model, processor, rank=rank)
-        if rank == 0:
-            line = {"step": 0, "val_macro_success": best, **{f"val_{t}_success": v["success"] for t, v in agg["per_task"].items()}}
-            (out / "log.jsonl").write_text(json.dumps(line) + "\n")
-    def write_log(log):
-        if rank == 0:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(log) + "\n")
-            for k, v in log.items():
-                if writer is not None and isinstance(v, (int, float)):
-                    writer.add_scalar(k, v, log["step"])
+        write_log({"step": 0, "val_macro_success": best,
+                   **{f"val_{t}_success": v["success"] for t, v in agg["per_task"].items()}})
 
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc="opcd")
@@ -689,6 +673,7 @@ def main(argv=None):
         bar.set_postfix(kl=f"{log['reverse_kl']:.3f}", success=f"{log['success']:.2f}")
         bar.update(1)
     bar.close()
+    write_log.close()
     common.print0(f"done: {total_steps} steps" + (f", best val macro success {best:.3f}" if val_rows else "")
                   + f", checkpoints in {out}")
     if llm is not None:

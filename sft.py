@@ -28,7 +28,7 @@ Simplifications, on purpose:
 
 Outputs in --out: adapter/ (PEFT format: adapter_config.json + adapter_model.safetensors; merge
 it with merge.py) or, with --full, model/ (a plain HF folder); checkpoint/ (latest, for
---resume); metrics.jsonl; args.json; tb/ when TensorBoard is installed.
+--resume); log.jsonl; args.json; tb/ when TensorBoard is installed.
 
 Command lines:
     # data and a tiny model (CPU)
@@ -73,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True, help="base model: local folder or hub id")
     p.add_argument("--data", required=True, nargs="+", help="training split directories (data.jsonl + images), concatenated")
     p.add_argument("--val-data", default=None, nargs="+", help="validation split directories (optional)")
-    p.add_argument("--out", required=True, help="output directory (adapter/ or model/, checkpoint/, metrics.jsonl)")
+    p.add_argument("--out", required=True, help="output directory (adapter/ or model/, checkpoint/, log.jsonl)")
     p.add_argument("--kinds", default="perception",
                    help="comma-separated row kinds to train on: perception, planning, text-planning, teacher, dynamics, vision "
                         "(stage 1 never trains on plans)")
@@ -360,30 +360,16 @@ def main(argv=None):
     print0(f"sft: {len(rows)} rows, {world} rank(s), {total_steps} steps of {args.batch_size} rows, "
            f"{'full' if args.full else f'LoRA r{args.lora_rank}'} ({n_params / 1e6:.2f}M trainable), from step {step}")
 
-    log_file, writer, bar = None, None, None
+    bar = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-        metrics_path = out / "metrics.jsonl"  # a fresh run starts a fresh log; a resumed one drops lines past its step
-        kept = [x for x in metrics_path.read_text().splitlines() if json.loads(x)["step"] <= step] \
-            if args.resume and metrics_path.is_file() else []
-        log_file = open(metrics_path, "w")
-        log_file.write("".join(x + "\n" for x in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(out / "tb"))
-        except ImportError:
-            pass
         from tqdm import tqdm
         bar = tqdm(total=last_step, initial=step, desc="sft", dynamic_ncols=True)
+    run_log = common.RunLog(out, step if args.resume else None, rank)
 
     def log(metrics):
-        if rank == 0:
-            log_file.write(json.dumps({"step": step, **metrics}) + "\n")
-            log_file.flush()
-            for k, v in metrics.items():
-                if writer is not None:
-                    writer.add_scalar(k, v, step)
+        run_log({"step": step, **metrics})
 
     pad = processor.tokenizer.pad_token_id
     t0, tokens_seen = time.time(), 0
@@ -449,9 +435,7 @@ def main(argv=None):
         print0(f"wrote {out / ('model' if args.full else 'adapter')}")
     if bar is not None:
         bar.close()
-        log_file.close()
-        if writer is not None:
-            writer.close()
+    run_log.close()
     common.compute_cleanup()
 
 

@@ -115,7 +115,7 @@ def world(tmp_path_factory, tiny_model, make_data):
     data = Path(make_data("train", 6, tasks=["frozenlake"], levels=[3], kinds=("perception", "planning")))
     run = root / "run"
     run.mkdir()
-    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "log.jsonl").write_text('{"step": 1}\n')
     (root / "a-file").write_text("x")
     no_tok = root / "no-tokenizer"
     shutil.copytree(tiny_model, no_tok)
@@ -215,7 +215,7 @@ def test_resume_refuses_other_settings_and_names_them(tiny_model, world, tmp_pat
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert "--lr 0.001 -> 0.002" in err and "--epochs 3.0 -> 5.0" in err
     sft.main(args + ["--max-steps", 2, "--resume"])  # --max-steps is safe to change
-    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
 
 

@@ -127,7 +127,7 @@ def test_lora_sft_trains_only_lora_and_writes_a_peft_adapter(tiny_model, train_d
     assert weights and all(".lora_A." in n or ".lora_B." in n for n in weights)
     assert any(".lora_B." in n and w.abs().max() > 0 for n, w in weights.items())  # B moved off zero
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2] and all(x["loss"] > 0 for x in lines)
 
 
@@ -179,7 +179,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tiny_model, train_dir, 
     assert set(a) == set(b)
     for n in a:
         torch.testing.assert_close(b[n], a[n], atol=0, rtol=0)
-    steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
 
 
@@ -192,7 +192,7 @@ def test_torchrun_two_ranks_match_each_other_and_a_single_process(tiny_model, ma
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     single = _run(*args, "--out", tmp_path / "single", "--micro-batch-size", 8)
     assert single.returncode == 0, single.stderr[-2000:]
-    metrics = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(x) for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert [m["ddp/replica_max_abs_diff"] for m in metrics if "ddp/replica_max_abs_diff" in m] == [0.0]
     a, b = _weights(tmp_path / "ddp"), _weights(tmp_path / "single")
     assert any(w.abs().max() > 0 for n, w in a.items() if ".lora_B." in n)
@@ -236,7 +236,7 @@ def test_perception_sft_learns_player_position(tiny_model, make_data, tmp_path):
                            "--max-new-tokens", "40", "--micro-batch-size", "8"])
     before = sft.validate(base, processor, envs.load_split(val), args, 0, 1, torch.device("cpu"),
                           torch.autocast("cpu", enabled=False))
-    after = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val/loss" in x][-1]
+    after = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if "val/loss" in x][-1]
     chance = 1 / 9
     assert before["val/perception/player"] <= 2 * chance
     assert after["val/perception/player"] >= 3 * chance, after
