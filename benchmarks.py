@@ -24,7 +24,6 @@ condition is built from each row's state).
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import cli
@@ -186,8 +185,7 @@ def main(argv=None):
             envs.sprite_folder()
         out = write_split(items, args.out, args.image_size, args.cell_size, args.frozenlake_style)
     except (BenchmarkError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(e)
     counts = {}
     for state, *_ in items:
         key = f"{state['task']} {state['level']}"

@@ -46,7 +46,6 @@ import multiprocessing
 import os
 import random
 import re
-import sys
 from collections import deque
 from functools import lru_cache
 from pathlib import Path
@@ -1143,8 +1142,7 @@ def main(argv=None):
                           args.frozenlake_style)
             _show(args)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(e)
 
 
 if __name__ == "__main__":

@@ -109,9 +109,6 @@ def get_parser():
     return p
 
 
-fail = cli.fail
-
-
 # ----------------------------------------------------------------------------- episodes
 
 def limit_round_robin(rows, limit):
@@ -436,19 +433,19 @@ def read_finished(path):
 
 def evaluate(args):
     if args.condition != "image" and args.kind != "planning":
-        fail(f"--condition {args.condition} applies to planning only (perception and dynamics are visual)")
+        cli.fail(f"--condition {args.condition} applies to planning only (perception and dynamics are visual)")
     if args.backend == "openai" and not args.base_url:
-        fail("--backend openai needs --base-url (e.g. http://localhost:8000/v1)")
+        cli.fail("--backend openai needs --base-url (e.g. http://localhost:8000/v1)")
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", args.api_key_env):  # never echo it: it may be the key itself
-        fail("--api-key-env must name an environment variable (e.g. OPENAI_API_KEY), not hold the key")
+        cli.fail("--api-key-env must name an environment variable (e.g. OPENAI_API_KEY), not hold the key")
     if args.base_url and "@" in urllib.parse.urlsplit(args.base_url).netloc:
-        fail("--base-url must not carry credentials; put the key in the variable named by --api-key-env")
+        cli.fail("--base-url must not carry credentials; put the key in the variable named by --api-key-env")
     try:
         rows = envs.load_split(args.data, kinds=[args.kind])
     except (OSError, ValueError) as e:
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if not rows:
-        fail(f"{args.data}: no {args.kind} rows")
+        cli.fail(f"{args.data}: no {args.kind} rows")
     if args.limit:
         rows = limit_round_robin(rows, args.limit)
     conditions = ["image", "text"] if args.condition == "both" else [args.condition]
@@ -459,7 +456,7 @@ def evaluate(args):
     episodes_path = out / "episodes.jsonl"
     settings = {k: str(getattr(args, k)) for k in ("model", "data", "kind", "max_new_tokens")}
     if args.resume and (out / "run.json").exists() and json.loads((out / "run.json").read_text()) != settings:
-        fail(f"--resume: {out} holds a run with other settings ({(out / 'run.json').read_text()}); use another --out")
+        cli.fail(f"--resume: {out} holds a run with other settings ({(out / 'run.json').read_text()}); use another --out")
     wanted = {(ep["row"]["id"], ep["condition"]) for ep in episodes}
     finished = {k: r for k, r in read_finished(episodes_path).items() if k in wanted} if args.resume else {}
     todo = [ep for ep in episodes if (ep["row"]["id"], ep["condition"]) not in finished]
@@ -471,7 +468,7 @@ def evaluate(args):
     try:  # load the model before anything is written: a bad --model leaves no output behind
         run = backend(args, todo) if todo else (lambda emit: None)
     except (OSError, ValueError) as e:
-        fail(str(e))
+        cli.fail(str(e))
     if args.overwrite and not args.resume:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -492,7 +489,7 @@ def evaluate(args):
         run(emit)
     except EndpointError as e:
         log.close()
-        fail(f"{e}; {len(finished)} finished episodes kept in {episodes_path} (use --resume)")
+        cli.fail(f"{e}; {len(finished)} finished episodes kept in {episodes_path} (use --resume)")
     log.close()
     generate_seconds = time.time() - t0
 

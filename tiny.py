@@ -45,7 +45,6 @@ in hundreds of steps; random colours and four questions at once were not learned
 """
 import random
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -346,8 +345,7 @@ def main(argv=None):
             return
         path = build_model(args.out, size=args.size, seed=args.seed, image_size=args.image_size)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(e)
     model, _ = common.load_model(path)
     print(f"wrote {path} ({args.size}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{model.config.text_config.vocab_size} vocab)")
