@@ -1,52 +1,25 @@
-"""Stage 2 of MGSD: on-policy context distillation (OPCD), one file, plain PyTorch.
+"""Stage 2 of MGSD: on-policy context distillation (OPCD), one file, plain PyTorch (docs/method.md §8).
 
-The algorithm (method.md §8). Every step, on a batch of training instances mixed over tasks/levels:
-  1. Rollout: the student sees the task *image* and samples one response per prompt
-     (T 1.0, top-p 1.0, up to --max-new-tokens; vision special tokens are never sampled).
-  2. Teacher: a frozen model sees the privileged *symbolic state* as text (and, by default,
-     the reference plan) and scores the student's exact response token ids (never
-     re-tokenised; the mask includes the first end-of-turn token): ℓ_T = log π_T(y_t | text, y<t).
-  3. Loss: the per-token reverse KL KL(π_S(·|image, y<t) ‖ π_T(·|text, y<t)) on the student's
-     own prefixes, as REINFORCE with the detached advantage A_t = ℓ_T,t − ℓ_S,t and a token
-     mean over the whole global batch (the reference's estimator); or the exact KL over the
-     vocabulary (--loss full).
-  4. Step: AdamW (lr 1e-6, wd 0.01, constant), grad-norm clip 1.0, fp32 master weights.
-Validation every --val-every steps on the val split (T 0.6, top-p 0.95, macro success of
-envs.aggregate); best (by macro success) and last checkpoints are ordinary HF folders.
+Every step, on a batch of training instances mixed over tasks and levels (opcd_step):
+  1. Rollout: the student sees the task *image* and samples one response per prompt (T 1.0, top-p 1.0).
+  2. Teacher: the frozen base model reads the privileged *symbolic state* as text (and by default the
+     reference plan) and scores the student's exact response token ids: ℓ_T = log π_T(y_t | text, y<t).
+  3. Loss: the per-token reverse KL(π_S(·|image, y<t) ‖ π_T(·|text, y<t)) on the student's own prefixes,
+     as REINFORCE with A_t = ℓ_T − ℓ_S (the reference's estimator), or exactly over the vocabulary
+     (--loss full); a token mean over the global batch.
+  4. Step: AdamW (lr 1e-6, wd 0.01, constant), grad-norm clip 1.0, fp32 master weights (--master).
+Validation (T 0.6, top-p 0.95) selects the best/ checkpoint by macro success; best/ and last/ are HF folders.
 
-Simplifications and deviations from the reference (EasyR1/verl fork, ~10k lines):
-- fp32 master weights and Adam states by default; the reference keeps them in bf16, where a
-  1e-6 step rounds away for almost every weight (--master bf16 reproduces it; --master stochastic
-  keeps the updates in expectation in 8 instead of 16 bytes a parameter).
-- One process per device; ranks sum gradients with one all-reduce after the backward passes
-  (no DDP wrapper, no Ray). Every rank holds the bf16 model, ~16 bytes per trainable parameter
-  (fp32 master, Adam moments, fp32 gradient), the teacher and vLLM's share: ~107 GiB for a 4B
-  model (bench/memory_plan.py), so an H200-class GPU, or cut it with --master stochastic (~76 GiB),
-  --teacher live, --freeze-vision, --lora-rank or --fsdp.
-- --fsdp shards the student, its fp32 masters and Adam states over the ranks (FSDP2 fully_shard
-  per decoder layer and vision block; gradients reduce-scattered); whole tensors are gathered
-  only for the vLLM push and checkpoints. The teacher stays whole; no --loss full or --lora-rank.
-- The teacher is a Hugging Face forward pass (no_grad) inside the trainer, not a separate worker.
-- Rollout log-probs are always recomputed by the trainer (vLLM's are only logged, as a drift check).
-- Randomness is seeded from (--seed, step, rank), so --resume is exact without saving RNG states.
-- With --loss full the KL uses the full softmax of both models (the vision tokens the sampler
-  forbids keep their tiny probability mass).
+Deviations from the reference (an EasyR1/verl fork), each explained in docs/method.md: fp32 master weights
+(its bf16 AdamW rounds lr-1e-6 steps away; --master bf16 reproduces it); one process a device, gradients
+summed by one all-reduce (or FSDP2 with --fsdp); the teacher is an in-trainer forward pass; rollout
+log-probs are recomputed by the trainer; randomness is seeded from (--seed, step, rank), so --resume is
+exact. Memory at 4B and what fits on one GPU: README, "What fits on one GPU".
 
-Command lines (planning rows; tiny models see 128x128 images, real ones 256x256):
-  python envs.py data --out data/plan-train --split train --per-level 50 --kinds planning --image-size 128
-  python envs.py data --out data/plan-val --split val --per-level 2 --kinds planning --image-size 128
-  # tiny model on CPU (student = the merged stage-1 model of sft.py/merge.py, or models/small itself)
-  python opcd.py --model models/small-sft --teacher models/small --data data/plan-train \
-      --val-data data/plan-val --out runs/opcd-small --batch-size 8 --max-new-tokens 128 --max-steps 40
-  OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 opcd.py --model models/small-sft --teacher models/small \
-      --data data/plan-train --val-data data/plan-val --out runs/opcd-small-ddp --batch-size 8 \
-      --max-new-tokens 128 --max-steps 40
-  # Qwen3-VL-4B, data made as above without --image-size (256x256);
-  # student = the merged stage-1 checkpoint, teacher = the base model
-  python opcd.py --model models/sft-4b --teacher Qwen/Qwen3-VL-4B-Instruct \
-      --data data/plan-train --val-data data/plan-val --out runs/opcd-4b
-  torchrun --nproc_per_node=8 opcd.py --model models/sft-4b --teacher Qwen/Qwen3-VL-4B-Instruct \
-      --data data/plan-train --val-data data/plan-val --out runs/opcd-4b    # 32 prompts = 4 per rank
+    python opcd.py --model models/small-sft --teacher models/small --data data/plan-train \
+        --val-data data/plan-val --out runs/opcd-small --batch-size 8 --max-new-tokens 128 --max-steps 40
+    torchrun --nproc_per_node=8 opcd.py --model models/sft-4b --teacher Qwen/Qwen3-VL-4B-Instruct \
+        --data data/plan-train --val-data data/plan-val --out runs/opcd-4b    # 32 prompts = 4 per rank
 Use --rollout hf where vLLM is not installed.
 """
 import argparse
