@@ -373,6 +373,14 @@ def encode(processor, messages_list, device):
     return {k: v.to(device) for k, v in common.encode_prompts(processor, messages_list).items()}
 
 
+def student_turns(rows, text_share=0.0):
+    """The student's prompts: the image prompt, or, for the last `text_share` of the rows, the state as text
+    (--text-share: the student keeps rehearsing text planning against the same teacher)."""
+    first_text = len(rows) - round(text_share * len(rows))
+    return [envs.student_messages(r["state"], r["image"]) if i < first_text else envs.text_student_messages(r["state"])
+            for i, r in enumerate(rows)]
+
+
 def sample_seed(seed, step, rank, i, salt=0):
     return (seed * 1_000_003 + step * 10_007 + rank * 101 + i + salt) % (2**31)
 
@@ -386,10 +394,7 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
     micro = [list(range(i, min(i + mb, n))) for i in range(0, n, mb)]
     times = [time.time()]
     # 1. Rollout: the student sees the image and samples one response per prompt.
-    student_msgs = [envs.student_messages(r["state"], r["image"]) for r in rows]
-    if args.text_share:  # rehearsal: the last share of the batch plans from the state as text
-        first_text = n - round(args.text_share * n)
-        student_msgs[first_text:] = [envs.text_student_messages(r["state"]) for r in rows[first_text:]]
+    student_msgs = student_turns(rows, args.text_share)
     responses = rollout(args.rollout, model, llm, processor, student_msgs, args.max_new_tokens, args.temperature,
                         args.top_p, [sample_seed(args.seed, step, rank, i) for i in range(n)])
     if llm is not None:

@@ -512,6 +512,16 @@ def test_teacher_given_the_image_prompt_only_is_no_teacher(opcd_base, tmp_path):
     assert privileged["loss"] > 1e-3 and privileged["grad_norm"] > 1e-3
 
 
+def test_text_share_gives_the_last_rows_the_text_prompt(train_dir):
+    rows = rows_of(train_dir, 8)
+    has_image = lambda chat: any(item["type"] == "image" for m in chat for item in m["content"])  # noqa: E731
+    assert all(has_image(c) for c in opcd.student_turns(rows))
+    mixed = opcd.student_turns(rows, 0.25)
+    assert [has_image(c) for c in mixed] == [True] * 6 + [False] * 2
+    assert mixed[6:] == [envs.text_student_messages(r["state"]) for r in rows[6:]]
+    assert not any(has_image(c) for c in opcd.student_turns(rows, 1.0))
+
+
 def test_teacher_must_be_named(tmp_path, tiny_model, train_dir):
     """The reference's teacher is always the base model; no silent default to a copy of the student."""
     proc = subprocess.run([sys.executable, str(ROOT / "opcd.py"), "--model", tiny_model, "--data", train_dir,
