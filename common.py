@@ -193,22 +193,23 @@ def token_logprobs(logits, token_ids):
     return picked - torch.logsumexp(logits.float(), dim=-1)
 
 
-def response_logprobs(model, prompt_batch, response_ids, response_mask, temperature=1.0):
-    """Log-prob of each response token. Sequence = [left-padded prompt P | right-padded
-    response R]; the token at P+j is predicted from position P+j-1, so the logits of positions
-    [P-1, P+R-1) are needed, and only those are computed (logits_to_keep). Returns [B, R]
-    (padding positions hold garbage; multiply by response_mask). Logits are divided by the
-    sampling temperature first, as the reference does (a no-op at T 1)."""
-    R = response_ids.shape[1]
+def response_inputs(prompt_batch, response_ids, response_mask):
+    """Model inputs of the sequence [left-padded prompt P | right-padded response R]: the token at
+    P+j is predicted from position P+j-1, so positions [P-1, P+R-1) predict the response."""
     response_mask = response_mask.to(prompt_batch["attention_mask"].dtype)
     extra = {k: v for k, v in prompt_batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    input_ids = torch.cat([prompt_batch["input_ids"], response_ids.masked_fill(response_mask == 0, 0)], 1)
-    attention_mask = torch.cat([prompt_batch["attention_mask"], response_mask], 1)
     mm = prompt_batch.get("mm_token_type_ids")
     mm = torch.zeros_like(prompt_batch["input_ids"]) if mm is None else mm
-    mm_token_type_ids = torch.cat([mm, torch.zeros_like(response_ids)], 1)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
-                logits_to_keep=R + 1, use_cache=False, **extra)
+    return dict(input_ids=torch.cat([prompt_batch["input_ids"], response_ids.masked_fill(response_mask == 0, 0)], 1),
+                attention_mask=torch.cat([prompt_batch["attention_mask"], response_mask], 1),
+                mm_token_type_ids=torch.cat([mm, torch.zeros_like(response_ids)], 1), use_cache=False, **extra)
+
+
+def response_logprobs(model, prompt_batch, response_ids, response_mask, temperature=1.0):
+    """Log-prob of each response token, [B, R] (padding positions hold garbage; multiply by
+    response_mask). Only the logits of the R + 1 last positions are computed (logits_to_keep), and
+    they are divided by the sampling temperature first, as the reference does (a no-op at T 1)."""
+    out = model(**response_inputs(prompt_batch, response_ids, response_mask), logits_to_keep=response_ids.shape[1] + 1)
     return token_logprobs(out.logits[:, :-1] / temperature, response_ids)
 
 

@@ -151,16 +151,10 @@ def full_reverse_kl(student_hidden, student_head, teacher_hidden, teacher_head, 
 
 
 def response_hidden(model, prompt_batch, response_ids, response_mask):
-    """Last hidden states at positions [P-1, P+R-1) of [left-padded prompt | response]: the
-    states that predict the response tokens (the layout of common.response_logprobs)."""
+    """Last hidden states [B, R, H] of the positions that predict the response tokens (--loss full applies
+    the output heads itself, a chunk at a time)."""
     P, R = prompt_batch["input_ids"].shape[1], response_ids.shape[1]
-    response_mask = response_mask.to(prompt_batch["attention_mask"].dtype)
-    extra = {k: v for k, v in prompt_batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    out = common.unwrap(model).model(
-        input_ids=torch.cat([prompt_batch["input_ids"], response_ids.masked_fill(response_mask == 0, 0)], 1),
-        attention_mask=torch.cat([prompt_batch["attention_mask"], response_mask], 1),
-        mm_token_type_ids=torch.cat([prompt_batch["mm_token_type_ids"], torch.zeros_like(response_ids)], 1),
-        use_cache=False, **extra)
+    out = common.unwrap(model).model(**common.response_inputs(prompt_batch, response_ids, response_mask))
     return out.last_hidden_state[:, P - 1:P + R - 1]
 
 
