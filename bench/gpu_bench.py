@@ -36,6 +36,7 @@ import common  # noqa: E402
 import envs  # noqa: E402
 import memory_plan  # noqa: E402
 import opcd  # noqa: E402
+import optim  # noqa: E402
 import sft  # noqa: E402
 import tiny  # noqa: E402
 
@@ -107,7 +108,7 @@ def bench_sft(cfg, processor, args, device, lora):
             "MFU %": 100 * flops_per_token * tokens_per_s / args.peak_flops if args.peak_flops else None}
 
 
-class TimedAdamW(opcd.MasterAdamW):
+class TimedAdamW(optim.MasterAdamW):
     """MasterAdamW that adds the time of each step to `seconds` (the bench's only addition)."""
     seconds = 0.0
 

@@ -42,6 +42,7 @@ import torch  # noqa: E402
 import common  # noqa: E402
 import envs  # noqa: E402
 import opcd  # noqa: E402
+import optim  # noqa: E402
 import tiny  # noqa: E402
 
 
@@ -72,7 +73,7 @@ def main():
                              "--rollout", backend, "--batch-size", str(args.batch_size), "--micro-batch-size",
                              str(args.micro_batch_size), "--max-new-tokens", str(args.max_new_tokens),
                              "--max-model-len", "4096"])
-        opt = opcd.MasterAdamW(model.parameters(), o.lr, tuple(o.betas), o.weight_decay)
+        opt = optim.MasterAdamW(model.parameters(), o.lr, tuple(o.betas), o.weight_decay)
         llm = None
         if backend == "vllm":
             t = time.time()

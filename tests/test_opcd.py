@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import envs
 import opcd
+import optim
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +98,7 @@ def test_fp32_and_stochastic_masters_keep_updates_that_bf16_weights_round_away()
     results = {}
     for master in ("fp32", "stochastic", "bf16"):
         w = torch.nn.Parameter(torch.full((1000,), 1.0, dtype=torch.bfloat16))
-        opt = opcd.MasterAdamW([w], lr=1e-6, betas=(0.9, 0.999), weight_decay=0.0, master=master)
+        opt = optim.MasterAdamW([w], lr=1e-6, betas=(0.9, 0.999), weight_decay=0.0, master=master)
         for _ in range(3000):  # Adam's step is ~lr per step whatever the gradient scale
             w.grad = torch.ones_like(w)
             opt.step(max_grad_norm=1e9)
@@ -120,7 +121,7 @@ def test_stochastic_master_moves_weights_as_fp32_masters_do_and_resumes_exactly(
 
     def train(master, steps=range(200), w=None, opt=None):
         w = w if w is not None else torch.nn.Parameter(init.clone())
-        opt = opt or opcd.MasterAdamW([w], lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01, master=master)
+        opt = opt or optim.MasterAdamW([w], lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01, master=master)
         for i in steps:
             w.grad = grads[i].clone()
             opt.step(max_grad_norm=1e9)
@@ -133,7 +134,7 @@ def test_stochastic_master_moves_weights_as_fp32_masters_do_and_resumes_exactly(
     assert abs(moved["stochastic"] - want) < 0.1 * abs(want) and abs(moved["bf16"]) < 0.1 * abs(want)
     w, opt = train("stochastic", range(100))
     w2 = torch.nn.Parameter(torch.zeros(4000, dtype=torch.bfloat16))
-    opt2 = opcd.MasterAdamW([w2], lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01, master="stochastic")
+    opt2 = optim.MasterAdamW([w2], lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01, master="stochastic")
     opt2.load_state_dict(opt.state_dict())
     assert torch.equal(train("stochastic", range(100, 200), w2, opt2)[0], train("stochastic")[0])
 

@@ -1,0 +1,136 @@
+"""The optimiser step of opcd.py: AdamW whose updates survive bf16 weights (--master), and the
+FSDP2 / all-reduce helpers it steps through (--fsdp, torchrun)."""
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+import common
+
+
+class MasterAdamW:
+    """AdamW for a bf16 model that still moves by lr-1e-6 steps (--master):
+    fp32        fp32 copies of the weights and states take the step and the result is rounded into the
+                model (16 bytes a trainable parameter besides the bf16 weight and gradient);
+    stochastic  the step is taken in fp32 on the fly and the new weight rounded to bf16 *stochastically*
+                (up with probability = the distance to the lower neighbour / the gap): a 1e-6 step
+                moves every weight by 1e-6 in expectation; fp32 moments (8 bytes a parameter: bf16
+                moments round away Adam's own small updates, v's above all);
+    bf16        the reference: AdamW on the bf16 weights themselves, where a 1e-6 step rounds away.
+    An fp32 model (CPU) is its own master in fp32 and bf16 modes."""
+
+    def __init__(self, params, lr, betas, weight_decay, master="fp32"):
+        self.params, self.mode = [p for p in params if p.requires_grad], master
+        self.lr, self.betas, self.weight_decay, self.t = lr, betas, weight_decay, 0
+        if master == "stochastic":
+            self.state = [{k: torch.zeros_like(p, dtype=torch.float32) for k in ("m", "v")} for p in self.params]
+            self.master = self.params
+            return
+        self.master = [p if (master == "bf16" or p.dtype == torch.float32) else p.detach().float().clone().requires_grad_()
+                       for p in self.params]
+        self.opt = torch.optim.AdamW(self.master, lr=lr, betas=betas, weight_decay=weight_decay)
+
+    def step(self, max_grad_norm):
+        for p, m in zip(self.params, self.master):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.master, max_grad_norm))  # the norm over all shards
+        if self.mode == "stochastic":
+            self.stochastic_step()
+        else:
+            self.opt.step()
+        with torch.no_grad():
+            for p, m in zip(self.params, self.master):
+                if m is not p:
+                    p.copy_(m)
+        self.zero_grad()
+        return grad_norm.item()
+
+    @torch.no_grad()
+    def stochastic_step(self, eps=1e-8):
+        self.t += 1
+        (b1, b2), lr = self.betas, self.lr
+        noise = torch.Generator(self.params[0].device).manual_seed(self.t)  # same bits on --resume
+        for p, s in zip(self.params, self.state):
+            if p.grad is None:
+                continue
+            g, m, v = local(p.grad).float(), local(s["m"]), local(s["v"])
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            w = local(p).float().mul_(1 - lr * self.weight_decay)
+            w.addcdiv_(m / (1 - b1 ** self.t), (v / (1 - b2 ** self.t)).sqrt_().add_(eps), value=-lr)
+            if p.dtype == torch.bfloat16:  # add 16 random low bits, then cut them: bf16 is fp32's upper half
+                bits = w.view(torch.int32) + torch.randint(0, 1 << 16, w.shape, device=w.device, dtype=torch.int32,
+                                                          generator=noise)
+                w = (bits & -65536).view(torch.float32)
+            local(p).copy_(w)
+
+    def zero_grad(self):
+        for t in self.params + self.master:
+            t.grad = None
+
+    def state_dict(self):
+        """Whole tensors, also under --fsdp (a collective then: every rank calls it)."""
+        if self.mode == "stochastic":
+            return {"t": self.t, "state": [{k: full_tensor(v) for k, v in s.items()} for s in self.state],
+                    "master": [full_tensor(p.detach()).clone() for p in self.params]}
+        opt = self.opt.state_dict()
+        opt["state"] = {i: {k: full_tensor(v) for k, v in s.items()} for i, s in opt["state"].items()}
+        return {"opt": opt, "master": [full_tensor(m.detach()).clone() for m in self.master]}
+
+    def load_state_dict(self, state):
+        if self.mode == "stochastic":
+            self.t = state["t"]
+            with torch.no_grad():
+                for s, saved in zip(self.state, state["state"]):
+                    for k in s:
+                        s[k].copy_(like(saved[k], s[k]))
+        else:
+            opt = state["opt"]
+            opt["state"] = {i: {k: like(v, self.master[int(i)]) if v.dim() else v for k, v in s.items()}
+                            for i, s in opt["state"].items()}
+            self.opt.load_state_dict(opt)
+        with torch.no_grad():
+            for p, m, saved in zip(self.params, self.master, state["master"]):
+                m.copy_(like(saved, m))
+                p.copy_(like(saved, p))
+
+
+def full_tensor(t):
+    """The whole tensor of an FSDP shard (all-gather), or t itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local(t):
+    """This rank's shard of a DTensor (elementwise work needs no other shard), or `t` itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def like(full, ref):
+    """`full` cut into the same shards as `ref` (a DTensor under --fsdp), or `full` itself."""
+    return distribute_tensor(full.to(ref.device), ref.device_mesh, ref.placements) if isinstance(ref, DTensor) else full
+
+
+def shard_model(model):
+    """FSDP2: one unit per decoder layer and per vision block, then the root (embeddings, head,
+    merger). Gradients are summed, not averaged (the losses are already divided by the global
+    token count). model.state_dict() gathers whole tensors, so hf_state_dict, the vLLM push and
+    save_pretrained see plain weights; every rank must call it."""
+    inner = common.unwrap(model).model
+    for block in [*inner.language_model.layers, *inner.visual.blocks]:
+        fully_shard(block)
+    fully_shard(model)
+    model._get_fsdp_state()._lazy_init()  # normally done by the first root forward; generate runs the vision tower first
+    for unit in [m for m in model.modules() if isinstance(m, FSDPModule)]:  # these setters do not recurse
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+    model.register_state_dict_post_hook(
+        lambda module, state, prefix, meta: state.update({k: full_tensor(v).cpu() for k, v in state.items()}))
+
+
+def all_reduce_grads(params, world_size):
+    """Sum gradients over ranks (the losses are already divided by the global token count).
+    One call per tensor: no flat copy of all gradients (DDP would bucket them)."""
+    for p in params if world_size > 1 else []:
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+        dist.all_reduce(p.grad)
