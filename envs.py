@@ -253,17 +253,18 @@ def _gen_minibehaviour(n, rng, seed):
 GENERATORS = {"frozenlake": _gen_frozenlake, "maze": _gen_maze, "minibehaviour": _gen_minibehaviour}
 
 
+def draft(task, level, seed):
+    """The state of a seed without its plan (cheap: no search), or None when the seed is skipped."""
+    body = GENERATORS[task](level, _rng(task, level, seed), seed)
+    return None if body is None else {"task": task, "level": level, **body}
+
+
 def generate(task, level, seed):
     """The instance of (task, level, seed) with its BFS plan, or None when the seed is skipped."""
-    body = GENERATORS[task](level, _rng(task, level, seed), seed)
-    if body is None:
-        return None
-    state = {"task": task, "level": level, **body}
-    plan = solve(state)
-    if plan is None:
-        return None
-    state["plan"] = plan
-    return state
+    state = draft(task, level, seed)
+    if state is not None:
+        state["plan"] = solve(state)
+    return state if state and state["plan"] else None
 
 
 # ---------------------------------------------------------------- pictures
@@ -805,12 +806,6 @@ def score_row(row, response):
 
 
 # ---------------------------------------------------------------- data sets on disk (method.md §6)
-def _draw(task, level, seed):
-    """The state of a seed without its plan (cheap: no search), or None when skipped."""
-    body = GENERATORS[task](level, _rng(task, level, seed), seed)
-    return None if body is None else {"task": task, "level": level, **body}
-
-
 def collect(task, level, split, count):
     """`count` distinct (seed, state) pairs of one level for one split, or a one-line ValueError.
     A state belongs to the split whose share of the hash space its content hashes into."""
@@ -826,7 +821,7 @@ def collect(task, level, split, count):
                 break
             found_before = len(found)
         seed = base + tried
-        state = _draw(task, level, seed)
+        state = draft(task, level, seed)
         if state is None:
             continue
         key = json.dumps(state, sort_keys=True, separators=(",", ":"))
