@@ -181,8 +181,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         items = import_vsp(args.src, args.draw_missing) if args.benchmark == "vsp" else import_visualplanning(args.src)
-        if args.frozenlake_style == "sprites":
-            envs.sprite_folder()
         out = write_split(items, args.out, args.image_size, args.cell_size, args.frozenlake_style)
     except (BenchmarkError, OSError, ValueError) as e:
         cli.fail(e)

@@ -43,6 +43,8 @@ in hundreds of steps; random colours and four questions at once were not learned
     python tiny.py grids --out data/grids/train --split train --count 20000
     python tiny.py grids --out data/grids/val --split val --count 200
 """
+import json
+import math
 import random
 import re
 from pathlib import Path
@@ -346,9 +348,12 @@ def main(argv=None):
         path = build_model(args.out, size=args.size, seed=args.seed, image_size=args.image_size)
     except (ValueError, OSError) as e:
         cli.fail(e)
-    model, _ = common.load_model(path)
-    print(f"wrote {path} ({args.size}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{model.config.text_config.vocab_size} vocab)")
+    from safetensors import safe_open
+
+    with safe_open(path / "model.safetensors", "pt") as f:  # shapes from the header: no weights are read again
+        n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    vocab = json.loads((path / "config.json").read_text())["text_config"]["vocab_size"]
+    print(f"wrote {path} ({args.size}, {n / 1e6:.2f}M parameters, {vocab} vocab)")
 
 
 if __name__ == "__main__":
