@@ -50,7 +50,6 @@ from collections import deque
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 import cli
@@ -268,11 +267,9 @@ def generate(task, level, seed):
 
 
 # ---------------------------------------------------------------- pictures
-# Detail colours that never sit at a cell centre, then one fixed palette of every colour drawn:
-# pictures are palette images (fast to compose with numpy and to write as PNG), returned as RGB.
+# Detail colours that never sit at a cell centre.
 INK = {"ice_line": (110, 150, 190), "gift": (210, 40, 40), "skin": (250, 210, 170), "wall": (0, 0, 0),
        "light_grey": (200, 200, 200), "floor_line": (70, 70, 70), "table_line": (170, 140, 100)}
-PALETTE = sorted({*INK.values(), *(rgb for rows in LEGEND.values() for _, _, rgb in rows)})
 BORDER = {"frozenlake": INK["ice_line"], "maze": INK["wall"], "minibehaviour": INK["floor_line"]}
 
 
@@ -288,7 +285,7 @@ def geometry(n, size, cell=None):
 
 @lru_cache(maxsize=None)
 def _tile(task, key, s):
-    """Palette indices (s x s uint8) of one cell whose content is `key`, drawn once per size."""
+    """One cell whose content is `key`, drawn once per size."""
     col = COLOR[task]
     img = Image.new("RGB", (s, s), col.get("frozen", col.get("floor", col.get("corridor"))))
     d = ImageDraw.Draw(img)
@@ -327,12 +324,7 @@ def _tile(task, key, s):
             d.rectangle([round(0.3 * s), round(0.2 * s), round(0.7 * s) - 1, round(0.3 * s)], fill=INK["light_grey"])
         elif key == "agent":
             d.polygon([(s / 2, 0.1 * s), (0.88 * s, 0.88 * s), (0.12 * s, 0.88 * s)], fill=col["agent"])
-    rgb = np.asarray(img, dtype=np.int32)
-    codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-    lookup = np.array([(r << 16) | (g << 8) | b for r, g, b in PALETTE])
-    index = np.searchsorted(lookup, codes)
-    assert (lookup[index] == codes).all(), "a tile uses a colour outside PALETTE"
-    return index.astype(np.uint8)
+    return img
 
 
 def cell_roles(state):
@@ -348,34 +340,6 @@ def cell_roles(state):
         roles.update({tuple(p): "table" for p in state["table"]})
         roles[tuple(state["printer"])], roles[tuple(state["agent"])] = "printer", "agent"
     return roles
-
-
-@lru_cache(maxsize=None)
-def _atlas(task, s):
-    """({tile key: index}, all tiles of a task at cell size s stacked), so a picture is one gather."""
-    if task == "maze":
-        dirs = sorted({"".join(a for j, a in enumerate("URDL") if mask >> j & 1) for mask in range(16)})
-        keys = [(d, content) for d in dirs for content in ("", "player", "target")]
-    else:
-        keys = [role for role, _, _ in LEGEND[task]]
-    return {key: i for i, key in enumerate(keys)}, np.stack([_tile(task, key, s) for key in keys])
-
-
-def render_indexed(state, size=256, cell=None):
-    """The picture as a palette ("P") image: cached tiles gathered with numpy."""
-    task, n = state["task"], state["level"]
-    cell, margin = geometry(n, size, cell)
-    index, atlas = _atlas(task, cell)
-    if task == "maze":
-        keys = [(state["open"][r][c], "" if role == "corridor" else role) for (r, c), role in cell_roles(state).items()]
-    else:
-        keys = list(cell_roles(state).values())
-    tiles = atlas[np.array([index[key] for key in keys]).reshape(n, n)]
-    canvas = np.full((size, size), PALETTE.index(BORDER[task]), dtype=np.uint8)
-    canvas[margin:margin + n * cell, margin:margin + n * cell] = tiles.transpose(0, 2, 1, 3).reshape(n * cell, n * cell)
-    img = Image.fromarray(canvas)  # mode L; putpalette makes it P
-    img.putpalette([v for rgb in PALETTE for v in rgb])
-    return img
 
 
 # --frozenlake-style sprites: FrozenLake as gymnasium (<= 1.3) draws it, the style of the VSP benchmark's pictures
@@ -406,25 +370,17 @@ def _sprite_cell(role, s):
     return cell.convert("RGB")
 
 
-def render_sprites(state, size=256, cell=None):
-    n = state["level"]
-    cell, margin = geometry(n, size, cell)
-    img = Image.new("RGB", (size, size), (180, 200, 230))
-    for (r, c), role in cell_roles(state).items():
-        img.paste(_sprite_cell(role, cell), (margin + c * cell, margin + r * cell))
-    return img
-
-
-def draw(state, size=256, cell=None, style="plain"):
-    """The picture: a palette image drawn with PIL primitives, or FrozenLake's gymnasium sprites (RGB)."""
-    if style == "sprites" and state["task"] == "frozenlake":
-        return render_sprites(state, size, cell)
-    return render_indexed(state, size, cell)
-
-
 def render(state, size=256, cell=None, style="plain"):
-    """RGB picture of the initial state, size x size pixels (no assets unless style is "sprites")."""
-    return draw(state, size, cell, style).convert("RGB")
+    """RGB picture of the initial state, size x size pixels: one cached tile a cell (no assets unless style is
+    "sprites": FrozenLake as gymnasium draws it)."""
+    task, n = state["task"], state["level"]
+    cell, margin = geometry(n, size, cell)
+    sprites = style == "sprites" and task == "frozenlake"
+    img = Image.new("RGB", (size, size), (180, 200, 230) if sprites else BORDER[task])
+    for (r, c), role in cell_roles(state).items():
+        key = (state["open"][r][c], "" if role == "corridor" else role) if task == "maze" else role
+        img.paste(_sprite_cell(role, cell) if sprites else _tile(task, key, cell), (margin + c * cell, margin + r * cell))
+    return img
 
 
 # ---------------------------------------------------------------- text views (method.md §2)
@@ -867,7 +823,7 @@ def instance_rows(seed, state, split, kinds, image_size, cell_size=None, style="
     task, level = state["task"], state["level"]
     name = f"{task}-{level}-{seed:06d}"
     image = f"images/{name}.png"
-    pictures = [(image, draw(state, image_size, cell_size, style))] if {"planning", "perception", "dynamics"} & set(kinds) else []
+    pictures = [(image, render(state, image_size, cell_size, style))] if {"planning", "perception", "dynamics"} & set(kinds) else []
     base = {"id": name, "task": task, "level": level, "seed": seed, "split": split, "state": state, "plan": state["plan"]}
     rows = []
     for kind in kinds:
@@ -887,7 +843,7 @@ def instance_rows(seed, state, split, kinds, image_size, cell_size=None, style="
                 content = [_text(question), {"type": "image", "image": image}]
                 if sub == "inverse":
                     after = f"images/{name}-after.png"
-                    pictures.append((after, draw(dynamics.moved(state, query["after"]), image_size, cell_size, style)))
+                    pictures.append((after, render(dynamics.moved(state, query["after"]), image_size, cell_size, style)))
                     content.append({"type": "image", "image": after})
                 rows.append(_message_row({**base, "id": f"{name}-dynamics-{sub}"}, kind, _user(*content), answer,
                                          image=image, subkind=sub, query=query))
