@@ -1,44 +1,22 @@
 """The three grid-world planning tasks of MGSD: generation, pictures, text views, prompts, the one
-parser / simulator / scorer, question-answer data, and the data-set writer.
+parser / simulator / scorer, question-answer data, and the data-set writer (docs/method.md §1-§6).
 
-Tasks (method.md §1; level = grid side n, coordinates 0-based (row, col) from the top-left):
   frozenlake     walk from S to G; a hole ends the episode, a move off the grid is illegal.
   maze           a perfect maze carved by randomised DFS; moving through a wall is illegal.
   minibehaviour  walk next to the printer, PICK it, walk next to the 2x3 table, DROP it.
-Every instance is a pure function of (task, level, seed) (its own random.Random, never the global
-RNG) and carries its shortest plan, found by breadth-first search over the simulator's own `step`,
-so the planner, the simulator and the scorer can never disagree.
+Every instance is a pure function of (task, level, seed) and carries its shortest plan, found by
+breadth-first search over the simulator's own `step`, so the planner, the simulator and the scorer
+can never disagree. One parser (`parse_plan`) and one simulator (`simulate`) serve the training
+reward, validation and every evaluation. Pictures are PIL tiles (no assets); a cell's centre shows
+one flat colour per cell type (`LEGEND`, the table the prompts describe).
 
-One parser (`parse_plan`, method.md §4) and one simulator (`simulate`) serve the training reward,
-validation and every evaluation. Pictures are PIL primitives only (no assets): each cell is a
-pasted tile, the cell centre always shows one flat colour per cell type (`LEGEND`, the same table
-the prompts describe), so the symbolic state can be read back from the pixels.
-
-Data rows (method.md §6; one JSON line each, images as relative paths, see `instance_rows`):
+Data rows (one JSON line each, pictures as relative paths, see `instance_rows`):
   planning       student prompt (image) -> reference_response   (direct visual SFT, the oracle)
   text-planning  text-student prompt    -> reference_response   (text-planning pre-training)
-  perception     numbered questions (image) -> numbered answer  (stage-1 SFT, method.md §5.1)
+  teacher        teacher prompt         -> reference_response   (teaches a tiny base the teacher's prompt)
+  perception     numbered questions (image) -> numbered answer  (stage-1 SFT)
   dynamics       forward / inverse (two images) / verify QA with exact labels (dynamics.py)
-
-Choices where docs/method.md is silent:
-  - A seed whose FrozenLake map has no path, or whose MiniBehaviour printer/table cannot be
-    reached, or whose maze has no target in the seed's difficulty bucket, is skipped
-    (`generate` returns None).
-  - Maze difficulty: seed % 3 picks the bucket (easy / medium / hard by BFS length), and a split
-    fills an equal quota of each bucket per level.
-  - Splits: each split reads its own seed range (train 0.., val 10^8.., test 2*10^8..), and a
-    state belongs to exactly one split by a stable hash of its content (train 80 %, val 10 %,
-    test 10 % of the hash space), so no state can appear in two splits; repeats inside a split
-    are skipped. A level that runs out of distinct states raises a one-line error within seconds
-    (the search stops once the rate of new states cannot reach the count within its seed cap).
-  - "Printer-adjacent" / "table-adjacent" cells are the in-grid, non-table cells 4-adjacent to
-    the printer / to any table cell; MiniBehaviour's legal moves include `pick` when it is legal.
-    An empty <answer></answer> block does not parse.
-
-Commands:
-  python envs.py data --out data/train --split train --per-level 1000 --workers 2
-  python envs.py data --out data/val --split val --per-level 100 --kinds planning,perception,dynamics
-  python envs.py show maze --level 4 --seed 7 --out maze.png
+Commands: README.md, "Data".
 """
 import hashlib
 import json

@@ -1,63 +1,21 @@
-"""Evaluate a vision-language model on visual planning, perception and the modality gap (method.md §9).
+"""Evaluate a vision-language model on visual planning, perception and the modality gap (docs/method.md §9).
 
-What it measures
-- planning: the model sees one task image (student prompt, condition `image`) or the equivalent
-  symbolic text state (text-student prompt, condition `text`) and answers with a recap, one
-  sentence and `<answer>plan</answer>`. The plan is parsed and run in the simulator by
-  `envs.score_row`, the one parser/simulator the training code also uses. Metrics per episode:
-  parse_ok, success, optimal, illegal; aggregated per (task, level), per task, and the headline
-  macro (unweighted mean over tasks).
-- perception: numbered questions about one image, graded per question and all-correct.
-- dynamics: the World2VLM-style forward / inverse / verify questions stored in the split.
-- modality gap: `--condition both` runs every planning instance as image and as text and
-  reports text − image for every metric: the gap MGSD aims to close.
+- planning: one task picture (condition `image`) or the same state as text (`text`); the answer's plan
+  is parsed and run by envs.score_row, the parser and simulator that training uses. Metrics: parse_ok,
+  success, optimal, illegal per (task, level), per task, and the macro mean over tasks; `--condition
+  both` also reports text - image for each: the gap MGSD aims to close.
+- perception: numbered questions about one picture, graded per question and all-correct.
+- dynamics: the forward / inverse / verify questions stored in the split.
+Greedy, one sample, up to --max-new-tokens; the vision special tokens are never generated.
 
-Decoding is greedy, one sample, up to `--max-new-tokens` (4096 by default) new tokens; the
-vision special tokens (<|image_pad|> etc.) are never generated.
-
-Backends
-- hf: batched Hugging Face `generate` (left padding), common.load_model.
-- vllm: the vLLM `LLM` engine, prompts rendered by the same chat template as hf.
-- openai: any OpenAI-compatible `/v1/chat/completions` endpoint (standard library HTTP only);
-  the image goes as a base64 PNG data URL in an `image_url` part. Concurrent requests,
-  a per-request timeout, retries with exponential back-off. The API key is read from the
-  environment variable named by `--api-key-env` and is never written to any file or log.
-- oracle: answers with the reference response / perception answer: the upper bound (100 %)
-  and an end-to-end check of the data, prompts and scorer.
-
-Errors. An episode whose request failed after all retries (HTTP 5xx, timeout) is recorded with
-`error: true`, counts as a failure, and stays in every denominator; the number of errored
-episodes is reported per cell. An endpoint that cannot serve any request (connection refused,
-unknown host, HTTP 401/403/404) stops the run with one error line and exit code 2; what
-finished is kept for --resume.
-
-Resume. Finished episodes are appended to `OUT/episodes.jsonl` as they complete. `--resume`
-keeps the finished, non-errored episodes of that file and requests only the rest (missing and
-errored ones); it refuses a folder whose run.json names another model, data, kind or token
-budget. At the end the file is rewritten in dataset order.
-
-Output (in --out): episodes.jsonl (id, task, level, condition, response, parsed plan, metrics,
-error), summary.json (per level / per task / macro per condition, the gap, the run config),
-report.md (the markdown tables, also printed) and success.png (headline metric per task and
-level, image and text side by side with the gap).
-
-Simplifications: one sample per prompt (no pass@k); hf runs on one device (no data parallel);
-`--limit` takes instances round-robin over (task, level) cells, tasks interleaved.
-
-Usage
-  # the tiny model (tests) on a tiny split, all four backends
-  python tiny.py model --out runs/tiny
-  python envs.py data --out data/test --split test --per-level 4 --image-size 128
-  python evaluate.py --model runs/tiny --data data/test --backend oracle --condition both
-  python evaluate.py --model runs/tiny --data data/test --backend hf --max-new-tokens 64
-  python evaluate.py --model runs/tiny --data data/test --backend vllm --max-new-tokens 64
-  # a local Qwen3-VL checkpoint: visual planning, modality gap, perception
-  python evaluate.py --model runs/opcd/best --data data/test --backend vllm --condition both
-  python evaluate.py --model Qwen/Qwen3-VL-4B-Instruct --data data/test --kind perception
-  # an OpenAI-compatible endpoint (e.g. `vllm serve Qwen/Qwen3-VL-8B-Instruct`)
-  export OPENAI_API_KEY=...   # read from the environment, never written anywhere
-  python evaluate.py --backend openai --base-url http://localhost:8000/v1 \
-      --model Qwen/Qwen3-VL-8B-Instruct --data data/test --condition both --concurrency 32 --resume
+Backends: hf (batched `generate`), vllm, openai (any OpenAI-compatible /v1/chat/completions endpoint,
+standard-library HTTP, the picture as a PNG data URL, the key read from the variable --api-key-env
+names and never written) and oracle (the reference answers: the 100 % upper bound, an end-to-end check
+of data, prompts and scorer). A request that still fails after its retries counts as a failure and
+stays in every denominator; an endpoint that serves nothing (refused, unknown host, 401/403/404) stops
+the run with one error line, exit 2. Episodes are appended to OUT/episodes.jsonl as they finish and
+--resume asks only for the missing and errored ones; OUT also gets summary.json, report.md and a plot.
+--limit takes instances round-robin over (task, level). Commands: README.md, "Evaluation".
 """
 import base64
 import http.client

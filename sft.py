@@ -26,29 +26,9 @@ Simplifications, on purpose:
 - Validation: loss on up to --val-size rows of the val split, and task metrics from greedy
   `generate` scored by envs.score_row (perception: accuracy per question and all-correct).
 
-Outputs in --out: adapter/ (PEFT format: adapter_config.json + adapter_model.safetensors; merge
-it with merge.py) or, with --full, model/ (a plain HF folder); checkpoint/ (latest, for
---resume); log.jsonl; args.json; tb/ when TensorBoard is installed.
-
-Command lines:
-    # data and a tiny model (CPU)
-    python envs.py data --out data/train --split train --per-level 200 --kinds perception --image-size 128
-    python envs.py data --out data/val --split val --per-level 10 --kinds perception --image-size 128
-    python tiny.py model --out models/tiny --size tiny
-    # one process (CPU: fp32)
-    python sft.py --model models/tiny --data data/train --val-data data/val --out runs/sft-tiny \
-        --full --lr 2e-3 --batch-size 8 --micro-batch-size 8 --epochs 10 --no-grad-checkpointing
-    # two processes on CPU (gloo)
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 sft.py --model models/tiny --data data/train --out runs/sft-ddp \
-        --batch-size 8 --micro-batch-size 4
-    # Qwen3-VL-4B (data made with --image-size 256): one GPU, bf16 autocast, LoRA r8, batch 64 = 4 x 16 accumulation
-    python sft.py --model Qwen/Qwen3-VL-4B-Instruct --data data/train --val-data data/val --out runs/sft-4b \
-        --micro-batch-size 4 --val-every 50 --save-every 50
-    # ... or 8 GPUs: batch 64 = 8 GPUs x 2 rows x 4 accumulation
-    torchrun --nproc_per_node=8 sft.py --model Qwen/Qwen3-VL-4B-Instruct --data data/train --val-data data/val \
-        --out runs/sft-4b --micro-batch-size 2 --val-every 50 --save-every 50
-    python merge.py --base Qwen/Qwen3-VL-4B-Instruct --adapter runs/sft-4b/adapter --out models/sft-4b
-    python merge.py --base models/tiny --adapter runs/sft-ddp/adapter --out models/tiny-sft
+Outputs in --out: adapter/ (PEFT format, for merge.py) or, with --full, model/ (a plain HF folder);
+checkpoint/ (the latest, for --resume); log.jsonl; args.json; tb/ when TensorBoard is installed.
+Commands: README.md, "Stage 1".
 """
 import argparse
 import json

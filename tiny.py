@@ -15,27 +15,12 @@ HF folder that transformers and vLLM load.
   are (a trained tower does). Measured on FrozenLake 3x3, 600 full-SFT steps at lr 1e-3:
   held-out accuracy of the player's row 1.0 with it, 0.65 without.
 
-Generic visual pre-training data: objects on a grid, one question a picture.
-A real instruct VLM arrives with a vision tower that already says what is where. Our tiny
-stand-in is built from random weights, so before it can play that part it must learn to see.
-It learns on pictures that are *not* the tasks: a K x K grid (K = 3..5) of 32-pixel white cells
-at the top-left of the canvas (the layout of `envs.py data --cell-size 32`: one cell, one merged
-vision token), about a third of the cells holding one of five objects of fixed appearance:
-
-    C red circle   S blue square   T green triangle   X orange cross   O purple ring
-
-Each picture gets one question (which one follows from its seed):
-
-    map    Write the map ...              -> one line per row, one letter per cell (. = empty)
-    where  Where are the <objects>?       -> (r, c) list, row-major, or none
-    what   What is at (r, c)?             -> the object's name, or nothing
-
-The answer formats are those of the tasks' text maps and perception answers, but no task object,
-task picture, or plan is ever shown, so a base model that trains on these rows (and on text
-planning) has never planned from an image nor answered a task's perception question.
-Single-answer questions and fixed appearances are what a tiny model learns from random weights
-in hundreds of steps; random colours and four questions at once were not learned in 600
-(results/mini/REPORT.md).
+Generic visual pre-training data (docs/method.md §5.3): a K x K grid (K = 3..5) of 32-pixel cells at
+the top-left of the canvas (the layout of `envs.py data --cell-size 32`: one cell, one merged vision
+token), about a third of them holding one of five objects of fixed appearance (OBJECTS), and one
+question a picture (map: one letter a cell; where are the <objects>; what is at (r, c)). No task object,
+task picture or plan is ever shown, so a base trained on these and on text planning has never planned
+from an image nor answered a task's perception question.
 
     python tiny.py model --out models/tiny --size tiny      # tests, < 1M parameters
     python tiny.py model --out models/small --size small    # 3.5M; the miniature's base: --image-size 160
