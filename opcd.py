@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 import cli
 import common
 import envs
-from optim import MasterAdamW, all_reduce_grads, full_tensor, shard_model
+from optim import MasterAdamW, all_reduce_grads, full_tensor, global_sum, shard_model
 
 
 def parse_args(argv=None):
@@ -276,8 +276,7 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
                        else common.response_logprobs(teacher, t, ids, mask, T) for t, (ids, mask) in zip(teacher_in, resp)]
     times.append(time.time())
     # 3. Loss: per-token reverse KL on the student's own tokens, token mean over the global batch.
-    n_tokens, mean_success = global_sums([sum(m.sum().item() for _, m in resp), sum(s["success"] for s in scores)],
-                                         world_size)
+    n_tokens, mean_success = global_sum([sum(m.sum().item() for _, m in resp), sum(s["success"] for s in scores)], device)
     mean_success /= args.batch_size
     reward_adv = args.reward_coef * (torch.tensor([float(s["success"]) for s in scores], device=device) - mean_success)
     old = [None] * len(micro)
@@ -313,18 +312,11 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
         common.push_weights(llm, model)  # the next rollout samples from the updated student
     times.append(time.time())
     return step_log(args, step, responses, scores, student_lps, kl_sum, loss_sum, n_tokens, mean_success, grad_norms,
-                    times, world_size)
-
-
-def global_sums(values, world_size):
-    sums = torch.tensor(values, dtype=torch.float64)
-    if world_size > 1:
-        dist.all_reduce(sums)
-    return sums.tolist()
+                    times, device)
 
 
 def step_log(args, step, responses, scores, student_lps, kl_sum, loss_sum, n_tokens, mean_success, grad_norms, times,
-             world_size):
+             device):
     """The step's log line, summed over ranks. vllm_logprob_diff: mean |ℓ from vLLM − ℓ from the
     trainer| over the sampled tokens (weights in sync: ~1e-6 in fp32)."""
     drift, drift_tokens = 0.0, 0
@@ -332,10 +324,9 @@ def step_log(args, step, responses, scores, student_lps, kl_sum, loss_sum, n_tok
         if o["rollout_logprobs"] is not None:
             k = len(o["token_ids"])
             drift, drift_tokens = drift + (torch.tensor(o["rollout_logprobs"]) - lp[:k]).abs().sum().item(), drift_tokens + k
-    sums = global_sums([kl_sum, loss_sum, drift, drift_tokens, sum(s["parse_ok"] for s in scores),
-                        sum(envs.last_answer_block(o["text"]) is not None for o in responses),
-                        sum(len(o["token_ids"]) for o in responses), sum(not o["finished"] for o in responses)],
-                       world_size)
+    sums = global_sum([kl_sum, loss_sum, drift, drift_tokens, sum(s["parse_ok"] for s in scores),
+                       sum(envs.last_answer_block(o["text"]) is not None for o in responses),
+                       sum(len(o["token_ids"]) for o in responses), sum(not o["finished"] for o in responses)], device)
     seconds, B = [b - a for a, b in zip(times, times[1:])], args.batch_size
     return {"step": step + 1, "reverse_kl": sums[0] / n_tokens, "loss": sums[1], "success": mean_success,
             "parse_rate": sums[4] / B, "format_rate": sums[5] / B, "response_tokens": sums[6] / B,

@@ -1,5 +1,5 @@
 """The optimiser step of opcd.py: AdamW whose updates survive bf16 weights (--master), and the
-FSDP2 / all-reduce helpers it steps through (--fsdp, torchrun)."""
+FSDP2 / all-reduce helpers that it and sft.py step through (--fsdp, torchrun)."""
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -134,3 +134,11 @@ def all_reduce_grads(params, world_size):
     for p in params if world_size > 1 else []:
         p.grad = torch.zeros_like(p) if p.grad is None else p.grad
         dist.all_reduce(p.grad)
+
+
+def global_sum(values, device):
+    """A list of numbers summed over ranks, in float64 on `device` (NCCL reduces GPU tensors only)."""
+    sums = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return sums.tolist()

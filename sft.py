@@ -40,12 +40,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 
 import cli
 import common
 from common import print0
+from optim import all_reduce_grads, global_sum
 
 
 def parse_args(argv=None):
@@ -154,26 +154,19 @@ def collate(examples, pad_id):
     return batch
 
 
-class SFTLoss(nn.Module):
-    """Wraps the HF model so that DDP sees the whole forward. Returns the summed NLL of the
-    labelled tokens. A frozen vision tower runs under no_grad."""
-
-    def __init__(self, model, train_vision=False):
-        super().__init__()
-        self.model, self.train_vision = model, train_vision
-
-    def forward(self, batch):
-        extra = {}
-        if "pixel_values" in batch:
-            with torch.set_grad_enabled(self.train_vision and torch.is_grad_enabled()):
-                image = self.model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
-            extra = {"mm_encoder_outputs": {"image": image}, "image_grid_thw": batch["image_grid_thw"]}
-        hidden = self.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  mm_token_type_ids=batch["mm_token_type_ids"], use_cache=False, **extra)[0]
-        targets = batch["labels"][:, 1:]
-        keep = targets != -100  # only the labelled positions go through the (large-vocabulary) head
-        logits = self.model.lm_head(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+def sft_loss(model, batch, train_vision=False):
+    """Summed NLL of the labelled tokens; a frozen vision tower runs under no_grad."""
+    extra = {}
+    if "pixel_values" in batch:
+        with torch.set_grad_enabled(train_vision and torch.is_grad_enabled()):
+            image = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
+        extra = {"mm_encoder_outputs": {"image": image}, "image_grid_thw": batch["image_grid_thw"]}
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         mm_token_type_ids=batch["mm_token_type_ids"], use_cache=False, **extra)[0]
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100  # only the labelled positions go through the (large-vocabulary) head
+    logits = model.lm_head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
 
 def lr_at(step, total_steps, peak_lr, warmup_ratio):
@@ -185,13 +178,6 @@ def lr_at(step, total_steps, peak_lr, warmup_ratio):
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def all_sum(value, device):
-    t = torch.as_tensor(value, dtype=torch.float64, device=device).clone()
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
 # ------------------------------------------------------------------------------------------
 # Validation: loss + generate-and-score on the val split
 
@@ -200,9 +186,8 @@ def all_sum(value, device):
 def validate(model, processor, rows, args, rank, world, device, autocast):
     import envs
 
-    raw = model
-    was_training = raw.training
-    raw.eval()
+    was_training = model.training
+    model.eval()
     mine = rows[rank::world]
     nll, n_tok, sums = 0.0, 0, {}
     pad = processor.tokenizer.pad_token_id
@@ -211,11 +196,11 @@ def validate(model, processor, rows, args, rank, world, device, autocast):
         batch = {k: v.to(device) for k, v in collate([encode_chat(processor, r["messages"], args.max_length)
                                                      for r in chunk], pad).items()}
         with autocast:
-            nll += SFTLoss(raw)(batch).item()
+            nll += sft_loss(model, batch).item()
         n_tok += int((batch["labels"][:, 1:] != -100).sum())
         prompts = [r["messages"][:-1] for r in chunk]
         with autocast:
-            responses = common.generate_responses(raw, processor, prompts, max_new_tokens=args.max_new_tokens)
+            responses = common.generate_responses(model, processor, prompts, max_new_tokens=args.max_new_tokens)
         for row, response in zip(chunk, responses):
             for key, value in envs.score_row(row, response).items():
                 if isinstance(value, (bool, float)):
@@ -230,10 +215,10 @@ def validate(model, processor, rows, args, rank, world, device, autocast):
             for k, (a, b) in part.items():
                 s = sums.setdefault(k, [0, 0])
                 s[0], s[1] = s[0] + a, s[1] + b
-    totals = all_sum([nll, n_tok], device)
+    totals = global_sum([nll, n_tok], device)
     metrics = {"val/loss": float(totals[0] / max(1, totals[1]))}
     metrics.update({k: a / b for k, (a, b) in sorted(sums.items())})
-    raw.train(was_training)
+    model.train(was_training)
     return metrics
 
 
@@ -285,7 +270,7 @@ def main(argv=None):
         if not (out / "checkpoint" / "state.json").is_file():
             cli.fail(f"--resume: no checkpoint in {out / 'checkpoint'}")
         cli.check_resume(json.loads((out / "args.json").read_text()), args, RESUMABLE)
-    ddp, rank, local_rank, world, device = common.compute_init(args.seed)
+    ddp, rank, _, world, device = common.compute_init(args.seed)
     try:
         import envs
 
@@ -319,10 +304,6 @@ def main(argv=None):
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    loss_model = SFTLoss(model, args.train_vision)
-    if ddp:  # a trained vision tower is unused by text-only micro-batches
-        loss_model = nn.parallel.DistributedDataParallel(loss_model, device_ids=[local_rank] if device.type == "cuda" else None,
-                                                         find_unused_parameters=args.train_vision)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -362,27 +343,25 @@ def main(argv=None):
         micro = [collate([encode_chat(processor, r["messages"], args.max_length)
                           for r in mine[i:i + args.micro_batch_size]], pad)
                  for i in range(0, len(mine), args.micro_batch_size)]
-        n_target = all_sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), device).item()
+        n_target = global_sum([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)], device)[0]
         lr = lr_at(step, total_steps, args.lr, args.warmup_ratio)
         for g in optimizer.param_groups:
             g["lr"] = lr
         nll_sum = 0.0
-        for i, b in enumerate(micro):
+        for b in micro:
             b = {k: v.to(device) for k, v in b.items()}
-            sync = nullcontext() if not ddp or i == len(micro) - 1 else loss_model.no_sync()
-            with sync:
-                with autocast:
-                    nll = loss_model(b)
-                # DDP averages gradients over ranks; scale so the result is the global token mean.
-                (nll * world / max(1.0, n_target)).backward()
+            with autocast:
+                nll = sft_loss(model, b, args.train_vision)
+            (nll / max(1.0, n_target)).backward()  # the token mean over the global batch, once summed over ranks
             nll_sum += nll.item()
             tokens_seen += int(b["attention_mask"].sum())
+        all_reduce_grads(params, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm > 0 else torch.zeros(())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        loss = all_sum(nll_sum, device).item() / max(1.0, n_target)
+        loss = global_sum([nll_sum], device)[0] / max(1.0, n_target)
         metrics = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "epoch": step / steps_per_epoch,
                    "tokens_per_second": tokens_seen * world / (time.time() - t0)}
         log(metrics)
@@ -399,7 +378,7 @@ def main(argv=None):
             log(val)
             print0(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in val.items()))
 
-    if ddp:  # DDP keeps replicas identical; check it rather than trust it
+    if ddp:  # one all-reduce a step keeps the replicas identical; check it rather than trust it
         flat = torch.cat([p.detach().float().flatten() for p in params])
         replicas = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(replicas, flat)

@@ -5,7 +5,7 @@ the weights are random, which costs the same FLOPs and bytes as the trained ones
 image processor are the project's tiny ones (their ids are valid in the 151,936-token vocabulary);
 pictures are 256 px, as for real models.
 
-  sft   one sft.py step (sft.SFTLoss, the same trainable set, checkpointing, bf16 autocast on GPU) on
+  sft   one sft.py step (sft.sft_loss, the same trainable set, checkpointing, bf16 autocast on GPU) on
         --micro-batch x --seq-len random tokens, LoRA (rank 16) and full: tokens/s, peak memory and
         MFU = (6 N + 12 layers x seq x q_dim) x tokens/s / the card's dense bf16 peak (PaLM's count)
   opcd  one opcd.opcd_step (HF generate rollout of --batch x --new-tokens, frozen bf16 teacher of the
@@ -81,7 +81,6 @@ def bench_sft(cfg, processor, args, device, lora):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    loss_model = sft.SFTLoss(model)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 1000, (args.micro_batch, args.seq_len), generator=g).to(device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": torch.zeros_like(ids),
@@ -92,7 +91,7 @@ def bench_sft(cfg, processor, args, device, lora):
     for _ in range(args.steps + 1):  # the first step warms up (allocator, kernels) and is not timed
         start = time.time()
         with autocast:
-            loss = loss_model(batch) / ids.numel()
+            loss = sft.sft_loss(model, batch) / ids.numel()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

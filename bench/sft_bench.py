@@ -100,7 +100,6 @@ def run_ours(args, rows, device):
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    loss_model = sft.SFTLoss(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -116,7 +115,7 @@ def run_ours(args, rows, device):
             for g in optimizer.param_groups:
                 g["lr"] = sft.lr_at(step, steps, 1e-4, 0.1)
             with autocast:
-                loss = loss_model(batch) / n_target
+                loss = sft.sft_loss(model, batch) / n_target
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()

@@ -86,7 +86,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
 
 def _grads(model, batch):
     model.zero_grad()
-    sft.SFTLoss(model)(batch).backward()
+    sft.sft_loss(model, batch).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -115,7 +115,7 @@ def test_text_only_batch_skips_the_vision_tower(tiny_model, processor, make_data
     model, _ = common.load_model(tiny_model)
     calls = []
     model.model.visual.register_forward_hook(lambda *a: calls.append(1))
-    loss = sft.SFTLoss(model)(batch)
+    loss = sft.sft_loss(model, batch)
     assert torch.isfinite(loss) and loss > 0 and calls == []
 
 
