@@ -68,19 +68,11 @@ def print0(*args, **kwargs):
 
 
 # ------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def unwrap(model):
-    """The plain HF model inside a DDP / compiled wrapper."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
+# Saving
 
 
 def save_model(model, processor, out_dir):
     """Save a from_pretrained-loadable folder (safetensors + processor files), atomically."""
-    model = unwrap(model)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("save_model: the model still holds LoRA layers; merge_lora(model) first")
     with cli.atomic_dir(out_dir) as tmp:
@@ -216,7 +208,6 @@ def response_logprobs(model, prompt_batch, response_ids, response_mask, temperat
 @torch.no_grad()
 def generate_responses(model, processor, messages_list, max_new_tokens=256, temperature=0.0, top_p=1.0):
     """Decode one response per chat (greedy when temperature is 0); vision tokens forbidden."""
-    model = unwrap(model)
     batch = {k: v.to(model.device) for k, v in encode_prompts(processor, messages_list).items()}
     tok = processor.tokenizer
     kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
@@ -295,7 +286,6 @@ def merge_lora(model):
 
 def adapter_state_dict(model):
     """LoRA weights under PEFT's key names: base_model.model.<module path>.lora_A.weight."""
-    model = unwrap(model)
     sd = {}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
@@ -308,7 +298,6 @@ def save_adapter(model, out_dir, base_model_path):
     """Save the LoRA adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""
     from safetensors.torch import save_file
 
-    model = unwrap(model)
     cfg = model._lora_config
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": str(base_model_path),
@@ -439,7 +428,6 @@ def close_llm(llm):
 def hf_state_dict(model):
     """The model's weights under Hugging Face names, LoRA layers merged (W + alpha/r * B @ A),
     without modifying the model."""
-    model = unwrap(model)
     sd = {}
     lora = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     for key, value in model.state_dict().items():

@@ -154,7 +154,7 @@ def response_hidden(model, prompt_batch, response_ids, response_mask):
     """Last hidden states [B, R, H] of the positions that predict the response tokens (--loss full applies
     the output heads itself, a chunk at a time)."""
     P, R = prompt_batch["input_ids"].shape[1], response_ids.shape[1]
-    out = common.unwrap(model).model(**common.response_inputs(prompt_batch, response_ids, response_mask))
+    out = model.model(**common.response_inputs(prompt_batch, response_ids, response_mask))
     return out.last_hidden_state[:, P - 1:P + R - 1]
 
 
@@ -181,7 +181,7 @@ def cut_at_end_of_turn(token_ids, eos_ids):
 
 def end_of_turn_ids(processor, model):
     ids = {processor.tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    eos = common.unwrap(model).generation_config.eos_token_id
+    eos = model.generation_config.eos_token_id
     return ids | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
@@ -195,22 +195,21 @@ def rollout(backend, model, llm, processor, messages_list, max_new_tokens, tempe
     else:
         outs = []
         if messages_list:
-            m = common.unwrap(model)
-            batch = {k: v.to(m.device) for k, v in common.encode_prompts(processor, messages_list).items()}
+            batch = {k: v.to(model.device) for k, v in common.encode_prompts(processor, messages_list).items()}
             torch.manual_seed(seeds[0])
-            was_training = m.training
-            m.eval()  # HF turns the KV cache off under gradient checkpointing in train mode
-            if isinstance(m, FSDPModule):
-                m.unshard()  # generate runs the vision tower (root-owned weights) before any root forward
-            gen = m.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                             max_new_tokens=max_new_tokens, eos_token_id=sorted(eos_ids),
-                             pad_token_id=processor.tokenizer.pad_token_id,
-                             suppress_tokens=common.unsampled_token_ids(processor, m.config.get_text_config().vocab_size),
-                             synced_gpus=isinstance(m, FSDPModule))  # sharded: ranks run the same forwards
+            was_training = model.training
+            model.eval()  # HF turns the KV cache off under gradient checkpointing in train mode
+            if isinstance(model, FSDPModule):
+                model.unshard()  # generate runs the vision tower (root-owned weights) before any root forward
+            gen = model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                                 max_new_tokens=max_new_tokens, eos_token_id=sorted(eos_ids),
+                                 pad_token_id=processor.tokenizer.pad_token_id,
+                                 suppress_tokens=common.unsampled_token_ids(processor, model.config.get_text_config().vocab_size),
+                                 synced_gpus=isinstance(model, FSDPModule))  # sharded: ranks run the same forwards
             outs = [dict(token_ids=row.tolist(), logprobs=None) for row in gen[:, batch["input_ids"].shape[1]:]]
-            if isinstance(m, FSDPModule):
-                m.reshard()
-            m.train(was_training)
+            if isinstance(model, FSDPModule):
+                model.reshard()
+            model.train(was_training)
     results = []
     for o in outs:
         ids, finished = cut_at_end_of_turn(o["token_ids"], eos_ids)
@@ -298,8 +297,8 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
                 loss = sampled_loss(logprobs, advantages, mask, n_tokens, old[j], args.clip_low, args.clip_high)
             else:
                 hidden = response_hidden(model, student_in[j], ids, mask)
-                loss, student_lp, teacher_lp = full_reverse_kl(hidden, common.unwrap(model).lm_head, teacher_out[j],
-                                                               common.unwrap(teacher).lm_head, ids, mask, n_tokens,
+                loss, student_lp, teacher_lp = full_reverse_kl(hidden, model.lm_head, teacher_out[j],
+                                                               teacher.lm_head, ids, mask, n_tokens,
                                                                args.kl_chunk, T)
             loss.backward()
             if update == 0:
@@ -369,7 +368,7 @@ def save_checkpoint(path, model, processor, trainer_state=None, rank=0):
     if rank != 0:
         return
     with cli.atomic_dir(path) as tmp:
-        common.unwrap(model).save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         processor.save_pretrained(tmp)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / "trainer_state.pt")
@@ -456,7 +455,7 @@ def main(argv=None):
     if args.lora_rank:
         common.add_lora(model, rank=args.lora_rank, alpha=2 * args.lora_rank)
     elif args.freeze_vision:
-        common.unwrap(model).model.visual.requires_grad_(False)
+        model.model.visual.requires_grad_(False)
     if args.grad_checkpointing:  # activations of a layer are recomputed in the backward pass, not stored
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -5,7 +5,6 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-import common
 
 
 class MasterAdamW:
@@ -116,7 +115,7 @@ def shard_model(model):
     merger). Gradients are summed, not averaged (the losses are already divided by the global
     token count). model.state_dict() gathers whole tensors, so hf_state_dict, the vLLM push and
     save_pretrained see plain weights; every rank must call it."""
-    inner = common.unwrap(model).model
+    inner = model.model
     for block in [*inner.language_model.layers, *inner.visual.blocks]:
         fully_shard(block)
     fully_shard(model)

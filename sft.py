@@ -227,7 +227,7 @@ def validate(model, processor, rows, args, rank, world, device, autocast):
 
 
 def trainable_state(model):
-    return {n: p.detach().cpu().contiguous() for n, p in common.unwrap(model).named_parameters() if p.requires_grad}
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(path, model, optimizer, step):
@@ -243,7 +243,7 @@ def load_checkpoint(path, model, optimizer):
     from safetensors.torch import load_file
 
     weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(common.unwrap(model).named_parameters())
+    params = dict(model.named_parameters())
     if set(weights) != {n for n, p in params.items() if p.requires_grad}:
         raise ValueError(f"{path}: checkpoint does not match this model/LoRA set-up (was it trained with other flags?)")
     for n, t in weights.items():
