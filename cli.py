@@ -43,13 +43,14 @@ class Parser(argparse.ArgumentParser):
         fail(f"{self.prog}: {message}")
 
 
-def _number(kind, low, low_open, text):
+def _number(kind, low, low_open, text, high=math.inf):
     try:
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < low or (low_open and value == low):
-        raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
+    if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+        raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}"
+                                         + (f" and <= {high}" if high < math.inf else "") + f", got {text}")
     return value
 
 
@@ -57,13 +58,7 @@ positive_int = lambda text: _number(int, 0, True, text)  # noqa: E731  argparse 
 nonneg_int = lambda text: _number(int, 0, False, text)  # noqa: E731
 positive_float = lambda text: _number(float, 0.0, True, text)  # noqa: E731
 nonneg_float = lambda text: _number(float, 0.0, False, text)  # noqa: E731
-
-
-def fraction(text):
-    value = _number(float, 0.0, False, text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be <= 1, got {text}")
-    return value
+fraction = lambda text: _number(float, 0.0, False, text, high=1)  # noqa: E731
 
 
 def check_out(out, resume=False, overwrite=False):

@@ -1041,7 +1041,7 @@ def main(argv=None):
     data.add_argument("--levels", nargs="+",
                       help="levels for every task (3 4), or per task (frozenlake=3,4 maze=3); default DEFAULT_LEVELS")
     data.add_argument("--kinds", default="planning,perception", help=f"comma-separated row kinds from {','.join(KINDS)}")
-    data.add_argument("--workers", type=int, default=1, help="processes rendering and writing rows")
+    data.add_argument("--workers", type=cli.positive_int, default=1, help="processes rendering and writing rows")
     data.add_argument("--image-size", type=int, default=256, help="picture side in pixels (tiny models: 160)")
     data.add_argument("--cell-size", type=int, default=None,
                       help="draw each grid cell this many pixels wide at the top-left (tiny models: 32, one merged "
@@ -1060,8 +1060,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.command == "data":
-            if args.workers < 1:
-                raise ValueError("--workers must be at least 1")
             kinds = [k for k in args.kinds.split(",") if k]
             out = make_split(args.out, args.split, args.per_level, args.tasks, _levels_arg(args.levels), kinds,
                              args.workers, args.image_size, args.cell_size, args.frozenlake_style)

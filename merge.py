@@ -14,10 +14,7 @@ path are checked.
 --checkpoint turns a full fine-tuning training checkpoint (sft.py's OUT/checkpoint, e.g. of an
 interrupted run; finished --full runs already write OUT/model) into a plain model folder.
 
-Command lines:
-    python merge.py --base models/small --adapter runs/sft-small/adapter --out models/small-sft
-    python merge.py --base Qwen/Qwen3-VL-4B-Instruct --adapter runs/sft-4b/adapter --out models/sft-4b
-    python merge.py --base models/small --checkpoint runs/sft-full/checkpoint --out models/small-full
+Commands: README.md, "Stage 1".
 """
 import sys
 from pathlib import Path

@@ -447,9 +447,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         cli.fail(str(e).splitlines()[0])
     val_rows = val_rows[:args.val_size] if args.val_size else val_rows
-    steps_per_epoch = len(train_rows) // args.batch_size
-    if steps_per_epoch == 0:
-        cli.fail(f"{args.data}: {len(train_rows)} planning rows, fewer than --batch-size {args.batch_size}")
+    steps_per_epoch = len(train_rows) // args.batch_size  # >= 1: checked above
     total_steps = max(1, int(args.epochs * steps_per_epoch))
     total_steps = min(args.max_steps, total_steps) if args.max_steps else total_steps
     if args.lora_rank:
