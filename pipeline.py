@@ -5,7 +5,9 @@ before it runs:
 
     data   python envs.py data ...                    train / val / test, 32-px cells on 160-px pictures
     psft   python sft.py --full ...                    stage 1: perception SFT (+ replay of text planning)
-    mgsd   python opcd.py --loss full ...              stage 2: OPCD; teacher = the base, reading the state as text
+    mgsd   python opcd.py --loss full ...              stage 2: OPCD; teacher = the base, reading the state as text;
+                                                       a third of the 24 prompts a step give the student the text
+                                                       state instead of the picture (--text-share, chosen on val)
     eval   python evaluate.py ...                      after every stage: image and text conditions
 
 and writes OUT/results.md (a table), OUT/results.json and OUT/results.png (a plot).
@@ -16,8 +18,8 @@ plan from the symbolic text state (text-student and teacher prompts), it never p
 sees a task's picture. `--pretrain` rebuilds it into OUT/base (about 75 minutes on 2 cores) instead of
 using the shipped one; `--base DIR` starts from any other model folder.
 
---rows all adds the ablations of results/mini/REPORT.md: OPCD whose student also rehearses text
-planning on a quarter of its prompts, the reference's sampled estimator,
+--rows all adds the ablations of results/mini/REPORT.md: OPCD as in the paper (16 image prompts a
+step, no text rehearsal), the reference's sampled estimator,
 OPCD without perception SFT, OPCD whose teacher sees the image prompt instead of the state,
 direct visual SFT on the reference responses, and perception + dynamics SFT then OPCD.
 
@@ -48,10 +50,10 @@ PICTURE = ["--image-size", 160, "--cell-size", 32]  # one merged vision token pe
 
 # Settings of the main job and of --quick, chosen on the val split (results/mini/REPORT.md).
 DEFAULT = dict(levels="frozenlake=4 maze=3 minibehaviour=5", train_per_level=600, val_per_level=32,
-               test_per_level=170, perception_steps=800, perception_lr=5e-4, opcd_steps=200, opcd_batch=16,
-               opcd_lr=1e-4, opcd_text_share=0.0, max_new_tokens=100)
+               test_per_level=170, perception_steps=800, perception_lr=5e-4, opcd_steps=200, opcd_batch=24,
+               opcd_lr=1e-4, opcd_text_share=0.333, max_new_tokens=100)
 QUICK = dict(levels="frozenlake=4 maze=3 minibehaviour=5", train_per_level=16, val_per_level=2, test_per_level=3,
-             perception_steps=2, perception_lr=5e-4, opcd_steps=2, opcd_batch=4, opcd_lr=1e-5, opcd_text_share=0.0,
+             perception_steps=2, perception_lr=5e-4, opcd_steps=2, opcd_batch=4, opcd_lr=1e-5, opcd_text_share=0.25,
              max_new_tokens=48)
 HELP = dict(levels="levels per task, as task=l1,l2", train_per_level="train instances per (task, level)",
             val_per_level="val instances per (task, level), for OPCD checkpoint selection",
@@ -60,7 +62,7 @@ HELP = dict(levels="levels per task, as task=l1,l2", train_per_level="train inst
             perception_lr="lr of perception SFT and direct visual SFT", opcd_steps="OPCD optimiser steps",
             opcd_batch="OPCD prompts per step", opcd_lr="OPCD lr (the reference's 1e-6 is for 4B models)",
             opcd_text_share="share of OPCD prompts in which the student reads the state as text (opcd.py --text-share, "
-                            "a rehearsal of text planning; 0: the paper's OPCD)",
+                            "a rehearsal of text planning; 0 with --opcd-batch 16: the paper's OPCD)",
             max_new_tokens="response budget of rollouts and evaluation")
 
 
@@ -234,7 +236,8 @@ def main():
     psft = evaluate("+ perception SFT", sft("psft", base, "perception,text-planning"))
     evaluate("+ OPCD (MGSD)", opcd("mgsd", psft))
     if args.rows == "all":
-        evaluate("MGSD + text rehearsal (a quarter of the prompts)", opcd("mgsd-rehearsal", psft, "--text-share", 0.25))
+        evaluate("OPCD as in the paper (16 image prompts, no rehearsal)",
+                 opcd("mgsd-paper", psft, "--batch-size", 16, "--text-share", 0))
         evaluate("MGSD, sampled estimator", opcd("mgsd-sampled", psft, "--loss", "sampled"))
         evaluate("OPCD without perception SFT", opcd("opcd-only", base))
         evaluate("OPCD, teacher without privileged state", opcd("mgsd-noprivilege", psft, "--teacher-context", "image"))
