@@ -379,7 +379,6 @@ class RunLog:
 #   llm = make_llm(path, seed=0, max_model_len=4096)          # under torchrun: one engine per rank
 #   outs = vllm_generate(llm, processor, messages_list, max_new_tokens=256, temperature=1.0, logprobs=True)
 #   push_weights(llm, model)                                   # after every optimiser step
-#   lps = vllm_score(llm, processor, messages_list, response_ids_list)
 
 
 def vllm_available():
@@ -510,22 +509,3 @@ def vllm_generate(llm, processor, messages_list, max_new_tokens=256, temperature
         lps = [d[t].logprob for d, t in zip(c.logprobs, token_ids)] if logprobs else None
         results.append(dict(token_ids=token_ids, logprobs=lps, text=c.text, finished=c.finish_reason == "stop"))
     return results
-
-
-def vllm_score(llm, processor, messages_list, response_ids_list):
-    """Log-prob of each given response token after its chat prompt: prompt_logprobs of
-    [prompt ids | response ids]. The prompt goes in un-expanded (one image placeholder per
-    image); vLLM expands it as it does for text prompts. Returns a list of lists of floats."""
-    from vllm import SamplingParams
-
-    prompts = []
-    for p, response in zip(vllm_prompts(processor, messages_list), response_ids_list):
-        ids = processor.tokenizer(p.pop("prompt"), add_special_tokens=False)["input_ids"]
-        prompts.append(dict(p, prompt_token_ids=ids + list(response)))
-    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    scores = []
-    for out, response in zip(outs, response_ids_list):
-        entries = out.prompt_logprobs[len(out.prompt_logprobs) - len(response):]
-        scores.append([d[t].logprob for d, t in zip(entries, response)])
-    return scores

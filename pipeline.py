@@ -270,23 +270,25 @@ HEADER = ["model"] + [f"{t} img" for t in TASKS] + ["macro img", "optimal img", 
                                                     "position questions"]
 
 
-def results_table(results):
+def markdown(rows):
+    """A markdown table of HEADER over [(model name, [cell text])]."""
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    for name, summary in results.items():
-        lines.append("| " + " | ".join([name] + [f"{100 * v:.1f}" for v in row_cells(summary)]) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join([name] + cells) + " |" for name, cells in rows])
+
+
+def results_table(results):
+    return markdown([(name, [f"{100 * v:.1f}" for v in row_cells(summary)]) for name, summary in results.items()])
 
 
 def aggregate_table(run_dirs):
     """Mean ± standard deviation over runs (seeds) of every number of results_table."""
     runs = [json.loads((Path(d) / "results.json").read_text()) for d in run_dirs]
-    lines = [f"mean ± std over {len(runs)} runs: " + ", ".join(map(str, run_dirs)), "",
-             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    rows = []
     for name in [n for n in runs[0] if all(n in r for r in runs)]:
         columns = zip(*(row_cells(r[name]) for r in runs))
-        cells = [f"{100 * statistics.mean(c):.1f} ± {100 * (statistics.stdev(c) if len(c) > 1 else 0):.1f}" for c in columns]
-        lines.append("| " + " | ".join([name] + cells) + " |")
-    return "\n".join(lines)
+        rows.append((name, [f"{100 * statistics.mean(c):.1f} ± {100 * (statistics.stdev(c) if len(c) > 1 else 0):.1f}"
+                            for c in columns]))
+    return f"mean ± std over {len(runs)} runs: " + ", ".join(map(str, run_dirs)) + "\n\n" + markdown(rows)
 
 
 def plot(results, path):

@@ -401,6 +401,26 @@ def test_vllm_rollout_logprobs_match_the_trainers_recomputation(vllm_engine, tra
         assert torch.allclose(torch.tensor(r["rollout_logprobs"]), recomputed[i, :n], atol=1e-4)
 
 
+def vllm_score(llm, processor, messages_list, response_ids_list):
+    """vLLM's log-prob of each given response token after its chat prompt: prompt_logprobs of
+    [prompt ids | response ids]. The prompt goes in un-expanded (one image placeholder per
+    image); vLLM expands it as it does for text prompts. Returns a list of lists of floats."""
+    import common
+    from vllm import SamplingParams
+
+    prompts = []
+    for p, response in zip(common.vllm_prompts(processor, messages_list), response_ids_list):
+        ids = processor.tokenizer(p.pop("prompt"), add_special_tokens=False)["input_ids"]
+        prompts.append(dict(p, prompt_token_ids=ids + list(response)))
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    scores = []
+    for out, response in zip(outs, response_ids_list):
+        entries = out.prompt_logprobs[len(out.prompt_logprobs) - len(response):]
+        scores.append([d[t].logprob for d, t in zip(entries, response)])
+    return scores
+
+
 def test_vllm_follows_pushed_weights_including_merged_lora(vllm_engine, train_dir):
     import copy
     import common
@@ -420,7 +440,7 @@ def test_vllm_follows_pushed_weights_including_merged_lora(vllm_engine, train_di
     assert ((after - before).abs() * mask).max() > 0.05
     for weights, expected in ((changed, after), (model, before)):
         common.push_weights(llm, weights)
-        scored = common.vllm_score(llm, processor, msgs, [r["token_ids"] for r in responses])
+        scored = vllm_score(llm, processor, msgs, [r["token_ids"] for r in responses])
         for i, s in enumerate(scored):
             assert torch.allclose(torch.tensor(s), expected[i, :len(s)], atol=1e-4)
 
