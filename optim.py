@@ -6,7 +6,6 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
-
 class MasterAdamW:
     """AdamW for a bf16 model that still moves by lr-1e-6 steps (--master):
     fp32        fp32 copies of the weights and states take the step and the result is rounded into the

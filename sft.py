@@ -4,9 +4,9 @@ Algorithm: for each row, render the chat with the processor's template, tokenize
 segment, and put the loss on the assistant tokens only (each assistant turn up to and including
 its <|im_end|>; everything else -100). Minimise the token-mean negative log-likelihood over
 the global batch with AdamW, a cosine schedule with linear warm-up, and gradient accumulation
-up to the effective batch, across DDP ranks. Either a LoRA on the language model's
-q/k/v/o/gate/up/down projections (rank 8, alpha 16, dropout 0) or, with --full, every
-language-model weight. The vision tower and merger are frozen and run under no_grad (their
+up to the effective batch across torchrun ranks (one all-reduce of the gradients a step). Either a
+LoRA on the language model's q/k/v/o/gate/up/down projections (rank 8, alpha 16, dropout 0) or,
+with --full, every language-model weight. The vision tower and merger are frozen and run under no_grad (their
 image embeddings are handed to the language model as precomputed encoder outputs), unless
 --train-vision trains them too: a tiny model built from scratch has a random tower that has
 never seen an image, which a real VLM's pretrained tower has.
