@@ -9,7 +9,7 @@ The paper's numbers come from two public sets, not from freshly generated instan
   (rows of S/F/H/G) with flat `start_pos` / `target_pos` (row * level + col) and a `distance_map`;
   Maze `layout` (rows of cells {"north", "east", "south", "west"}, true = wall) with flat
   `start_pos` / `target_pos`; MiniBehaviour `start_pos`, `printer_pos`, `table_pos` as (row, col),
-  with the best path in `input_state`. These are re-rendered with envs.render, as the reference does.
+  with the best path in `input_state`. These are re-rendered with pictures.render, as the reference does.
 
 Every instance is checked: our BFS shortest plan has the benchmark's length (reference plan,
 distance map or best path), or the import stops with one error naming the file and line.
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import cli
 import envs
+import pictures
 
 WALLS = {"north": "U", "east": "R", "south": "D", "west": "L"}
 
@@ -82,7 +83,7 @@ def import_vsp(src, draw_missing=False):
                              len(plans[f"{k}.png"]), table)
             picture = folder / "img" / f"{k}.png"
             if not picture.is_file() and not draw_missing:
-                raise BenchmarkError(f"{picture}: picture not found (--draw-missing draws it with envs.render)")
+                raise BenchmarkError(f"{picture}: picture not found (--draw-missing draws it with pictures.render)")
             out.append((state, f"vsp-frozenlake-{level}-{k}", k, picture if picture.is_file() else None))
     return out
 
@@ -154,7 +155,7 @@ def write_split(items, out_dir, image_size=256, cell_size=None, style="plain"):
                     raise BenchmarkError(f"{name}: level {state['level']} does not fit {cell_size}-px cells into "
                                          f"{image_size} px (lower --cell-size or raise --image-size)")
                 else:
-                    envs.render(state, image_size, cell_size, style).save(tmp / image)
+                    pictures.render(state, image_size, cell_size, style).save(tmp / image)
                 base = {"id": name, "task": state["task"], "level": state["level"], "seed": index, "split": "test",
                         "state": state, "plan": state["plan"]}
                 row = envs._message_row(base, "planning", envs.student_messages(state, image),
@@ -169,14 +170,14 @@ def main(argv=None):
     vsp = sub.add_parser("vsp", help="VSP FrozenLake: a folder of levelN/{table,img,metadata.json}")
     vsp.add_argument("src", help="the vsp-frozenlake folder")
     vsp.add_argument("--draw-missing", action="store_true",
-                     help="draw a map whose picture is missing with envs.render instead of stopping")
+                     help="draw a map whose picture is missing with pictures.render instead of stopping")
     vp = sub.add_parser("visualplanning", help="VisualPlanning test JSONL files (any of the three tasks)")
     vp.add_argument("src", nargs="+", help="JSONL files")
     for p in (vsp, vp):
         p.add_argument("--out", required=True, help="output split folder (must not exist)")
         p.add_argument("--image-size", type=int, default=256, help="side of drawn pictures in pixels (default 256)")
         p.add_argument("--cell-size", type=int, default=None, help="cell side of drawn pictures (see envs.py data)")
-        p.add_argument("--frozenlake-style", default="plain", choices=envs.STYLES,
+        p.add_argument("--frozenlake-style", default="plain", choices=pictures.STYLES,
                        help="FrozenLake pictures drawn (see envs.py data); sprites: as the VSP benchmark's own")
     args = parser.parse_args(argv)
     try:
@@ -190,7 +191,7 @@ def main(argv=None):
         counts[key] = counts.get(key, 0) + 1
     drawn = sum(picture is None for *_, picture in items) if args.benchmark == "vsp" else len(items)
     print(f"wrote {out / 'data.jsonl'}: {len(items)} instances ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))}), "
-          f"every shortest-plan length as the benchmark's; {drawn} pictures drawn by envs.render")
+          f"every shortest-plan length as the benchmark's; {drawn} pictures drawn by pictures.render")
 
 
 if __name__ == "__main__":

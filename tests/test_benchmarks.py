@@ -9,6 +9,7 @@ import pytest
 
 import benchmarks
 import envs
+import pictures
 import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,13 +29,13 @@ def vsp_folder(root, level_states):
         (folder / "img").mkdir()
         plans = {}
         for k, state in enumerate(group):
-            roles = envs.cell_roles(state)
+            roles = pictures.cell_roles(state)
             lines = ["| | " + " | ".join(f"Col {c + 1}" for c in range(level)) + " |"]
             lines += [f"| Row {r + 1} | " + " | ".join(SYMBOL[roles[(r, c)]] for c in range(level)) + " |"
                       for r in range(level)]
             (folder / "table" / f"{k}.txt").write_text("\n".join(lines) + "\n")
             plans[f"{k}.png"] = "".join(state["plan"])
-        envs.render(group[0], 96).save(folder / "img" / "0.png")  # stands in for the benchmark's own picture
+        pictures.render(group[0], 96).save(folder / "img" / "0.png")  # stands in for the benchmark's own picture
         (folder / "metadata.json").write_text(json.dumps(plans, indent=4))
     return root
 
@@ -43,7 +44,7 @@ def visualplanning_record(state):
     n, task = state["level"], state["task"]
     flat = lambda p: p[0] * n + p[1]
     if task == "frozenlake":
-        roles = envs.cell_roles(state)
+        roles = pictures.cell_roles(state)
         letter = {"frozen": "F", "hole": "H", "player": "S", "goal": "G"}
         meta = {"start_pos": flat(state["start"]), "target_pos": flat(state["goal"]), "level": n,
                 "layout": [[letter[roles[(r, c)]] for c in range(n)] for r in range(n)],

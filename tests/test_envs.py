@@ -17,6 +17,7 @@ from PIL import Image
 
 import dynamics
 import envs
+import pictures
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_LEVELS = {"frozenlake": (3, 4), "maze": (3, 4), "minibehaviour": (4, 5)}
@@ -313,7 +314,7 @@ def decode(img, task, n, cell=None):
     img = img.convert("RGB")
     size = img.size[0]
     cell, margin = (cell, 0) if cell else (size // n, (size - n * (size // n)) // 2)
-    by_colour = {rgb: role for role, _, rgb in envs.LEGEND[task]}
+    by_colour = {rgb: role for role, _, rgb in pictures.LEGEND[task]}
     px = img.load()
     roles, open_ = {}, [["" for _ in range(n)] for _ in range(n)]
     for r, c in itertools.product(range(n), range(n)):
@@ -336,7 +337,7 @@ def decode(img, task, n, cell=None):
 def test_picture_encodes_the_state(task, size):
     for level in envs.DEFAULT_LEVELS[task]:
         for state in instances(task, level, 6, first_seed=100):
-            img = envs.render(state, size)
+            img = pictures.render(state, size)
             assert img.mode == "RGB" and img.size == (size, size)
             decoded = decode(img, task, level)
             expected = {k: (sorted(v) if k in ("holes", "table") else v) for k, v in state.items() if k in decoded}
@@ -351,12 +352,12 @@ def test_with_a_cell_size_each_cell_is_one_aligned_block_at_the_top_left(task):
         if not envs.LEVEL_RANGE[task][0] <= level:
             continue
         for state in instances(task, level, 4, first_seed=7):
-            img = envs.render(state, 160, cell=32)
+            img = pictures.render(state, 160, cell=32)
             assert img.size == (160, 160)
             decoded = decode(img, task, level, cell=32)
             assert decoded == {k: (sorted(v) if k in ("holes", "table") else v) for k, v in state.items() if k in decoded}
             outside = {img.getpixel((x, y)) for x in range(0, 160, 7) for y in range(0, 160, 7) if max(x, y) >= 32 * level}
-            assert outside <= {envs.BORDER[task]}, (task, level)
+            assert outside <= {pictures.BORDER[task]}, (task, level)
 
 
 def test_a_cell_size_that_does_not_fit_is_a_clear_error(tmp_path):
@@ -397,17 +398,17 @@ def test_sprite_style_draws_frozenlake_as_gymnasium_does_and_data_can_use_it(tmp
 
     for level, seed in ((3, 5), (4, 1), (6, 2)):
         state = envs.generate("frozenlake", level, seed)
-        ours = np.asarray(envs.render(state, 64 * level, style="sprites"))
+        ours = np.asarray(pictures.render(state, 64 * level, style="sprites"))
         theirs = gymnasium_frozenlake_picture(state)
         assert ours.shape == theirs.shape
         assert (ours == theirs).all(-1).mean() > 0.999
-        assert (ours != np.asarray(envs.render(state, 64 * level))).any(-1).mean() > 0.5  # not the plain style
+        assert (ours != np.asarray(pictures.render(state, 64 * level))).any(-1).mean() > 0.5  # not the plain style
     result = run_cli("data", "--out", str(tmp_path / "d"), "--split", "test", "--per-level", "2", "--tasks", "frozenlake",
                      "maze", "--levels", "3", "--frozenlake-style", "sprites", "--image-size", "192")
     assert result.returncode == 0, result.stderr
     for row in envs.load_split(tmp_path / "d"):
         picture = np.asarray(Image.open(row["image"]).convert("RGB"))
-        assert np.array_equal(picture, np.asarray(envs.render(row["state"], 192, style=(
+        assert np.array_equal(picture, np.asarray(pictures.render(row["state"], 192, style=(
             "sprites" if row["task"] == "frozenlake" else "plain"))))
         if row["task"] == "frozenlake":
             assert (picture == gymnasium_frozenlake_picture(row["state"])).all(-1).mean() > 0.999
@@ -416,10 +417,10 @@ def test_sprite_style_draws_frozenlake_as_gymnasium_does_and_data_can_use_it(tmp
 def test_grid_lines_are_visible_between_cells():
     for task in ("frozenlake", "minibehaviour"):
         state = envs.generate(task, 8 if task == "frozenlake" else 6, 0)
-        img = envs.render(state, 128)
-        cell, margin = envs.geometry(state["level"], 128)
+        img = pictures.render(state, 128)
+        cell, margin = pictures.geometry(state["level"], 128)
         column = [img.getpixel((margin + cell, y)) for y in range(margin, margin + cell * state["level"])]
-        floor = envs.COLOR[task]["frozen" if task == "frozenlake" else "floor"]
+        floor = pictures.COLOR[task]["frozen" if task == "frozenlake" else "floor"]
         assert floor not in column  # a line runs down the boundary between column 0 and column 1
 
 
@@ -427,14 +428,14 @@ def test_prompt_legend_is_the_renderer_legend():
     for task in envs.TASKS:
         legend = envs.picture_legend(task)
         state = envs.generate(task, envs.DEFAULT_LEVELS[task][0], 3)
-        img = envs.render(state, 256)
-        cell, m, n = *envs.geometry(state["level"], 256), state["level"]
+        img = pictures.render(state, 256)
+        cell, m, n = *pictures.geometry(state["level"], 256), state["level"]
         colours_at_centres = {img.getpixel((m + c * cell + cell // 2, m + r * cell + cell // 2))
                               for r in range(n) for c in range(n)}
-        for role, description, rgb in envs.LEGEND[task]:
+        for role, description, rgb in pictures.LEGEND[task]:
             assert description in legend
             assert description in envs.student_messages(state, "x")[0]["content"][0]["text"]
-        assert colours_at_centres <= {rgb for _, _, rgb in envs.LEGEND[task]}
+        assert colours_at_centres <= {rgb for _, _, rgb in pictures.LEGEND[task]}
     assert "the red triangle is the agent" in envs.picture_legend("minibehaviour")
 
 
@@ -451,11 +452,11 @@ COLOUR_WORDS = {"ice-blue": lambda r, g, b: b > 220 and g > 180 and r < b, "dark
 def test_legend_colours_are_the_spec_colours_at_rendered_cell_centres():
     for (task, role), word in DOC_COLOURS.items():
         state = envs.generate(task, envs.DEFAULT_LEVELS[task][-1], 11)
-        img = envs.render(state, 128)
-        cell, margin = envs.geometry(state["level"], 128)
+        img = pictures.render(state, 128)
+        cell, margin = pictures.geometry(state["level"], 128)
         centres = [img.getpixel((margin + c * cell + cell // 2, margin + r * cell + cell // 2))
-                   for (r, c), v in envs.cell_roles(state).items() if v == role]
-        description = {name: text for name, text, _ in envs.LEGEND[task]}[role]
+                   for (r, c), v in pictures.cell_roles(state).items() if v == role]
+        description = {name: text for name, text, _ in pictures.LEGEND[task]}[role]
         assert centres and all(COLOUR_WORDS[word](*rgb) for rgb in centres), (task, role)
         assert word in description and description in envs.picture_legend(task)
 
@@ -716,4 +717,4 @@ def test_written_pictures_read_back_as_the_rendered_picture(tmp_path):
     for row in rows:
         picture = Image.open(row["image"])
         assert picture.format == "PNG" and picture.size == (129, 129)
-        assert np.array_equal(np.asarray(picture.convert("RGB")), np.asarray(envs.render(row["state"], 129)))
+        assert np.array_equal(np.asarray(picture.convert("RGB")), np.asarray(pictures.render(row["state"], 129)))
