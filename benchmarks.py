@@ -29,6 +29,7 @@ from pathlib import Path
 import cli
 import envs
 import pictures
+import splits
 
 WALLS = {"north": "U", "east": "R", "south": "D", "west": "L"}
 
@@ -158,9 +159,9 @@ def write_split(items, out_dir, image_size=256, cell_size=None, style="plain"):
                     pictures.render(state, image_size, cell_size, style).save(tmp / image)
                 base = {"id": name, "task": state["task"], "level": state["level"], "seed": index, "split": "test",
                         "state": state, "plan": state["plan"]}
-                row = envs._message_row(base, "planning", envs.student_messages(state, image),
+                row = splits._message_row(base, "planning", envs.student_messages(state, image),
                                         envs.reference_response(state), image=image)
-                f.write(envs._disk_row(row) + "\n")
+                f.write(splits._disk_row(row) + "\n")
     return out
 
 

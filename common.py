@@ -1,24 +1,8 @@
-"""Shared model layer of mgsd: everything more than one stage needs, in one small module.
-
-What lives here (and nowhere else):
-- distributed set-up for torchrun (`compute_init`, `compute_cleanup`, `print0`): gloo on CPU,
-  NCCL on GPU, same seed on every rank;
-- model loading (`load_model`): one path for a local folder or a hub id, the real
-  Qwen/Qwen3-VL-4B-Instruct and our offline tiny models alike (AutoModelForImageTextToText +
-  AutoProcessor), asserting that a real multimodal processor came back;
-- prompt encoding (`encode_prompts`, left padding), `vision_token_ids` (never to be sampled),
-  greedy/sampled HF decoding (`generate_responses`), and the per-token log-prob gather
-  (`response_logprobs`, `token_logprobs`) on the layout `[left-padded prompt P | right-padded
-  response R]`;
-- a hand-rolled LoRA (`LoRALinear`, `add_lora`, `merge_lora`, `save_adapter`, `load_adapter`),
-  saved in PEFT's adapter format so that `peft` can load it;
-- checkpoint writes (`save_model`, `write_model_files`, atomic through cli.atomic_dir): write to a
-  temporary sibling, rename;
-
-Choices worth knowing:
-- `load_model` defaults to float32 weights (fp32 master weights; stages autocast to bf16 on
-  GPU themselves).
-"""
+"""The shared model layer: what more than one stage needs. torchrun set-up (gloo on CPU, NCCL on GPU);
+one `load_model` for a local folder or hub id (the real Qwen3-VL and our tiny models alike, float32 by
+default: stages autocast to bf16 on GPU); prompt encoding (left padding), HF and vLLM decoding that ban the
+same tokens, per-token log-probs on the layout [left-padded prompt P | right-padded response R]; a
+hand-rolled LoRA saved in PEFT's adapter format; the run log; atomic checkpoint writes."""
 import json
 import math
 import os
@@ -205,17 +189,44 @@ def response_logprobs(model, prompt_batch, response_ids, response_mask, temperat
     return token_logprobs(out.logits[:, :-1] / temperature, response_ids)
 
 
+def end_of_turn_ids(processor, model):
+    """The ids that end a response: <|im_end|> and the model's own end-of-sequence ids."""
+    eos = model.generation_config.eos_token_id
+    eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return {processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), *eos}
+
+
 @torch.no_grad()
-def generate_responses(model, processor, messages_list, max_new_tokens=256, temperature=0.0, top_p=1.0):
-    """Decode one response per chat (greedy when temperature is 0); vision tokens forbidden."""
+def generate_responses(model, processor, messages_list, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None):
+    """One response per chat with HF generate (greedy at temperature 0), vision tokens never sampled, as
+    vllm_generate returns them: token_ids (up to and including the first end-of-turn token), logprobs
+    (None), text, finished. The model runs in eval mode (HF turns the KV cache off under gradient
+    checkpointing in train mode); an FSDP2 model is gathered, every rank running the same forwards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not messages_list:
+        return []
     batch = {k: v.to(model.device) for k, v in encode_prompts(processor, messages_list).items()}
-    tok = processor.tokenizer
-    kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-                         pad_token_id=tok.pad_token_id,
-                         suppress_tokens=unsampled_token_ids(processor, model.config.get_text_config().vocab_size),
-                         **kwargs)
-    return tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    eos, sharded, was_training = end_of_turn_ids(processor, model), isinstance(model, FSDPModule), model.training
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else {"do_sample": False}
+    if seed is not None:
+        torch.manual_seed(seed)
+    model.eval()
+    if sharded:
+        model.unshard()  # generate runs the vision tower (root-owned weights) before any root forward
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos), synced_gpus=sharded,
+                         pad_token_id=processor.tokenizer.pad_token_id, **sampling,
+                         suppress_tokens=unsampled_token_ids(processor, model.config.get_text_config().vocab_size))
+    if sharded:
+        model.reshard()
+    model.train(was_training)
+    results = []
+    for row in out[:, batch["input_ids"].shape[1]:].tolist():
+        end = next((j for j, t in enumerate(row) if t in eos), None)
+        ids = row if end is None else row[:end + 1]
+        results.append(dict(token_ids=ids, logprobs=None, text=processor.tokenizer.decode(ids, skip_special_tokens=True),
+                            finished=end is not None))
+    return results
 
 
 # ------------------------------------------------------------------------------------------
@@ -497,8 +508,9 @@ def vllm_generate(llm, processor, messages_list, max_new_tokens=256, temperature
     from vllm import SamplingParams
 
     allowed = vllm_allowed_token_ids(llm, processor)
+    stop = [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]  # besides the model's own end-of-sequence ids
     params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=0,
-                             seed=None if seeds is None else int(seeds[i]), allowed_token_ids=allowed,
+                             seed=None if seeds is None else int(seeds[i]), allowed_token_ids=allowed, stop_token_ids=stop,
                              logprobs=0 if logprobs else None, skip_special_tokens=True)
               for i in range(len(messages_list))]
     outs = llm.generate(vllm_prompts(processor, messages_list), params, use_tqdm=False)  # [] too: ranks in lockstep

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import cli
 import envs
+import splits
 
 BACKENDS = ("hf", "vllm", "openai", "oracle")
 PLANNING_METRICS = ("success", "optimal", "parse_ok", "illegal")
@@ -139,8 +140,8 @@ def hf_backend(args, episodes):
     def run(emit):
         for start in range(0, len(episodes), args.batch_size):
             chunk = [ep["messages"] for ep in episodes[start:start + args.batch_size]]
-            for j, text in enumerate(generate_responses(model, processor, chunk, args.max_new_tokens)):
-                emit(start + j, text, None)
+            for j, out in enumerate(generate_responses(model, processor, chunk, args.max_new_tokens)):
+                emit(start + j, out["text"], None)
     return run
 
 
@@ -399,7 +400,7 @@ def evaluate(args):
     if args.base_url and "@" in urllib.parse.urlsplit(args.base_url).netloc:
         cli.fail("--base-url must not carry credentials; put the key in the variable named by --api-key-env")
     try:
-        rows = envs.load_split(args.data, kinds=[args.kind])
+        rows = splits.load_split(args.data, kinds=[args.kind])
     except (OSError, ValueError) as e:
         cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if not rows:

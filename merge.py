@@ -43,9 +43,9 @@ def parse_args(argv=None):
 
 def probe_chats(probe_data=None, n=2):
     if probe_data:
-        import envs
+        import splits
 
-        return [r["messages"][:-1] for r in envs.load_split(probe_data)[:n]]
+        return [r["messages"][:-1] for r in splits.load_split(probe_data)[:n]]
     pixels = (np.add.outer(np.arange(256), np.arange(256)) % 256).astype(np.uint8)
     image = Image.fromarray(np.stack([pixels, pixels[::-1], pixels.T], -1))
     return [[{"role": "user", "content": [{"type": "text", "text": "Describe the map."}, {"type": "image", "image": image}]}],

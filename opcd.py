@@ -34,13 +34,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 import cli
 import common
 import envs
 from optim import MasterAdamW, all_reduce_grads, full_tensor, global_sum, shard_model
+import splits
 
 
 def parse_args(argv=None):
@@ -173,50 +173,14 @@ def batch_rows(rows, step, batch_size, seed, rank, world_size):
     return [rows[j] for j in chosen[rank::world_size]]
 
 
-def cut_at_end_of_turn(token_ids, eos_ids):
-    """Keep tokens up to and including the first end-of-turn token. Returns (ids, finished)."""
-    end = next((j for j, t in enumerate(token_ids) if t in eos_ids), None)
-    return (token_ids, False) if end is None else (token_ids[:end + 1], True)
-
-
-def end_of_turn_ids(processor, model):
-    ids = {processor.tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    eos = model.generation_config.eos_token_id
-    return ids | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-
-
 @torch.no_grad()
 def rollout(backend, model, llm, processor, messages_list, max_new_tokens, temperature, top_p, seeds):
-    """One sampled response per chat. Returns dicts: token_ids (cut after the first
-    end-of-turn token), text, finished, rollout_logprobs (vLLM's, else None)."""
-    eos_ids = end_of_turn_ids(processor, model)
+    """One sampled response per chat: dicts with token_ids (up to and including the first end-of-turn token),
+    text, finished, logprobs (vLLM's log-prob of each sampled token; None from HF)."""
     if backend == "vllm":
-        outs = common.vllm_generate(llm, processor, messages_list, max_new_tokens, temperature, top_p, seeds, logprobs=True)
-    else:
-        outs = []
-        if messages_list:
-            batch = {k: v.to(model.device) for k, v in common.encode_prompts(processor, messages_list).items()}
-            torch.manual_seed(seeds[0])
-            was_training = model.training
-            model.eval()  # HF turns the KV cache off under gradient checkpointing in train mode
-            if isinstance(model, FSDPModule):
-                model.unshard()  # generate runs the vision tower (root-owned weights) before any root forward
-            gen = model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                                 max_new_tokens=max_new_tokens, eos_token_id=sorted(eos_ids),
-                                 pad_token_id=processor.tokenizer.pad_token_id,
-                                 suppress_tokens=common.unsampled_token_ids(processor, model.config.get_text_config().vocab_size),
-                                 synced_gpus=isinstance(model, FSDPModule))  # sharded: ranks run the same forwards
-            outs = [dict(token_ids=row.tolist(), logprobs=None) for row in gen[:, batch["input_ids"].shape[1]:]]
-            if isinstance(model, FSDPModule):
-                model.reshard()
-            model.train(was_training)
-    results = []
-    for o in outs:
-        ids, finished = cut_at_end_of_turn(o["token_ids"], eos_ids)
-        lps = o["logprobs"][:len(ids)] if o["logprobs"] is not None else None
-        results.append(dict(token_ids=ids, finished=finished, rollout_logprobs=lps,
-                            text=processor.tokenizer.decode(ids, skip_special_tokens=True)))
-    return results
+        return common.vllm_generate(llm, processor, messages_list, max_new_tokens, temperature, top_p, seeds, logprobs=True)
+    return common.generate_responses(model, processor, messages_list, max_new_tokens, temperature, top_p,
+                                     seeds[0] if seeds else None)
 
 
 def pad_responses(responses, pad_id, device):
@@ -320,9 +284,9 @@ def step_log(args, step, responses, scores, student_lps, kl_sum, loss_sum, n_tok
     trainer| over the sampled tokens (weights in sync: ~1e-6 in fp32)."""
     drift, drift_tokens = 0.0, 0
     for o, lp in zip(responses, student_lps):
-        if o["rollout_logprobs"] is not None:
+        if o["logprobs"] is not None:
             k = len(o["token_ids"])
-            drift, drift_tokens = drift + (torch.tensor(o["rollout_logprobs"]) - lp[:k]).abs().sum().item(), drift_tokens + k
+            drift, drift_tokens = drift + (torch.tensor(o["logprobs"]) - lp[:k]).abs().sum().item(), drift_tokens + k
     sums = global_sum([kl_sum, loss_sum, drift, drift_tokens, sum(s["parse_ok"] for s in scores),
                        sum(envs.last_answer_block(o["text"]) is not None for o in responses),
                        sum(len(o["token_ids"]) for o in responses), sum(not o["finished"] for o in responses)], device)
@@ -428,8 +392,8 @@ def main(argv=None):
     if args.batch_size % world_size:
         cli.fail(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks")
     try:
-        train_rows = envs.load_split(args.data, kinds=["planning"])
-        val_rows = envs.load_split(args.val_data, kinds=["planning"]) if args.val_data else []
+        train_rows = splits.load_split(args.data, kinds=["planning"])
+        val_rows = splits.load_split(args.val_data, kinds=["planning"]) if args.val_data else []
         if len(train_rows) < args.batch_size:
             raise ValueError(f"{args.data}: {len(train_rows)} planning rows, fewer than --batch-size {args.batch_size}")
         for path in [args.model] + ([] if args.teacher == "live" else [args.teacher]):

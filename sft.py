@@ -200,7 +200,7 @@ def validate(model, processor, rows, args, rank, world, device, autocast):
         n_tok += int((batch["labels"][:, 1:] != -100).sum())
         prompts = [r["messages"][:-1] for r in chunk]
         with autocast:
-            responses = common.generate_responses(model, processor, prompts, max_new_tokens=args.max_new_tokens)
+            responses = [o["text"] for o in common.generate_responses(model, processor, prompts, args.max_new_tokens)]
         for row, response in zip(chunk, responses):
             for key, value in envs.score_row(row, response).items():
                 if isinstance(value, (bool, float)):
@@ -272,11 +272,11 @@ def main(argv=None):
         cli.check_resume(json.loads((out / "args.json").read_text()), args, RESUMABLE)
     ddp, rank, _, world, device = common.compute_init(args.seed)
     try:
-        import envs
+        import splits
 
         kinds = args.kinds.split(",")
-        rows = [r for d in args.data for r in envs.load_split(d, kinds=kinds) if r.get("messages")]
-        val_rows = [r for d in args.val_data or () for r in envs.load_split(d, kinds=kinds)]
+        rows = [r for d in args.data for r in splits.load_split(d, kinds=kinds) if r.get("messages")]
+        val_rows = [r for d in args.val_data or () for r in splits.load_split(d, kinds=kinds)]
         val_rows = val_rows[::max(1, len(val_rows) // max(1, args.val_size))][:args.val_size]  # spread over tasks
         if not rows:
             raise ValueError(f"{' '.join(args.data)}: no rows with messages of kinds {kinds}")

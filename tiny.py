@@ -41,6 +41,7 @@ from PIL import Image, ImageDraw
 import cli
 import common
 import envs
+import splits
 
 OBJECTS = {"C": ("red circle", (220, 30, 30)), "S": ("blue square", (30, 90, 230)),
            "T": ("green triangle", (40, 170, 60)), "X": ("orange cross", (240, 140, 20)),
@@ -48,7 +49,7 @@ OBJECTS = {"C": ("red circle", (220, 30, 30)), "S": ("blue square", (30, 90, 230
 QUESTIONS = ("map", "where", "what")
 PAD, FLOOR, LINE = (128, 128, 128), (255, 255, 255), (90, 90, 90)
 GRID_SIZES = (3, 4, 5)
-SEED_BASE = {"train": 0, "val": 10**8, "test": 2 * 10**8}  # disjoint seed ranges, as in envs.SPLITS
+SEED_BASE = {"train": 0, "val": 10**8, "test": 2 * 10**8}  # disjoint seed ranges, as in splits.SPLITS
 
 
 def make_grid(seed, sizes=GRID_SIZES):
@@ -143,7 +144,7 @@ def grid_row(seed, split, canvas=160, cell=32):
              "objects": [[r, c, letter] for (r, c), letter in sorted(grid["objects"].items())]}
     base = {"id": f"grid-{seed:09d}", "task": "grid", "level": grid["size"], "seed": seed, "split": split,
             "state": state, "plan": []}
-    row = envs._message_row(base, "vision", envs._user(envs._text(grid_prompt(grid)), {"type": "image", "image": image}),
+    row = splits._message_row(base, "vision", envs._user(envs._text(grid_prompt(grid)), {"type": "image", "image": image}),
                             grid_answer(grid), image=image)
     return row, image, draw_grid(grid, canvas, cell)
 
@@ -169,7 +170,7 @@ def write_grids(out_dir, split, count, canvas=160, cell=32):
             for seed in range(SEED_BASE[split], SEED_BASE[split] + count):
                 row, image, picture = grid_row(seed, split, canvas, cell)
                 picture.save(tmp / image)
-                f.write(envs._disk_row(row) + "\n")
+                f.write(splits._disk_row(row) + "\n")
     return out
 
 

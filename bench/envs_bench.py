@@ -1,6 +1,6 @@
 """Data-generation throughput: instances per second per task, end to end.
 
-Each measurement is one `envs.make_split` call for one task over its default levels: generation with
+Each measurement is one `splits.make_split` call for one task over its default levels: generation with
 BFS plans, distinct-state filtering, rendering, PNG writing and JSONL writing (planning + perception
 rows by default), timed in this process once with one process and once with --workers. Besides
 wall-clock rates it prints instances per CPU-second of all processes, which stays meaningful on a
@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import envs  # noqa: E402
+import splits  # noqa: E402
 
 
 def cpu_seconds():
@@ -32,7 +33,7 @@ def cpu_seconds():
 def measure(task, per_level, workers, kinds, image_size, split, root):
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         start, cpu_start = time.perf_counter(), cpu_seconds()
-        out = envs.make_split(Path(tmp) / "data", split, per_level, tasks=[task], kinds=kinds, workers=workers,
+        out = splits.make_split(Path(tmp) / "data", split, per_level, tasks=[task], kinds=kinds, workers=workers,
                               image_size=image_size)
         seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
         images = len(list((out / "images").iterdir()))
@@ -46,7 +47,7 @@ def main():
     parser.add_argument("--workers", type=int, default=2, help="processes for the parallel measurement")
     parser.add_argument("--image-size", type=int, default=256, help="picture side in pixels")
     parser.add_argument("--kinds", default="planning,perception", help="comma-separated row kinds to write")
-    parser.add_argument("--split", default="train", choices=tuple(envs.SPLITS), help="split whose seeds are used")
+    parser.add_argument("--split", default="train", choices=tuple(splits.SPLITS), help="split whose seeds are used")
     parser.add_argument("--dir", default=".", help="where the temporary output goes (file creation cost varies by disk)")
     args = parser.parse_args()
     kinds = args.kinds.split(",")

@@ -44,8 +44,8 @@ def bench(args, work):
         import tiny
         args.model = str(tiny.build_model(work / "model", size=args.size, seed=0, image_size=128))
     if args.data is None:
-        import envs
-        args.data = str(envs.make_split(work / "data", "test", args.per_level, kinds=("planning",), image_size=128))
+        import splits
+        args.data = str(splits.make_split(work / "data", "test", args.per_level, kinds=("planning",), image_size=128))
 
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TORCH_COMPILE_DISABLE="1")
     results = {}

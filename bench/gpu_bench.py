@@ -33,11 +33,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import common  # noqa: E402
-import envs  # noqa: E402
 import memory_plan  # noqa: E402
 import opcd  # noqa: E402
 import optim  # noqa: E402
 import sft  # noqa: E402
+import splits  # noqa: E402
 import tiny  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s of the SXM cards
@@ -169,7 +169,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         processor = common.load_model(tiny.build_model(Path(tmp) / "tok", "tiny", image_size=256))[1]
         per_level = -(-args.batch // 3)
-        rows = envs.load_split(envs.make_split(Path(tmp) / "data", "train", per_level, tasks=["frozenlake", "maze", "minibehaviour"],
+        rows = splits.load_split(splits.make_split(Path(tmp) / "data", "train", per_level, tasks=["frozenlake", "maze", "minibehaviour"],
                                                levels={"frozenlake": [4], "maze": [4], "minibehaviour": [5]},
                                                kinds=("planning",), image_size=256), kinds=["planning"])
         print(f"{args.arch}{' (a thin slice)' if args.layers or args.vocab or args.narrow > 1 else ''} on {card}, torch "

@@ -43,6 +43,7 @@ import common  # noqa: E402
 import envs  # noqa: E402
 import opcd  # noqa: E402
 import optim  # noqa: E402
+import splits  # noqa: E402
 import tiny  # noqa: E402
 
 
@@ -58,13 +59,13 @@ def main():
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="opcd-bench-"))
     model_dir = args.model or str(tiny.build_model(tmp / "model", size=args.size, image_size=128))
-    data = envs.make_split(tmp / "train", "train", per_level=-(-args.batch_size * (args.steps + 1) // 12),
+    data = splits.make_split(tmp / "train", "train", per_level=-(-args.batch_size * (args.steps + 1) // 12),
                            kinds=("planning",), image_size=128)
     model, processor = common.load_model(model_dir)
     teacher, _ = common.load_model(model_dir)
     teacher.requires_grad_(False).eval()
     n_params = sum(p.numel() for p in model.parameters())
-    rows = envs.load_split(data, kinds=["planning"])
+    rows = splits.load_split(data, kinds=["planning"])
     print(f"model {model_dir}: {n_params / 1e6:.1f}M parameters, {torch.get_num_threads()} threads, "
           f"batch {args.batch_size}, max {args.max_new_tokens} new tokens, {args.steps} measured step(s)")
     results = {}

@@ -166,10 +166,10 @@ def run_trl(args, rows, device):
 def child(args):
     import torch
 
-    import envs
+    import splits
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = [r for r in envs.load_split(args.data) if r.get("messages")][:args.rows]
+    rows = [r for r in splits.load_split(args.data) if r.get("messages")][:args.rows]
     seconds, growth = (run_ours if args.side == "ours" else run_trl)(args, rows, device)
     Path(args.result).write_text(json.dumps({"seconds": seconds, "peak_bytes": growth, "device": str(device)}))
 
@@ -192,16 +192,16 @@ def main():
 
 def compare(args, tmp):
     import common
-    import envs
     import sft
+    import splits
     import tiny
 
     if args.model is None:
         args.model = str(tiny.build_model(tmp / "model", size="tiny"))
     if args.data is None:
-        args.data = str(envs.make_split(tmp / "data", "train", max(1, args.rows // 24 + 1), kinds=("perception", "planning"),
+        args.data = str(splits.make_split(tmp / "data", "train", max(1, args.rows // 24 + 1), kinds=("perception", "planning"),
                                         image_size=128))
-    rows = [r for r in envs.load_split(args.data) if r.get("messages")][:args.rows]
+    rows = [r for r in splits.load_split(args.data) if r.get("messages")][:args.rows]
     _, processor = common.load_model(args.model)
     usable = len(rows) // args.micro_batch_size * args.micro_batch_size
     tokens = sum(len(sft.encode_chat(processor, r["messages"], args.max_length)["input_ids"]) for r in rows[:usable])

@@ -25,7 +25,7 @@ def make_data(tmp_path_factory):
     """make_data(split, per_level, tasks=None, levels=None, kinds=(...), image_size=128) -> data dir.
 
     Cached per argument set, so tests that ask for the same split share one directory."""
-    import envs
+    import splits
 
     cache = {}
 
@@ -33,7 +33,7 @@ def make_data(tmp_path_factory):
         key = (split, per_level, tuple(tasks or ()), tuple(levels or ()), tuple(kinds), image_size)
         if key not in cache:
             out = tmp_path_factory.mktemp(f"data-{split}")
-            cache[key] = str(envs.make_split(out, split, per_level, tasks=tasks, levels=levels, kinds=kinds,
+            cache[key] = str(splits.make_split(out, split, per_level, tasks=tasks, levels=levels, kinds=kinds,
                                              image_size=image_size))
         return cache[key]
 

@@ -11,6 +11,7 @@ import benchmarks
 import envs
 import pictures
 import evaluate
+import splits
 
 ROOT = Path(__file__).resolve().parents[1]
 SYMBOL = {"frozen": "_", "hole": "#", "player": "@", "goal": "*"}
@@ -74,7 +75,7 @@ def test_vsp_import_rebuilds_each_map_and_keeps_the_benchmarks_own_picture(tmp_p
     given = {3: states("frozenlake", 3, 3), 4: states("frozenlake", 4, 2)}
     src = vsp_folder(tmp_path / "vsp", given)
     out = benchmarks.write_split(benchmarks.import_vsp(src, draw_missing=True), tmp_path / "split")
-    rows = envs.load_split(out)
+    rows = splits.load_split(out)
     assert [r["id"] for r in rows] == ["vsp-frozenlake-3-0", "vsp-frozenlake-3-1", "vsp-frozenlake-3-2",
                                        "vsp-frozenlake-4-0", "vsp-frozenlake-4-1"]
     for row, state in zip(rows, given[3] + given[4]):

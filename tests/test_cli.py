@@ -9,11 +9,11 @@ import pytest
 
 import benchmarks
 import cli
-import envs
 import evaluate
 import merge
 import opcd
 import sft
+import splits
 import tiny
 
 NUMBERS = {"positive": ["0", "-4", "x", "nan", "inf"], "nonneg": ["-1", "nan", "x"]}
@@ -144,7 +144,7 @@ def world(tmp_path_factory, tiny_model, make_data):
             "truncated": truncated, "bad": bad}
 
 
-SCRIPTS = {"sft": sft.main, "opcd": opcd.main, "evaluate": evaluate.main, "merge": merge.main, "envs": envs.main,
+SCRIPTS = {"sft": sft.main, "opcd": opcd.main, "evaluate": evaluate.main, "merge": merge.main, "envs": splits.main,
            "tiny": tiny.main, "benchmarks": benchmarks.main}
 
 
@@ -293,4 +293,4 @@ def test_a_trailing_blank_line_does_not_fail_a_split(world, tmp_path):
     shutil.copytree(world["data"], tmp_path / "d")
     with open(tmp_path / "d" / "data.jsonl", "a") as f:
         f.write("\n\n")
-    assert len(envs.load_split(tmp_path / "d")) == len(envs.load_split(world["data"]))
+    assert len(splits.load_split(tmp_path / "d")) == len(splits.load_split(world["data"]))

@@ -1,4 +1,4 @@
-"""envs.py against method.md §1-§6: parser, optimal plans, rules, prompts, pictures, data on disk, CLI.
+"""envs.py and splits.py against method.md §1-§6: parser, optimal plans, rules, prompts, pictures, data on disk, CLI.
 
 The references here are written independently of envs.py: an exhaustive search over action
 sequences, the rules of method.md §1 restated, and a pixel decoder that reads cell-centre colours."""
@@ -18,6 +18,7 @@ from PIL import Image
 import dynamics
 import envs
 import pictures
+import splits
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_LEVELS = {"frozenlake": (3, 4), "maze": (3, 4), "minibehaviour": (4, 5)}
@@ -223,7 +224,7 @@ def test_mazes_are_perfect_with_walled_borders():
 
 
 def test_maze_split_balances_difficulty_buckets():
-    found = envs.collect("maze", 4, "val", 30)
+    found = splits.collect("maze", 4, "val", 30)
     counts = {d: sum(s["difficulty"] == d for _, s in found) for d in ("easy", "medium", "hard")}
     assert counts == {"easy": 10, "medium": 10, "hard": 10}
 
@@ -362,7 +363,7 @@ def test_with_a_cell_size_each_cell_is_one_aligned_block_at_the_top_left(task):
 
 def test_a_cell_size_that_does_not_fit_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="cell size 32 does not fit level 6 into 160 px"):
-        envs.make_split(tmp_path / "d", "train", 1, tasks=["maze"], levels=[6], image_size=160, cell_size=32)
+        splits.make_split(tmp_path / "d", "train", 1, tasks=["maze"], levels=[6], image_size=160, cell_size=32)
     assert not (tmp_path / "d").exists()
 
 
@@ -406,7 +407,7 @@ def test_sprite_style_draws_frozenlake_as_gymnasium_does_and_data_can_use_it(tmp
     result = run_cli("data", "--out", str(tmp_path / "d"), "--split", "test", "--per-level", "2", "--tasks", "frozenlake",
                      "maze", "--levels", "3", "--frozenlake-style", "sprites", "--image-size", "192")
     assert result.returncode == 0, result.stderr
-    for row in envs.load_split(tmp_path / "d"):
+    for row in splits.load_split(tmp_path / "d"):
         picture = np.asarray(Image.open(row["image"]).convert("RGB"))
         assert np.array_equal(picture, np.asarray(pictures.render(row["state"], 192, style=(
             "sprites" if row["task"] == "frozenlake" else "plain"))))
@@ -549,8 +550,8 @@ def tree_bytes(root):
 
 
 def test_same_seeds_give_byte_identical_files(tmp_path):
-    a = envs.make_split(tmp_path / "a", "train", 4, kinds=ALL_KINDS, image_size=128)
-    b = envs.make_split(tmp_path / "b", "train", 4, kinds=ALL_KINDS, image_size=128, workers=2)
+    a = splits.make_split(tmp_path / "a", "train", 4, kinds=ALL_KINDS, image_size=128)
+    b = splits.make_split(tmp_path / "b", "train", 4, kinds=ALL_KINDS, image_size=128, workers=2)
     files_a, files_b = tree_bytes(a), tree_bytes(b)
     assert len(files_a) > 50 and files_a == files_b
     rows = [json.loads(line) for line in files_a["data.jsonl"].decode().splitlines()]
@@ -567,20 +568,20 @@ def canonical(state):
 
 def test_splits_are_disjoint():
     for task, level, count in [("frozenlake", 3, 300), ("maze", 3, 150), ("minibehaviour", 5, 150)]:
-        splits = {split: envs.collect(task, level, split, count if split == "train" else count // 3)
+        by_split = {split: splits.collect(task, level, split, count if split == "train" else count // 3)
                   for split in ("train", "val", "test")}
-        seeds = [{seed for seed, _ in found} for found in splits.values()]
-        states = [{canonical(s) for _, s in found} for found in splits.values()]
+        seeds = [{seed for seed, _ in found} for found in by_split.values()]
+        states = [{canonical(s) for _, s in found} for found in by_split.values()]
         for (i, a), (j, b) in itertools.combinations(enumerate(seeds), 2):
             assert not a & b and not states[i] & states[j]
-        for split, found in splits.items():
+        for split, found in by_split.items():
             assert len({canonical(s) for _, s in found}) == len(found)  # no repeats inside a split
 
 
 def test_disjoint_split_dirs(make_data):
     ids = {}
     for split in ("train", "val", "test"):
-        rows = envs.load_split(make_data(split, 3))
+        rows = splits.load_split(make_data(split, 3))
         ids[split] = {hashlib.md5(canonical(r["state"]).encode()).hexdigest() for r in rows}
     assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"] and not ids["val"] & ids["test"]
 
@@ -589,19 +590,19 @@ def test_too_many_instances_is_a_clear_error_within_seconds():
     start = time.time()
     with pytest.raises(ValueError, match=r"^frozenlake level 3: only \d+ distinct instances found for split train "
                                          r"after \d+ seeds; ask for fewer$"):
-        envs.collect("frozenlake", 3, "train", 20000)
+        splits.collect("frozenlake", 3, "train", 20000)
     with pytest.raises(ValueError, match="only"):
-        envs.collect("frozenlake", 2, "val", 100)
+        splits.collect("frozenlake", 2, "val", 100)
     assert time.time() - start < 10
 
 
 def test_frozenlake_3_has_enough_train_instances():
-    assert len(envs.collect("frozenlake", 3, "train", 1000)) == 1000
+    assert len(splits.collect("frozenlake", 3, "train", 1000)) == 1000
 
 
 def test_load_split_resolves_images_and_rejects_broken_dirs(make_data, tmp_path):
     data = Path(make_data("val", 2, kinds=ALL_KINDS))
-    rows = envs.load_split(data)
+    rows = splits.load_split(data)
     assert {r["kind"] for r in rows} == set(ALL_KINDS)
     for row in rows:
         images = [i["image"] for m in row["messages"] for i in m["content"] if i["type"] == "image"]
@@ -615,30 +616,30 @@ def test_load_split_resolves_images_and_rejects_broken_dirs(make_data, tmp_path)
         score = envs.score_row(row, row["answer"])
         assert score[{"planning": "optimal", "text-planning": "optimal", "teacher": "optimal", "perception": "all_correct",
                       "dynamics": "correct"}[row["kind"]]]
-    assert {r["kind"] for r in envs.load_split(data, kinds=["perception"])} == {"perception"}
+    assert {r["kind"] for r in splits.load_split(data, kinds=["perception"])} == {"perception"}
     with pytest.raises(FileNotFoundError, match="data directory not found"):
-        envs.load_split(tmp_path / "nope")
+        splits.load_split(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no data.jsonl"):
-        envs.load_split(tmp_path / "empty")
+        splits.load_split(tmp_path / "empty")
     broken = tmp_path / "broken"
     broken.mkdir()
     lines = (data / "data.jsonl").read_text().splitlines()
     (broken / "data.jsonl").write_text(lines[0] + "\n")
     with pytest.raises(FileNotFoundError, match="image not found"):
-        envs.load_split(broken)
+        splits.load_split(broken)
     (broken / "data.jsonl").write_text(lines[0][:50] + "\n")
     with pytest.raises(ValueError, match=r"data.jsonl:1: malformed JSON"):
-        envs.load_split(broken)
+        splits.load_split(broken)
     (broken / "data.jsonl").write_text('{"id": "x"}\n')
     with pytest.raises(ValueError, match=r"data.jsonl:1: row misses task, level, kind, state, plan, messages$"):
-        envs.load_split(broken)
+        splits.load_split(broken)
 
 
 def test_datasets_reads_data_jsonl(make_data):
     datasets = pytest.importorskip("datasets")
     data = Path(make_data("val", 2, kinds=ALL_KINDS))
-    rows = envs.load_split(data)
+    rows = splits.load_split(data)
     # Small chunks make `datasets` infer the schema from the first rows only (FrozenLake planning),
     # as it does on a full-size file: every later row must still fit it.
     ds = datasets.load_dataset("json", data_files=str(data / "data.jsonl"), split="train", chunksize=4096)
@@ -688,7 +689,7 @@ def test_cli_data_and_show_write_what_they_say(tmp_path):
     result = run_cli("data", "--out", str(tmp_path / "d"), "--split", "test", "--per-level", "2", "--tasks", "maze",
                      "--levels", "3", "4", "--image-size", "128", "--workers", "2")
     assert result.returncode == 0, result.stderr
-    rows = envs.load_split(tmp_path / "d")
+    rows = splits.load_split(tmp_path / "d")
     assert len(rows) == 8 and {r["level"] for r in rows} == {3, 4} and {r["split"] for r in rows} == {"test"}
     assert Image.open(rows[0]["image"]).size == (128, 128)
     result = run_cli("show", "minibehaviour", "--level", "5", "--seed", "3", "--out", str(tmp_path / "mb.png"))
@@ -703,7 +704,7 @@ def test_cli_levels_can_be_given_per_task(tmp_path):
     result = run_cli("data", "--out", str(tmp_path / "d"), "--split", "val", "--per-level", "1",
                      "--levels", "frozenlake=3", "maze=3,4", "minibehaviour=4", "--image-size", "128")
     assert result.returncode == 0, result.stderr
-    rows = envs.load_split(tmp_path / "d")
+    rows = splits.load_split(tmp_path / "d")
     assert sorted({(r["task"], r["level"]) for r in rows}) == [
         ("frozenlake", 3), ("maze", 3), ("maze", 4), ("minibehaviour", 4)]
 
@@ -711,9 +712,9 @@ def test_cli_levels_can_be_given_per_task(tmp_path):
 def test_written_pictures_read_back_as_the_rendered_picture(tmp_path):
     import numpy as np
 
-    out = envs.make_split(tmp_path / "d", "val", 2, levels={"frozenlake": [3], "maze": [5], "minibehaviour": [6]},
+    out = splits.make_split(tmp_path / "d", "val", 2, levels={"frozenlake": [3], "maze": [5], "minibehaviour": [6]},
                           kinds=["planning", "dynamics"], image_size=129)  # an odd width
-    rows = envs.load_split(out)
+    rows = splits.load_split(out)
     for row in rows:
         picture = Image.open(row["image"])
         assert picture.format == "PNG" and picture.size == (129, 129)

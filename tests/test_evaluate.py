@@ -19,6 +19,7 @@ import pytest
 
 import envs
 import evaluate
+import splits
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -72,7 +73,7 @@ class Server:
 
 def prompt_index(data_dir, conditions=("image", "text")):
     """Request body messages (as the client sends them) -> (row, condition)."""
-    rows = envs.load_split(data_dir, kinds=["planning"])
+    rows = splits.load_split(data_dir, kinds=["planning"])
     index = {}
     for ep in evaluate.build_episodes(rows, "planning", conditions):
         index[json.dumps(evaluate.openai_messages(ep["messages"]))] = (ep["row"], ep["condition"])
@@ -89,7 +90,7 @@ def read_episodes(out):
 
 def test_oracle_scores_100_percent_success_and_optimal_on_every_task(data, tmp_path):
     summary = run("--model", "oracle", "--data", data, "--backend", "oracle", "--condition", "both", "--out", tmp_path)
-    rows = envs.load_split(data, kinds=["planning"])
+    rows = splits.load_split(data, kinds=["planning"])
     assert {r["task"] for r in rows} == set(envs.TASKS)
     for condition in ("image", "text"):
         agg = summary["conditions"][condition]
@@ -111,7 +112,7 @@ def test_oracle_scores_100_percent_on_every_perception_and_dynamics_question(kin
     data = make_data("test", 2, kinds=("planning", "perception", "dynamics"))
     summary = run("--model", "oracle", "--data", data, "--backend", "oracle", "--kind", kind, "--out", tmp_path)
     agg = summary["conditions"]["image"]
-    assert agg["n"] == len(envs.load_split(data, kinds=[kind])) > 0
+    assert agg["n"] == len(splits.load_split(data, kinds=[kind])) > 0
     for task in envs.TASKS:
         cell = agg["per_task"][task]
         questions = [k for k in cell if k not in ("n", "errors")]
@@ -184,7 +185,7 @@ def test_openai_backend_over_http_matches_hf_backend_on_the_tiny_model(tiny_mode
                     parts.append({"type": "text", "text": p["text"]})
             messages.append({"role": m["role"], "content": parts})
         with lock:
-            [text] = common.generate_responses(model, processor, [messages], max_new_tokens=payload["max_tokens"])
+            [text] = [o["text"] for o in common.generate_responses(model, processor, [messages], payload["max_tokens"])]
         return 200, text, 0
     monkeypatch.setenv("MGSD_TEST_KEY", "sk-test-secret-123")
     common_args = ["--model", tiny_model, "--data", data, "--condition", "both", "--limit", 4, "--max-new-tokens", 12]
@@ -280,7 +281,7 @@ def test_a_run_where_most_episodes_errored_exits_1_after_writing_its_results(dat
                 "--out", tmp_path)
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
-    n = len(envs.load_split(data, kinds=["planning"]))
+    n = len(splits.load_split(data, kinds=["planning"]))
     assert err == [f"error: {n} of {n} episodes errored (more than --max-error-share 0.1); they count as failures above"]
     assert json.loads((tmp_path / "summary.json").read_text())["conditions"]["image"]["errors"] == n
 

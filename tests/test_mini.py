@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import envs
+import splits
 import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def test_grid_rows_name_no_task_and_no_plan():
 
 def test_grid_split_loads_and_is_scored_by_envs(tmp_path):
     out = tiny.write_grids(tmp_path / "grids", "val", 6)
-    rows = envs.load_split(out)
+    rows = splits.load_split(out)
     assert [r["kind"] for r in rows] == ["vision"] * 6 and all(Path(r["image"]).is_file() for r in rows)
     assert all(envs.score_row(r, r["answer"])["all_correct"] for r in rows)
     import evaluate
@@ -115,7 +116,7 @@ def test_shipped_base_reads_pictures_and_plans_from_text_alike_in_hf_and_vllm(tm
                                       tmp_path / "vision")
     assert [e["response"] for e in hf] == [e["response"] for e in vllm]
     assert sum(e["metrics"]["all_correct"] for e in hf) >= 10
-    text = envs.make_split(tmp_path / "text", "test", 3, levels={"frozenlake": [4], "maze": [3], "minibehaviour": [5]},
+    text = splits.make_split(tmp_path / "text", "test", 3, levels={"frozenlake": [4], "maze": [3], "minibehaviour": [5]},
                            kinds=("planning",), image_size=160, cell_size=32)
     hf, vllm = evaluate_both_backends(["--model", BASE, "--data", text, "--condition", "both", "--max-new-tokens", 100],
                                       tmp_path / "planning")

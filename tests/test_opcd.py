@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import envs
 import opcd
 import optim
+import splits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,9 +158,7 @@ def train_dir(make_data):
 
 
 def rows_of(data_dir, n):
-    import envs
-
-    return envs.load_split(data_dir, kinds=["planning"])[:n]
+    return splits.load_split(data_dir, kinds=["planning"])[:n]
 
 
 def plain_logprobs(model, input_ids, prompt_len, **extra):
@@ -398,7 +397,7 @@ def test_vllm_rollout_logprobs_match_the_trainers_recomputation(vllm_engine, tra
     recomputed, mask = trainer_logprobs(model, processor, msgs, responses)
     for i, r in enumerate(responses):
         n = len(r["token_ids"])
-        assert torch.allclose(torch.tensor(r["rollout_logprobs"]), recomputed[i, :n], atol=1e-4)
+        assert torch.allclose(torch.tensor(r["logprobs"]), recomputed[i, :n], atol=1e-4)
 
 
 def vllm_score(llm, processor, messages_list, response_ids_list):
@@ -457,7 +456,7 @@ def test_student_reverse_kl_to_an_opinionated_teacher_falls_by_half(tiny_model, 
     import envs
 
     model, processor = common.load_model(tiny_model)
-    rows = envs.load_split(train_dir, kinds=["planning"])
+    rows = splits.load_split(train_dir, kinds=["planning"])
     style = [processor.tokenizer("R", add_special_tokens=False)["input_ids"][-1]] * 12  # one token id, repeated
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for it in range(30):

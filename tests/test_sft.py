@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 import common
-import envs
 import sft
+import splits
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -44,7 +44,7 @@ def processor(tiny_model):
 
 
 def test_labels_are_minus_100_except_assistant_tokens(processor, train_dir):
-    row = envs.load_split(train_dir, kinds=["perception"])[0]
+    row = splits.load_split(train_dir, kinds=["perception"])[0]
     enc = sft.encode_chat(processor, row["messages"])
     ids, labels = enc["input_ids"].tolist(), enc["labels"].tolist()
     tok = processor.tokenizer
@@ -91,7 +91,7 @@ def _grads(model, batch):
 
 
 def test_grad_checkpointing_gives_same_gradients(tiny_model, train_dir, processor):
-    rows = envs.load_split(train_dir)[:3]
+    rows = splits.load_split(train_dir)[:3]
     batch = sft.collate([sft.encode_chat(processor, r["messages"]) for r in rows], processor.tokenizer.pad_token_id)
     assert "pixel_values" in batch
     model, _ = common.load_model(tiny_model)
@@ -110,7 +110,7 @@ def test_grad_checkpointing_gives_same_gradients(tiny_model, train_dir, processo
 
 
 def test_text_only_batch_skips_the_vision_tower(tiny_model, processor, make_data):
-    rows = envs.load_split(make_data("train", 2, tasks=["maze"], levels=[3], kinds=("text-planning",)))
+    rows = splits.load_split(make_data("train", 2, tasks=["maze"], levels=[3], kinds=("text-planning",)))
     batch = sft.collate([sft.encode_chat(processor, r["messages"]) for r in rows[:2]], processor.tokenizer.pad_token_id)
     model, _ = common.load_model(tiny_model)
     calls = []
@@ -133,7 +133,7 @@ def test_lora_sft_trains_only_lora_and_writes_a_peft_adapter(tiny_model, train_d
 
 def test_stage_one_trains_on_perception_rows_only_by_default(tiny_model, train_dir, tmp_path, capsys):
     """The reference's stage 1 never sees a plan: without --kinds, planning rows are left out."""
-    rows = envs.load_split(train_dir)
+    rows = splits.load_split(train_dir)
     perception = sum(r["kind"] == "perception" for r in rows)
     assert 0 < perception < len(rows)
     sft.main(["--model", tiny_model, "--data", train_dir, "--out", tmp_path / "run", "--batch-size", 4,
@@ -234,7 +234,7 @@ def test_perception_sft_learns_player_position(tiny_model, make_data, tmp_path):
     base, processor = common.load_model(tiny_model)
     args = sft.parse_args(["--model", tiny_model, "--data", train, "--out", str(tmp_path / "x"),
                            "--max-new-tokens", "40", "--micro-batch-size", "8"])
-    before = sft.validate(base, processor, envs.load_split(val), args, 0, 1, torch.device("cpu"),
+    before = sft.validate(base, processor, splits.load_split(val), args, 0, 1, torch.device("cpu"),
                           torch.autocast("cpu", enabled=False))
     after = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if "val/loss" in x][-1]
     chance = 1 / 9

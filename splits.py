@@ -1,0 +1,361 @@
+"""Data splits on disk (docs/method.md §6): the instances of a split, their rows, the writer and the
+loader, and the command line `python envs.py data / show` (envs.py hands its command line to main here).
+
+Data rows (one JSON line each, pictures as relative paths, see `instance_rows`):
+  planning       student prompt (image) -> reference_response   (direct visual SFT, the oracle)
+  text-planning  text-student prompt    -> reference_response   (text-planning pre-training)
+  teacher        teacher prompt         -> reference_response   (teaches a tiny base the teacher's prompt)
+  perception     numbered questions (image) -> numbered answer  (stage-1 SFT)
+  dynamics       forward / inverse (two images) / verify QA with exact labels (dynamics.py)
+Commands: README.md, "Data".
+"""
+import hashlib
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import cli
+from envs import (DEFAULT_LEVELS, LEVEL_RANGE, TASKS, _text, _user, draft, generate, perception_answer,
+                  perception_messages, perception_prompt, reference_response, solve, student_messages, teacher_context,
+                  teacher_messages, text_state, text_student_messages)
+from pictures import STYLES, render, sprite_folder
+
+KINDS = ("planning", "text-planning", "teacher", "perception", "dynamics")
+SPLITS = {"train": (0, 0.0, 0.8), "val": (10**8, 0.8, 0.9), "test": (2 * 10**8, 0.9, 1.0)}  # seed base, hash range
+
+
+def collect(task, level, split, count):
+    """`count` distinct (seed, state) pairs of one level for one split, or a one-line ValueError.
+    A state belongs to the split whose share of the hash space its content hashes into."""
+    base, lo, hi = SPLITS[split]
+    quota = {"easy": -(-count // 3), "medium": -(-(count - 1) // 3) if count > 1 else 0} if task == "maze" else {}
+    if task == "maze":
+        quota["hard"] = count - quota["easy"] - quota["medium"]
+    max_seeds, window = 20000 + int(10 * count / (hi - lo)), 5000
+    seen, found, found_before = set(), [], 0
+    for tried in range(max_seeds):
+        if tried and tried % window == 0:  # new states only get rarer: give up once the cap is out of reach
+            if (len(found) - found_before) / window * (max_seeds - tried) < count - len(found):
+                break
+            found_before = len(found)
+        seed = base + tried
+        state = draft(task, level, seed)
+        if state is None:
+            continue
+        key = json.dumps(state, sort_keys=True, separators=(",", ":"))
+        share = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
+        if not lo <= share < hi or key in seen:
+            continue
+        if quota and quota[state["difficulty"]] == 0:
+            continue
+        state["plan"] = solve(state)
+        if state["plan"] is None:
+            continue
+        seen.add(key)
+        if quota:
+            quota[state["difficulty"]] -= 1
+        found.append((seed, state))
+        if len(found) == count:
+            return found
+    raise ValueError(f"{task} level {level}: only {len(found)} distinct instances found for split {split} "
+                     f"after {tried + 1 if tried == max_seeds - 1 else tried} seeds; ask for fewer")
+
+
+# On disk every row has the same keys with the same types ("subkind" is "" outside dynamics), and
+# `state` / `query` (whose fields differ between tasks and between dynamics questions) are JSON-encoded
+# strings: `datasets` infers one schema from the first block of the file and cannot cast later rows
+# with other fields or types. `load_split` decodes them again.
+ROW_KEYS = ("id", "task", "level", "seed", "split", "kind", "subkind", "state", "plan", "image", "query", "messages",
+            "answer")
+
+
+def _message_row(base, kind, prompt_messages, answer, **extra):
+    messages = prompt_messages + [{"role": "assistant", "content": [_text(answer)]}]
+    return {**base, "kind": kind, **extra, "messages": messages, "answer": answer}
+
+
+def _disk_row(row):
+    encoded = {**row, "state": json.dumps(row["state"], separators=(",", ":")), "subkind": row.get("subkind", ""),
+               "query": json.dumps(row.get("query") or {}, separators=(",", ":"))}
+    return json.dumps({k: encoded.get(k) for k in ROW_KEYS}, separators=(",", ":"))
+
+
+def instance_rows(seed, state, split, kinds, image_size, cell_size=None, style="plain"):
+    """(rows of one instance in kind order, [(relative path, picture)] they reference)."""
+    task, level = state["task"], state["level"]
+    name = f"{task}-{level}-{seed:06d}"
+    image = f"images/{name}.png"
+    pictures = [(image, render(state, image_size, cell_size, style))] if {"planning", "perception", "dynamics"} & set(kinds) else []
+    base = {"id": name, "task": task, "level": level, "seed": seed, "split": split, "state": state, "plan": state["plan"]}
+    rows = []
+    for kind in kinds:
+        row_base = {**base, "id": f"{name}-{kind}"}
+        if kind == "planning":
+            rows.append(_message_row(row_base, kind, student_messages(state, image), reference_response(state), image=image))
+        elif kind == "text-planning":
+            rows.append(_message_row(row_base, kind, text_student_messages(state), reference_response(state), image=None))
+        elif kind == "teacher":  # the teacher's prompt (privileged context): for a tiny base that must read it
+            rows.append(_message_row(row_base, kind, teacher_messages(state), reference_response(state), image=None))
+        elif kind == "perception":
+            rows.append(_message_row(row_base, kind, perception_messages(state, image), perception_answer(state), image=image))
+        elif kind == "dynamics":
+            import dynamics
+
+            for sub, question, answer, query in dynamics.questions(state, seed):
+                content = [_text(question), {"type": "image", "image": image}]
+                if sub == "inverse":
+                    after = f"images/{name}-after.png"
+                    pictures.append((after, render(dynamics.moved(state, query["after"]), image_size, cell_size, style)))
+                    content.append({"type": "image", "image": after})
+                rows.append(_message_row({**base, "id": f"{name}-dynamics-{sub}"}, kind, _user(*content), answer,
+                                         image=image, subkind=sub, query=query))
+    return rows, pictures
+
+
+def _rows_chunk(job):
+    """JSON lines of a chunk of instances; their pictures are written as PNGs on the way."""
+    items, split, kinds, image_size, cell_size, style, out_dir = job
+    lines = []
+    for seed, state in items:
+        rows, pictures = instance_rows(seed, state, split, kinds, image_size, cell_size, style)
+        for path, picture in pictures:
+            picture.save(Path(out_dir) / path)
+        lines += [_disk_row(row) for row in rows]
+    return lines
+
+
+def check_request(tasks, levels, kinds, image_size, cell_size=None, style="plain"):
+    """One-line ValueError on an unknown task / kind or a level / image size out of range."""
+    for task in tasks:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
+        lo, hi = LEVEL_RANGE[task]
+        for level in levels.get(task, ()):
+            if not lo <= level <= hi:
+                raise ValueError(f"{task} level {level} is out of range {lo}..{hi}")
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r} (choose from {', '.join(KINDS)})")
+    if not 64 <= image_size <= 2048:
+        raise ValueError(f"image size {image_size} is out of range 64..2048")
+    if cell_size is not None:
+        largest = max((level for task in tasks for level in levels.get(task, ())), default=0)
+        if not 8 <= cell_size or largest * cell_size > image_size:
+            raise ValueError(f"cell size {cell_size} does not fit level {largest} into {image_size} px (or is below 8)")
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r} (choose from {', '.join(STYLES)})")
+    if style == "sprites" and "frozenlake" in tasks:
+        sprite_folder()
+
+
+def make_split(out_dir, split, per_level, tasks=None, levels=None, kinds=("planning", "perception"), workers=1,
+               image_size=256, cell_size=None, style="plain"):
+    """Write out_dir/data.jsonl and out_dir/images/ for one split, atomically (cli.atomic_dir).
+    levels: a list applied to every task, or {task: levels}; default DEFAULT_LEVELS."""
+    tasks = list(tasks or TASKS)
+    levels = {t: tuple(levels.get(t, DEFAULT_LEVELS[t])) if isinstance(levels, dict) else tuple(levels or DEFAULT_LEVELS[t])
+              for t in tasks if t in TASKS} if tasks else {}
+    check_request(tasks, levels, kinds, image_size, cell_size, style)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
+    if per_level < 1:
+        raise ValueError(f"--per-level must be at least 1, got {per_level}")
+    out = Path(out_dir).absolute()
+    if out.exists() and not (out / "data.jsonl").exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not a data directory; refusing to overwrite it")
+    anchor = next(p for p in out.parents if p.exists())
+    if not anchor.is_dir() or not os.access(anchor, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write into {anchor}")
+    instances = [collect(task, level, split, per_level) for task in tasks for level in levels[task]]
+    with cli.atomic_dir(out) as tmp:
+        (tmp / "images").mkdir()
+        chunk = 50
+        jobs = [(items[i:i + chunk], split, tuple(kinds), image_size, cell_size, style, str(tmp))
+                for items in instances for i in range(0, len(items), chunk)]
+        with open(tmp / "data.jsonl", "w") as f:
+            if workers > 1:
+                with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                    for lines in pool.imap(_rows_chunk, jobs):
+                        f.writelines(line + "\n" for line in lines)
+            else:
+                for job in jobs:
+                    f.writelines(line + "\n" for line in _rows_chunk(job))
+    return out
+
+
+STATE_KEYS = {"frozenlake": ("start", "goal", "holes"), "maze": ("start", "target", "open"),
+              "minibehaviour": ("agent", "printer", "table"), "grid": ("objects", "question")}
+
+
+def row_problem(row):
+    """What is wrong with a data row (types and contents, with the offending value), or None."""
+    if not isinstance(row, dict):
+        return f"a row must be a JSON object, got {type(row).__name__}"
+    missing = [k for k in ("id", "task", "level", "kind", "state", "plan", "messages") if k not in row]
+    if missing:
+        return f"row misses {', '.join(missing)}"
+    task, kind = row["task"], row["kind"]
+    if (task, kind) != ("grid", "vision") and (task not in TASKS or kind not in KINDS):
+        return f"unknown task/kind {task!r}/{kind!r} (tasks: {', '.join(TASKS)}; kinds: {', '.join(KINDS)})"
+    if not isinstance(row["level"], int) or isinstance(row["level"], bool):
+        return f"level must be an integer, got {row['level']!r}"
+    state = row["state"]
+    if not isinstance(state, dict) or state.get("task") != task or state.get("level") != row["level"]:
+        return f"state does not describe this {task} level {row['level']} row"
+    absent = [k for k in STATE_KEYS[task] if k not in state]
+    if absent:
+        return f"state misses {', '.join(absent)}"
+    if not isinstance(row["plan"], list) or not all(isinstance(a, str) for a in row["plan"]):
+        return f"plan must be a list of actions, got {row['plan']!r}"
+    messages = row["messages"]
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return "messages must be a list of {role, content} objects"
+    for m in messages:
+        if m.get("role") not in ("system", "user", "assistant"):
+            return f"unknown message role {m.get('role')!r}"
+        content = m.get("content")
+        items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(items, list):
+            return f"message content must be a string or a list, got {type(content).__name__}"
+        for item in items:
+            if not isinstance(item, dict) or item.get("type") not in ("text", "image") \
+                    or not isinstance(item.get(item.get("type")), str):
+                return f"message item must be {{type: text, text: str}} or {{type: image, image: path}}, got {item!r}"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "messages hold no assistant turn"
+    return None
+
+
+def load_split(data_dir, kinds=None):
+    """Rows of data_dir/data.jsonl (optionally only `kinds`), with image paths made absolute.
+    FileNotFoundError / ValueError with a one-line message on a missing or malformed split."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data directory not found: {root}")
+    path = root / "data.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no data.jsonl in {root}")
+
+    resolved = {}
+
+    def resolve(rel, where):
+        if rel not in resolved:
+            full = (root / rel).resolve()
+            if not full.is_file():
+                raise FileNotFoundError(f"{where}: image not found: {full}")
+            resolved[rel] = str(full)
+        return resolved[rel]
+
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            where = f"{path}:{number}"
+            if not line.strip():
+                continue  # a trailing blank line is not a row
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
+            if kinds and isinstance(row, dict) and row.get("kind") not in kinds:
+                continue
+            try:  # state and query are JSON strings on disk (see ROW_KEYS)
+                if isinstance(row, dict):
+                    row.update({k: json.loads(row[k]) for k in ("state", "query") if isinstance(row.get(k), str)})
+            except json.JSONDecodeError:
+                raise ValueError(f"{where}: state or query is not JSON") from None
+            problem = row_problem(row)
+            if problem:
+                raise ValueError(f"{where}: {problem}")
+            if row.get("image"):
+                row["image"] = resolve(row["image"], where)
+            for message in row["messages"]:
+                for item in message["content"]:
+                    if item.get("type") == "image" and isinstance(item.get("image"), str):
+                        item["image"] = resolve(item["image"], where)
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- command line
+def _levels_arg(tokens):
+    """`3 4` -> [3, 4] for every task; `frozenlake=3,4 maze=3` -> {task: levels} (unnamed tasks: default)."""
+    if not tokens:
+        return None
+    try:
+        if all("=" not in t for t in tokens):
+            return [int(t) for t in tokens]
+        pairs = [t.split("=", 1) for t in tokens]
+        return {task: [int(level) for level in levels.split(",")] for task, levels in pairs}
+    except ValueError:
+        raise ValueError(f"--levels: expected integers or task=l1,l2 pairs, got {' '.join(tokens)!r}") from None
+
+
+def _show(args):
+    state = generate(args.task, args.level, args.seed)
+    if state is None:
+        raise ValueError(f"{args.task} level {args.level} seed {args.seed} is skipped (no valid instance)")
+    out = Path(args.out or f"{args.task}-{args.level}-{args.seed}.png")
+    section = lambda title, text: print(f"===== {title}\n{text}\n")
+    section("state (JSON)", json.dumps(state))
+    section("teacher context", teacher_context(state))
+    section("text-student state", text_state(state))
+    section("student prompt (the image follows)", student_messages(state, str(out))[0]["content"][0]["text"])
+    section("text-student prompt", text_student_messages(state)[0]["content"][0]["text"])
+    teacher = teacher_messages(state)
+    section("teacher system turn", teacher[0]["content"][0]["text"])
+    section("reference response", reference_response(state))
+    section("perception prompt", perception_prompt(state))
+    section("perception answer", perception_answer(state))
+    import dynamics
+
+    for sub, question, answer, _ in dynamics.questions(state, args.seed):
+        section(f"dynamics {sub}", f"{question}\n-> {answer}")
+    render(state, args.image_size, args.cell_size, args.frozenlake_style).save(out)
+    print(f"picture written to {out}")
+
+
+def main(argv=None):
+    parser = cli.Parser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=cli.Parser)
+    data = sub.add_parser("data", help="write one split: DIR/data.jsonl and DIR/images/")
+    data.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    data.add_argument("--split", required=True, choices=tuple(SPLITS), help="which split (disjoint seeds and states)")
+    data.add_argument("--per-level", type=int, required=True, help="instances per (task, level)")
+    data.add_argument("--tasks", nargs="+", default=list(TASKS), help="tasks to include (default: all three)")
+    data.add_argument("--levels", nargs="+",
+                      help="levels for every task (3 4), or per task (frozenlake=3,4 maze=3); default DEFAULT_LEVELS")
+    data.add_argument("--kinds", default="planning,perception", help=f"comma-separated row kinds from {','.join(KINDS)}")
+    data.add_argument("--workers", type=cli.positive_int, default=1, help="processes rendering and writing rows")
+    data.add_argument("--image-size", type=int, default=256, help="picture side in pixels (tiny models: 160)")
+    data.add_argument("--cell-size", type=int, default=None,
+                      help="draw each grid cell this many pixels wide at the top-left (tiny models: 32, one merged "
+                           "vision token per cell); default: the grid fills the picture")
+    data.add_argument("--frozenlake-style", default="plain", choices=STYLES,
+                      help="plain: drawn with PIL primitives, no assets; sprites: gymnasium's FrozenLake sprites, as the "
+                           "VSP benchmark's pictures (needs gymnasium<1.4 installed)")
+    show = sub.add_parser("show", help="print every view, prompt and QA pair of one instance and write its picture")
+    show.add_argument("task", choices=TASKS, help="the task")
+    show.add_argument("--level", type=int, required=True, help="grid side")
+    show.add_argument("--seed", type=int, required=True, help="instance seed")
+    show.add_argument("--out", help="picture path (default TASK-LEVEL-SEED.png)")
+    show.add_argument("--image-size", type=int, default=256, help="picture side in pixels")
+    show.add_argument("--cell-size", type=int, default=None, help="cell side in pixels (see data --cell-size)")
+    show.add_argument("--frozenlake-style", default="plain", choices=STYLES, help="see data --frozenlake-style")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "data":
+            kinds = [k for k in args.kinds.split(",") if k]
+            out = make_split(args.out, args.split, args.per_level, args.tasks, _levels_arg(args.levels), kinds,
+                             args.workers, args.image_size, args.cell_size, args.frozenlake_style)
+            print(f"wrote {out / 'data.jsonl'}")
+        else:
+            check_request([args.task], {args.task: [args.level]}, [], args.image_size, args.cell_size,
+                          args.frozenlake_style)
+            _show(args)
+    except (ValueError, OSError) as e:
+        cli.fail(e)
+
+
+if __name__ == "__main__":
+    main()
