@@ -25,6 +25,7 @@ from PIL import Image
 
 import cli
 import common
+import lora
 
 
 def parse_args(argv=None):
@@ -77,7 +78,7 @@ def main(argv=None):
         base_dtype = getattr(torch, base_dtype) if isinstance(base_dtype, str) else base_dtype
         batch = common.encode_prompts(processor, probe_chats(args.probe_data))
         if args.adapter:
-            common.load_adapter(model, args.adapter)
+            lora.load_adapter(model, args.adapter)
         else:
             from safetensors.torch import load_file
 
@@ -92,7 +93,7 @@ def main(argv=None):
         cli.fail(str(e).splitlines()[0])
 
     reference = probe_logits(model, batch)  # base + adapter, unmerged, float32
-    common.merge_lora(model)
+    lora.merge_lora(model)
     diff = (probe_logits(model, batch) - reference).abs().max().item()
     print(f"merged vs base+adapter (float32): max |logit diff| = {diff:.3g} over {reference.shape[0]} positions")
     if diff > args.tolerance:

@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 import cli
 import common
 import envs
+import lora
 from optim import MasterAdamW, all_reduce_grads, full_tensor, global_sum, shard_model
 import splits
 
@@ -415,7 +416,7 @@ def main(argv=None):
     total_steps = max(1, int(args.epochs * steps_per_epoch))
     total_steps = min(args.max_steps, total_steps) if args.max_steps else total_steps
     if args.lora_rank:
-        common.add_lora(model, rank=args.lora_rank, alpha=2 * args.lora_rank)
+        lora.add_lora(model, rank=args.lora_rank, alpha=2 * args.lora_rank)
     elif args.freeze_vision:
         model.model.visual.requires_grad_(False)
     if args.grad_checkpointing:  # activations of a layer are recomputed in the backward pass, not stored

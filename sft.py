@@ -45,6 +45,7 @@ import torch.nn.functional as F
 import cli
 import common
 from common import print0
+import lora
 from optim import all_reduce_grads, global_sum
 
 
@@ -298,7 +299,7 @@ def main(argv=None):
         for n, p in model.named_parameters():
             p.requires_grad_(not n.startswith("model.visual."))
     else:
-        common.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
+        lora.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
     if args.train_vision:
         model.model.visual.requires_grad_(True)
     if args.grad_checkpointing:
@@ -390,7 +391,7 @@ def main(argv=None):
             model.gradient_checkpointing_disable()
             common.save_model(model, processor, out / "model")
         else:
-            common.save_adapter(model, out / "adapter", args.model)
+            lora.save_adapter(model, out / "adapter", args.model)
         print0(f"wrote {out / ('model' if args.full else 'adapter')}")
     if bar is not None:
         bar.close()

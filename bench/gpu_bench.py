@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import common  # noqa: E402
+import lora  # noqa: E402
 import memory_plan  # noqa: E402
 import opcd  # noqa: E402
 import optim  # noqa: E402
@@ -71,12 +72,12 @@ def random_model(cfg, device, dtype, processor):
     return model
 
 
-def bench_sft(cfg, processor, args, device, lora):
+def bench_sft(cfg, processor, args, device, with_lora):
     model = random_model(cfg, device, torch.float32, processor)  # sft.py: fp32 weights, bf16 autocast on GPU
     for n, p in model.named_parameters():
         p.requires_grad_(not n.startswith("model.visual."))
-    if lora:
-        common.add_lora(model, 16, 32, 0.0)
+    if with_lora:
+        lora.add_lora(model, 16, 32, 0.0)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -177,8 +178,8 @@ def main(argv=None):
         tables = []
         if "sft" in args.only:
             results = {}
-            for name, lora in (("LoRA r16", True), ("full", False)):
-                results[name] = bench_sft(cfg, processor, args, device, lora)
+            for name, with_lora in (("LoRA r16", True), ("full", False)):
+                results[name] = bench_sft(cfg, processor, args, device, with_lora)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             tables.append(markdown(f"SFT step: micro-batch {args.micro_batch} x {args.seq_len} tokens, checkpointing on",

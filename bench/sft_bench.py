@@ -93,10 +93,11 @@ def run_ours(args, rows, device):
     from contextlib import nullcontext
 
     import common
+    import lora
     import sft
 
     model, processor = common.load_model(args.model, device)
-    common.add_lora(model, 8, 16, 0.0)
+    lora.add_lora(model, 8, 16, 0.0)
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -133,6 +134,7 @@ def run_trl(args, rows, device):
     from trl import SFTConfig, SFTTrainer
 
     import common
+    import lora
 
     model, processor = common.load_model(args.model, device)
 
@@ -152,7 +154,7 @@ def run_trl(args, rows, device):
                        use_cpu=device.type == "cpu", report_to="none", save_strategy="no", logging_steps=10 ** 6,
                        dataloader_drop_last=True, remove_unused_columns=False, seed=0,
                        train_sampling_strategy="sequential")  # the same batches, in the same order, as ours
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=common.lora_target_regex(), bias="none")
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=lora.lora_target_regex(), bias="none")
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=processor, peft_config=lora)
     with PeakMemory(device) as mem:
         t0 = time.time()

@@ -8,6 +8,7 @@ from PIL import Image
 import cli
 import common
 import envs
+import lora
 import tiny
 
 
@@ -123,7 +124,7 @@ def test_fresh_lora_leaves_outputs_unchanged(tiny_model):
     model, processor = common.load_model(tiny_model)
     batch = _batch(processor)
     before = _logits(model, batch)
-    names = common.add_lora(model, rank=4, alpha=8)
+    names = lora.add_lora(model, rank=4, alpha=8)
     assert len(names) == 7 * model.config.text_config.num_hidden_layers
     assert all("language_model" in n for n in names)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -133,10 +134,10 @@ def test_fresh_lora_leaves_outputs_unchanged(tiny_model):
 
 def _trained_lora(tiny_model, seed=1):
     model, processor = common.load_model(tiny_model)
-    common.add_lora(model, rank=4, alpha=8)
+    lora.add_lora(model, rank=4, alpha=8)
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, common.LoRALinear):  # stand-in for training: non-zero B
+        if isinstance(m, lora.LoRALinear):  # stand-in for training: non-zero B
             m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=g) * 0.05
     return model, processor
 
@@ -147,8 +148,8 @@ def test_merged_lora_equals_unmerged(tiny_model):
     unmerged = _logits(model, batch)
     base, _ = common.load_model(tiny_model)
     assert (unmerged - _logits(base, batch)).abs().max() > 1e-3  # the adapter does something
-    common.merge_lora(model)
-    assert not any(isinstance(m, common.LoRALinear) for m in model.modules())
+    lora.merge_lora(model)
+    assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())
     torch.testing.assert_close(_logits(model, batch), unmerged, atol=1e-5, rtol=1e-5)
 
 
@@ -157,12 +158,12 @@ def test_saved_adapter_roundtrips_and_peft_reproduces_our_logits(tiny_model, tmp
     model, processor = _trained_lora(tiny_model)
     batch = _batch(processor)
     ours = _logits(model, batch)
-    common.save_adapter(model, tmp_path / "adapter", tiny_model)
+    lora.save_adapter(model, tmp_path / "adapter", tiny_model)
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
 
     reloaded, _ = common.load_model(tiny_model)
-    common.load_adapter(reloaded, tmp_path / "adapter")
+    lora.load_adapter(reloaded, tmp_path / "adapter")
     torch.testing.assert_close(_logits(reloaded, batch), ours, atol=0, rtol=0)
 
     base, _ = common.load_model(tiny_model)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 import common
+import lora
 import merge
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,12 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _adapter(tiny_model, out, scale=0.05):
     model, _ = common.load_model(tiny_model)
-    common.add_lora(model, rank=4, alpha=8)
+    lora.add_lora(model, rank=4, alpha=8)
     g = torch.Generator().manual_seed(0)
     for m in model.modules():
-        if isinstance(m, common.LoRALinear):
+        if isinstance(m, lora.LoRALinear):
             m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=g) * scale
-    common.save_adapter(model, out, tiny_model)
+    lora.save_adapter(model, out, tiny_model)
     return model
 
 
@@ -34,7 +35,7 @@ def test_merged_checkpoint_reproduces_base_plus_adapter(tiny_model, tmp_path, ca
     merge.main(["--base", tiny_model, "--adapter", tmp_path / "adapter", "--out", tmp_path / "merged"])
     assert "max |logit diff|" in capsys.readouterr().out
     merged, processor = common.load_model(tmp_path / "merged")  # a plain folder: loads without our LoRA code
-    assert not any(isinstance(m, common.LoRALinear) for m in merged.modules())
+    assert not any(isinstance(m, lora.LoRALinear) for m in merged.modules())
     assert (tmp_path / "merged" / "video_preprocessor_config.json").is_file()
     batch = common.encode_prompts(processor, merge.probe_chats())
     torch.testing.assert_close(merge.probe_logits(merged, batch), merge.probe_logits(unmerged, batch), atol=1e-5, rtol=1e-5)

@@ -424,13 +424,14 @@ def test_vllm_follows_pushed_weights_including_merged_lora(vllm_engine, train_di
     import copy
     import common
     import envs
+    import lora
 
     llm, model, processor = vllm_engine
     msgs = [envs.student_messages(r["state"], r["image"]) for r in rows_of(train_dir, 3)]
     responses = [dict(token_ids=list(range(50, 50 + k))) for k in (4, 7, 5)]
     before, mask = trainer_logprobs(model, processor, msgs, responses)
     changed = copy.deepcopy(model)
-    common.add_lora(changed, rank=4)
+    lora.add_lora(changed, rank=4)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in changed.named_parameters():
@@ -483,6 +484,7 @@ def test_student_reverse_kl_to_an_opinionated_teacher_falls_by_half(tiny_model, 
 
 def test_options_full_loss_ppo_reward_live_teacher_and_lora(opcd_base, tiny_model, tmp_path):
     import common
+    import lora
     from safetensors.torch import load_file
 
     args = [str(a) for a in opcd_base] + ["--rollout", "hf", "--max-steps", "1", "--val-every", "1000"]
@@ -502,7 +504,7 @@ def test_options_full_loss_ppo_reward_live_teacher_and_lora(opcd_base, tiny_mode
     changed = {k for k, v in base.state_dict().items() if k in saved and not torch.equal(saved[k], v)}
     assert changed and all(".language_model.layers." in k and k.endswith("proj.weight") for k in changed)
     model, _ = common.load_model(tmp_path / "lora" / "last")  # loads as a plain model
-    assert not any(isinstance(m, common.LoRALinear) for m in model.modules())
+    assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())
 
 
 @pytest.mark.parametrize("loss", ["sampled", "full"])

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import lora
 import sft
 import splits
 
@@ -95,9 +96,9 @@ def test_grad_checkpointing_gives_same_gradients(tiny_model, train_dir, processo
     batch = sft.collate([sft.encode_chat(processor, r["messages"]) for r in rows], processor.tokenizer.pad_token_id)
     assert "pixel_values" in batch
     model, _ = common.load_model(tiny_model)
-    common.add_lora(model)
+    lora.add_lora(model)
     for m in model.modules():  # a non-zero B so that every LoRA weight gets a gradient
-        if isinstance(m, common.LoRALinear):
+        if isinstance(m, lora.LoRALinear):
             torch.nn.init.normal_(m.lora_B.weight, std=0.02)
     model.train()
     plain = _grads(model, batch)

@@ -1,0 +1,128 @@
+"""A hand-rolled LoRA, y = W x + (alpha / r) * B(A(dropout(x))) with B = 0 at the start and A
+Kaiming-uniform, on the language model's attention and MLP linears; saved and loaded in PEFT's
+adapter format (adapter_config.json + adapter_model.safetensors), so `peft` reads our adapters."""
+import json
+import math
+import re
+from pathlib import Path
+
+import torch.nn as nn
+
+import cli
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank=8, alpha=16, dropout=0.0):
+        super().__init__()
+        self.base_layer = base  # PEFT's attribute name, so state-dict names line up
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        w = base.weight
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def weight(self):  # some HF code reads module.weight.dtype
+        return self.base_layer.weight
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def delta(self):
+        """What merging adds to W: scaling * B @ A, in float32."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def merged(self):
+        """The plain nn.Linear with W + delta()."""
+        base = self.base_layer
+        base.weight.data = (base.weight.data.float() + self.delta()).to(base.weight.dtype)
+        return base
+
+
+def lora_target_regex(targets=LORA_TARGETS):
+    """PEFT target_modules regex: the named linears of the language model only."""
+    return r".*language_model\.layers\.\d+\.(self_attn|mlp)\.(" + "|".join(targets) + r")"
+
+
+def add_lora(model, rank=8, alpha=16, dropout=0.0, targets=LORA_TARGETS):
+    """Freeze every weight, wrap the language model's target linears in LoRALinear (trainable).
+    Returns the list of wrapped module names."""
+    pattern = re.compile(lora_target_regex(targets))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
+    if not names:
+        raise ValueError(f"add_lora: no module matches {pattern.pattern}")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
+    model._lora_config = dict(rank=rank, alpha=alpha, dropout=dropout, targets=list(targets))
+    return names
+
+
+def merge_lora(model):
+    """Replace every LoRALinear by its merged nn.Linear (in place). Returns the model."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, m.merged())
+    return model
+
+
+def adapter_state_dict(model):
+    """LoRA weights under PEFT's key names: base_model.model.<module path>.lora_A.weight."""
+    sd = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            sd[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
+            sd[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+    return sd
+
+
+def save_adapter(model, out_dir, base_model_path):
+    """Save the LoRA adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""
+    from safetensors.torch import save_file
+
+    cfg = model._lora_config
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": str(base_model_path),
+        "r": cfg["rank"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg["dropout"],
+        "target_modules": lora_target_regex(cfg["targets"]), "bias": "none", "fan_in_fan_out": False,
+        "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "inference_mode": True,
+    }
+    with cli.atomic_dir(out_dir) as tmp:
+        save_file({k: v.cpu() for k, v in adapter_state_dict(model).items()}, str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def load_adapter(model, adapter_dir):
+    """Add LoRA layers as described by adapter_config.json and load their weights."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    cfg_file, weights_file = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not cfg_file.is_file() or not weights_file.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: not a LoRA adapter (need adapter_config.json and adapter_model.safetensors)")
+    cfg = json.loads(cfg_file.read_text())
+    targets = cfg.get("target_modules") or LORA_TARGETS
+    if isinstance(targets, str):  # our regex: recover the names between the last parentheses
+        targets = targets.rsplit("(", 1)[1].rstrip(")").split("|")
+    add_lora(model, rank=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0), targets=targets)
+    weights = load_file(str(weights_file))
+    expected = adapter_state_dict(model)
+    missing = set(expected) - set(weights)
+    if missing:
+        raise ValueError(f"{adapter_dir}: adapter lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            m.lora_A.weight.data.copy_(weights[f"base_model.model.{name}.lora_A.weight"])
+            m.lora_B.weight.data.copy_(weights[f"base_model.model.{name}.lora_B.weight"])
+    return model
