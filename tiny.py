@@ -49,7 +49,7 @@ OBJECTS = {"C": ("red circle", (220, 30, 30)), "S": ("blue square", (30, 90, 230
 QUESTIONS = ("map", "where", "what")
 PAD, FLOOR, LINE = (128, 128, 128), (255, 255, 255), (90, 90, 90)
 GRID_SIZES = (3, 4, 5)
-SEED_BASE = {"train": 0, "val": 10**8, "test": 2 * 10**8}  # disjoint seed ranges, as in splits.SPLITS
+SEED_BASE = {split: base for split, (base, _, _) in splits.SPLITS.items()}  # disjoint seed ranges, as the tasks
 
 
 def make_grid(seed, sizes=GRID_SIZES):
