@@ -136,7 +136,6 @@ def hf_backend(args, episodes):
     from common import generate_responses, load_model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = load_model(args.model, device, dtype=torch.bfloat16 if device == "cuda" else None)
-    model.eval()
     def run(emit):
         for start in range(0, len(episodes), args.batch_size):
             chunk = [ep["messages"] for ep in episodes[start:start + args.batch_size]]
