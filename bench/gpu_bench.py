@@ -161,6 +161,10 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32, help="OPCD prompts per step")
     p.add_argument("--new-tokens", type=int, default=512, help="OPCD rollout length (random weights never stop early)")
     p.add_argument("--master", default="stochastic", choices=["fp32", "stochastic", "bf16"], help="OPCD --master")
+    p.add_argument("--losses", nargs="+", default=["sampled", "full"], choices=["sampled", "full"],
+                   help="OPCD --loss values to run")
+    p.add_argument("--checkpointing", nargs="+", default=["on", "off"], choices=["on", "off"],
+                   help="OPCD gradient checkpointing settings to run")
     p.add_argument("--only", nargs="+", default=["sft", "opcd"], choices=["sft", "opcd"], help="which benchmarks")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -179,15 +183,18 @@ def main(argv=None):
         if "sft" in args.only:
             results = {}
             for name, with_lora in (("LoRA r16", True), ("full", False)):
-                results[name] = bench_sft(cfg, processor, args, device, with_lora)
+                try:
+                    results[name] = bench_sft(cfg, processor, args, device, with_lora)
+                except torch.OutOfMemoryError:
+                    results[name] = {k: None for k in ("s/step", "tokens/s", "peak GiB", "MFU %")}
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             tables.append(markdown(f"SFT step: micro-batch {args.micro_batch} x {args.seq_len} tokens, checkpointing on",
                                    results))
         if "opcd" in args.only:
             results = {}
-            for loss in ("sampled", "full"):
-                for checkpointing in (True, False):
+            for loss in args.losses:
+                for checkpointing in (c == "on" for c in args.checkpointing):
                     name = f"--loss {loss}, checkpointing {'on' if checkpointing else 'off'}"
                     try:
                         results[name] = bench_opcd(cfg, processor, rows, args, device, loss, checkpointing)
