@@ -298,7 +298,10 @@ def make_llm(path, seed=0, max_model_len=4096, dtype="float32", kv_cache_bytes=2
     if cuda:
         kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
     else:
-        kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
+        # No chunked prefill on CPU: vLLM rewinds the generator of a seeded request whose prompt was cut
+        # across steps, which a CPU generator cannot do (RuntimeError at > 4,096 prompt tokens a call).
+        kwargs.update(kv_cache_memory_bytes=kv_cache_bytes, enable_chunked_prefill=False,
+                      max_num_batched_tokens=max(4096, max_model_len))
         # = TORCH_COMPILE_DISABLE=1: no first-request compile of a sampler helper (needs a C compiler, +5-20 s)
         torch._dynamo.config.disable = True
     world_size = int(os.environ.get("WORLD_SIZE", 1))

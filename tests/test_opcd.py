@@ -400,6 +400,19 @@ def test_vllm_rollout_logprobs_match_the_trainers_recomputation(vllm_engine, tra
         assert torch.allclose(torch.tensor(r["logprobs"]), recomputed[i, :n], atol=1e-4)
 
 
+def test_vllm_seeded_rollout_longer_than_one_scheduler_step(vllm_engine):
+    """32 seeded prompts of ~300 tokens: more prompt tokens than vLLM's CPU step budget (4,096). With
+    chunked prefill vLLM rewound the CPU generator of a cut prompt and failed (opcd.py --batch-size 32)."""
+    llm, model, processor = vllm_engine
+    msgs = [[{"role": "user", "content": [{"type": "text", "text": " ".join(str((j * 7 + i) % 10) for j in range(300))}]}]
+            for i in range(32)]
+    assert sum(len(processor.tokenizer(m[0]["content"][0]["text"])["input_ids"]) for m in msgs) > 4096
+    responses = opcd.rollout("vllm", model, llm, processor, msgs, 4, 1.0, 1.0, list(range(32)))
+    again = opcd.rollout("vllm", model, llm, processor, msgs, 4, 1.0, 1.0, list(range(32)))
+    assert len(responses) == 32 and all(len(r["token_ids"]) > 0 for r in responses)
+    assert [r["token_ids"] for r in again] == [r["token_ids"] for r in responses]
+
+
 def vllm_score(llm, processor, messages_list, response_ids_list):
     """vLLM's log-prob of each given response token after its chat prompt: prompt_logprobs of
     [prompt ids | response ids]. The prompt goes in un-expanded (one image placeholder per
