@@ -8,30 +8,24 @@
 - dynamics: the forward / inverse / verify questions stored in the split.
 Greedy, one sample, up to --max-new-tokens; the vision special tokens are never generated.
 
-Backends: hf (batched `generate`), vllm, openai (any OpenAI-compatible /v1/chat/completions endpoint,
-standard-library HTTP, the picture as a PNG data URL, the key read from the variable --api-key-env
-names and never written) and oracle (the reference answers: the 100 % upper bound, an end-to-end check
-of data, prompts and scorer). A request that still fails after its retries counts as a failure and
-stays in every denominator; an endpoint that serves nothing (refused, unknown host, 401/403/404) stops
-the run with one error line, exit 2. Episodes are appended to OUT/episodes.jsonl as they finish and
---resume asks only for the missing and errored ones; OUT also gets summary.json, report.md and a plot.
+Backends: hf (batched `generate`), vllm, openai (any OpenAI-compatible endpoint: chat_api.py; the key is
+read from the variable --api-key-env names and never written) and oracle (the reference answers: the 100 %
+upper bound, an end-to-end check of data, prompts and scorer). A request that still fails after its
+retries counts as a failure and stays in every denominator; an endpoint that serves nothing stops the run
+with one error line, exit 2. Episodes are appended to OUT/episodes.jsonl as they finish and --resume asks
+only for the missing and errored ones; OUT also gets summary.json, report.md and a plot.
 --limit takes instances round-robin over (task, level). Commands: README.md, "Evaluation".
 """
-import base64
-import http.client
-import io
 import json
 import os
 import re
 import shutil
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+import chat_api
 import cli
 import envs
 import splits
@@ -177,89 +171,6 @@ def vllm_backend(args, episodes):
                 # decoded by the hf tokenizer, as in the hf backend (vLLM's incremental detokenizer
                 # holds back a trailing partial UTF-8 character)
                 emit(start + j, processor.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True), None)
-    return run
-
-
-class EndpointError(Exception):
-    """The endpoint cannot serve any request (unreachable, wrong key, wrong path): stop the run."""
-
-
-def png_data_url(image):
-    from PIL import Image
-    if isinstance(image, (str, Path)) and str(image).lower().endswith(".png"):
-        data = Path(image).read_bytes()
-    else:
-        buf = io.BytesIO()
-        (Image.open(image) if isinstance(image, (str, Path)) else image).convert("RGB").save(buf, format="PNG")
-        data = buf.getvalue()
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-
-
-def openai_messages(messages):
-    out = []
-    for m in messages:
-        if not isinstance(m["content"], list):
-            out.append({"role": m["role"], "content": m["content"]})
-            continue
-        parts = []
-        for part in m["content"]:
-            if part["type"] == "image":
-                parts.append({"type": "image_url", "image_url": {"url": png_data_url(part["image"])}})
-            else:
-                parts.append({"type": "text", "text": part["text"]})
-        out.append({"role": m["role"], "content": parts})
-    return out
-
-
-def chat_completion(args, api_key, messages):
-    """One request with retries. -> (text, None) or (None, error message); raises EndpointError."""
-    url = args.base_url.rstrip("/") + "/chat/completions"
-    body = json.dumps({"model": args.model, "messages": openai_messages(messages), "n": 1,
-                       "temperature": 0.0, "max_tokens": args.max_new_tokens}).encode()
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    error, unreachable = None, False
-    for attempt in range(args.retries + 1):
-        if attempt:
-            time.sleep(args.backoff_seconds * 2 ** (attempt - 1))
-        try:
-            request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-            with urllib.request.urlopen(request, timeout=args.timeout_seconds) as resp:
-                content = json.loads(resp.read())["choices"][0]["message"]["content"]
-            if content is None:
-                return None, "response without content"
-            return content, None
-        except urllib.error.HTTPError as e:
-            error, unreachable = f"HTTP {e.code} {e.reason}", False
-            if e.code in (401, 403, 404):  # every request would get the same answer
-                raise EndpointError(f"{url}: {error}") from None
-            if e.code != 429 and e.code < 500:
-                return None, error  # this request is rejected (e.g. too long); retrying will not help
-        except urllib.error.URLError as e:  # raised before any byte was sent
-            timeout = isinstance(e.reason, TimeoutError)
-            error, unreachable = ("timeout" if timeout else f"cannot reach {url}: {e.reason}"), not timeout
-        except (TimeoutError, http.client.HTTPException, ConnectionError) as e:
-            error, unreachable = ("timeout" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"), False
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            error, unreachable = f"malformed response: {type(e).__name__}", False
-    if unreachable:
-        raise EndpointError(f"{error} (after {args.retries + 1} attempts)")
-    return None, error
-
-
-def openai_backend(args, episodes):
-    api_key = os.environ.get(args.api_key_env)
-    print(f"openai: {args.base_url}, key {'from $' + args.api_key_env if api_key else 'not set'}, "
-          f"{args.concurrency} concurrent requests", flush=True)
-    def run(emit):
-        pool = ThreadPoolExecutor(max_workers=args.concurrency)
-        futures = {pool.submit(chat_completion, args, api_key, ep["messages"]): i for i, ep in enumerate(episodes)}
-        try:
-            for future in as_completed(futures):
-                emit(futures[future], *future.result())
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
     return run
 
 
@@ -422,7 +333,7 @@ def evaluate(args):
           f"{len(todo)} to run with {args.backend}", flush=True)
 
     t0 = time.time()
-    backend = {"hf": hf_backend, "vllm": vllm_backend, "openai": openai_backend, "oracle": oracle_backend}[args.backend]
+    backend = {"hf": hf_backend, "vllm": vllm_backend, "openai": chat_api.openai_backend, "oracle": oracle_backend}[args.backend]
     try:  # load the model before anything is written: a bad --model leaves no output behind
         run = backend(args, todo) if todo else (lambda emit: None)
     except (OSError, ValueError) as e:
@@ -445,7 +356,7 @@ def evaluate(args):
 
     try:
         run(emit)
-    except EndpointError as e:
+    except chat_api.EndpointError as e:
         log.close()
         cli.fail(f"{e}; {len(finished)} finished episodes kept in {episodes_path} (use --resume)")
     log.close()

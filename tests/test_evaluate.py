@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import chat_api
 import envs
 import evaluate
 import splits
@@ -76,7 +77,7 @@ def prompt_index(data_dir, conditions=("image", "text")):
     rows = splits.load_split(data_dir, kinds=["planning"])
     index = {}
     for ep in evaluate.build_episodes(rows, "planning", conditions):
-        index[json.dumps(evaluate.openai_messages(ep["messages"]))] = (ep["row"], ep["condition"])
+        index[json.dumps(chat_api.openai_messages(ep["messages"]))] = (ep["row"], ep["condition"])
     return rows, index
 
 

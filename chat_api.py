@@ -1,0 +1,97 @@
+"""The OpenAI-compatible client of `evaluate.py --backend openai`: any /v1/chat/completions endpoint,
+standard-library HTTP, pictures sent as PNG data URLs, --concurrency requests in flight, each retried with
+exponential back-off. A request that still fails is returned as an error (the episode counts as a failure);
+an endpoint that can serve nothing (unreachable, 401/403/404) raises EndpointError, which stops the run."""
+import base64
+import http.client
+import io
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+
+class EndpointError(Exception):
+    """The endpoint cannot serve any request (unreachable, wrong key, wrong path): stop the run."""
+
+
+def png_data_url(image):
+    from PIL import Image
+    if isinstance(image, (str, Path)) and str(image).lower().endswith(".png"):
+        data = Path(image).read_bytes()
+    else:
+        buf = io.BytesIO()
+        (Image.open(image) if isinstance(image, (str, Path)) else image).convert("RGB").save(buf, format="PNG")
+        data = buf.getvalue()
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def openai_messages(messages):
+    out = []
+    for m in messages:
+        if not isinstance(m["content"], list):
+            out.append({"role": m["role"], "content": m["content"]})
+            continue
+        parts = []
+        for part in m["content"]:
+            if part["type"] == "image":
+                parts.append({"type": "image_url", "image_url": {"url": png_data_url(part["image"])}})
+            else:
+                parts.append({"type": "text", "text": part["text"]})
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
+def chat_completion(args, api_key, messages):
+    """One request with retries. -> (text, None) or (None, error message); raises EndpointError."""
+    url = args.base_url.rstrip("/") + "/chat/completions"
+    body = json.dumps({"model": args.model, "messages": openai_messages(messages), "n": 1,
+                       "temperature": 0.0, "max_tokens": args.max_new_tokens}).encode()
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    error, unreachable = None, False
+    for attempt in range(args.retries + 1):
+        if attempt:
+            time.sleep(args.backoff_seconds * 2 ** (attempt - 1))
+        try:
+            request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+            with urllib.request.urlopen(request, timeout=args.timeout_seconds) as resp:
+                content = json.loads(resp.read())["choices"][0]["message"]["content"]
+            if content is None:
+                return None, "response without content"
+            return content, None
+        except urllib.error.HTTPError as e:
+            error, unreachable = f"HTTP {e.code} {e.reason}", False
+            if e.code in (401, 403, 404):  # every request would get the same answer
+                raise EndpointError(f"{url}: {error}") from None
+            if e.code != 429 and e.code < 500:
+                return None, error  # this request is rejected (e.g. too long); retrying will not help
+        except urllib.error.URLError as e:  # raised before any byte was sent
+            timeout = isinstance(e.reason, TimeoutError)
+            error, unreachable = ("timeout" if timeout else f"cannot reach {url}: {e.reason}"), not timeout
+        except (TimeoutError, http.client.HTTPException, ConnectionError) as e:
+            error, unreachable = ("timeout" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"), False
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            error, unreachable = f"malformed response: {type(e).__name__}", False
+    if unreachable:
+        raise EndpointError(f"{error} (after {args.retries + 1} attempts)")
+    return None, error
+
+
+def openai_backend(args, episodes):
+    api_key = os.environ.get(args.api_key_env)
+    print(f"openai: {args.base_url}, key {'from $' + args.api_key_env if api_key else 'not set'}, "
+          f"{args.concurrency} concurrent requests", flush=True)
+    def run(emit):
+        pool = ThreadPoolExecutor(max_workers=args.concurrency)
+        futures = {pool.submit(chat_completion, args, api_key, ep["messages"]): i for i, ep in enumerate(episodes)}
+        try:
+            for future in as_completed(futures):
+                emit(futures[future], *future.result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return run
