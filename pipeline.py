@@ -6,8 +6,9 @@ before it runs:
     data   python envs.py data ...                    train / val / test, 32-px cells on 160-px pictures
     psft   python sft.py --full ...                    stage 1: perception SFT (+ replay of text planning)
     mgsd   python opcd.py --loss full ...              stage 2: OPCD; teacher = the base, reading the state as text;
-                                                       a third of the 24 prompts a step give the student the text
-                                                       state instead of the picture (--text-share, chosen on val)
+                                                       32 prompts a step: the paper's 16 image prompts and 16 in
+                                                       which the student reads the text state (--text-share 0.5,
+                                                       a rehearsal of text planning, chosen on val)
     eval   python evaluate.py ...                      after every stage: image and text conditions
 
 and writes OUT/results.md (a table), OUT/results.json and OUT/results.png (a plot).
@@ -50,8 +51,8 @@ PICTURE = ["--image-size", 160, "--cell-size", 32]  # one merged vision token pe
 
 # Settings of the main job and of --quick, chosen on the val split (results/mini/REPORT.md).
 DEFAULT = dict(levels="frozenlake=4 maze=3 minibehaviour=5", train_per_level=600, val_per_level=32,
-               test_per_level=170, perception_steps=800, perception_lr=5e-4, opcd_steps=200, opcd_batch=24,
-               opcd_lr=1e-4, opcd_text_share=0.333, max_new_tokens=100)
+               test_per_level=170, perception_steps=800, perception_lr=5e-4, opcd_steps=200, opcd_batch=32,
+               opcd_lr=1e-4, opcd_text_share=0.5, max_new_tokens=100)
 QUICK = dict(levels="frozenlake=4 maze=3 minibehaviour=5", train_per_level=16, val_per_level=2, test_per_level=3,
              perception_steps=2, perception_lr=5e-4, opcd_steps=2, opcd_batch=4, opcd_lr=1e-5, opcd_text_share=0.25,
              max_new_tokens=48)
