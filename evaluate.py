@@ -333,7 +333,8 @@ def evaluate(args):
           f"{len(todo)} to run with {args.backend}", flush=True)
 
     t0 = time.time()
-    backend = {"hf": hf_backend, "vllm": vllm_backend, "openai": chat_api.openai_backend, "oracle": oracle_backend}[args.backend]
+    backend = {"hf": hf_backend, "vllm": vllm_backend, "openai": chat_api.openai_backend,
+               "oracle": oracle_backend}[args.backend]
     try:  # load the model before anything is written: a bad --model leaves no output behind
         run = backend(args, todo) if todo else (lambda emit: None)
     except (OSError, ValueError) as e:

@@ -11,6 +11,10 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import splits  # noqa: E402
+
 # (task, state key, how the answer names it)
 POSITIONS = (("frozenlake", "start", "Player"), ("frozenlake", "goal", "goal"), ("maze", "start", "Player"),
              ("maze", "target", "target"), ("minibehaviour", "agent", "Agent"), ("minibehaviour", "printer", "printer"))
@@ -19,10 +23,7 @@ POSITIONS = (("frozenlake", "start", "Player"), ("frozenlake", "goal", "goal"), 
 def in_plan_accuracy(run_dir):
     run_dir = Path(run_dir)
     split = Path(json.loads((run_dir / "run.json").read_text())["data"])
-    states = {}
-    for line in open(split / "data.jsonl"):
-        row = json.loads(line)
-        states[row["id"]] = json.loads(row["state"]) if isinstance(row["state"], str) else row["state"]
+    states = {row["id"]: row["state"] for row in splits.load_split(split, kinds=["planning"])}
     hits = {}
     for line in open(run_dir / "episodes.jsonl"):
         ep = json.loads(line)
