@@ -16,9 +16,9 @@ LEGEND = {
     "maze": (("corridor", "white cells are corridors, black bars are walls", (255, 255, 255)),
              ("player", "the yellow dot is the player", (250, 210, 0)),
              ("target", "the blue dot is the target", (30, 90, 230))),
-    "minibehaviour": (("floor", "black cells are free floor", (0, 0, 0)),
+    "minibehaviour": (("floor", "white cells are free floor", (255, 255, 255)),
                       ("table", "tan cells are the table", (210, 180, 140)),
-                      ("printer", "the white box is the printer", (255, 255, 255)),
+                      ("printer", "the blue box is the printer", (30, 90, 230)),
                       ("agent", "the red triangle is the agent", (220, 30, 30))),
 }
 COLOR = {task: {role: rgb for role, _, rgb in rows} for task, rows in LEGEND.items()}
@@ -26,7 +26,7 @@ COLOR = {task: {role: rgb for role, _, rgb in rows} for task, rows in LEGEND.ite
 
 # Detail colours that never sit at a cell centre.
 INK = {"ice_line": (110, 150, 190), "gift": (210, 40, 40), "skin": (250, 210, 170), "wall": (0, 0, 0),
-       "light_grey": (200, 200, 200), "floor_line": (70, 70, 70), "table_line": (170, 140, 100)}
+       "light_grey": (200, 200, 200), "floor_line": (90, 90, 90), "table_line": (170, 140, 100)}
 BORDER = {"frozenlake": INK["ice_line"], "maze": INK["wall"], "minibehaviour": INK["floor_line"]}
 
 
@@ -76,7 +76,7 @@ def _tile(task, key, s):
     else:
         d.rectangle([0, 0, s - 1, s - 1], fill=col["table"] if key == "table" else col["floor"],
                     outline=INK["table_line"] if key == "table" else INK["floor_line"])
-        if key == "printer":  # a white box with a grey paper tray at the top
+        if key == "printer":  # a blue box with a grey paper tray at the top
             d.rectangle(box(0.2, 0.8), fill=col["printer"])
             d.rectangle([round(0.3 * s), round(0.2 * s), round(0.7 * s) - 1, round(0.3 * s)], fill=INK["light_grey"])
         elif key == "agent":

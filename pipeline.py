@@ -120,8 +120,11 @@ def pretrain_commands(out, steps, quick=False):
     `plan`, `steps` steps of text planning and teacher-prompt rows with a sixth of grid rows kept in."""
     py, d = sys.executable, out / "data"
     grids, text_per_level, teacher_per_level, see_steps = (64, 8, 8, 4) if quick else (12000, 3000, 700, 1500)
+    # The shipped base's BPE was trained on the prompts of its day (MiniBehaviour's picture legend has changed
+    # since); keeping it makes the rebuild the shipped base.
+    keep = [] if quick or not (SHIPPED_BASE / "tokenizer.json").is_file() else ["--tokenizer", SHIPPED_BASE]
     cmds = [([py, "tiny.py", "model", "--out", out / "init", "--size", "tiny" if quick else "small", "--image-size", 160,
-              "--seed", 0], out / "init" / "config.json"),
+              "--seed", 0, *keep], out / "init" / "config.json"),
             ([py, "tiny.py", "grids", "--out", d / "grids-train", "--split", "train", "--count", grids], d / "grids-train"),
             ([py, "tiny.py", "grids", "--out", d / "grids-replay", "--split", "train", "--count", grids // 6],
              d / "grids-replay"),

@@ -237,7 +237,6 @@ TOKENIZER_SPLIT = r"\d|\n|[A-Z.](?=[A-Z.<,\n])"
 def train_tokenizer(texts, vocab_size=TOKENIZER_VOCAB):
     """A byte-level BPE trained on `texts`, cut by TOKENIZER_SPLIT, as a fast HF tokenizer."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
@@ -249,14 +248,31 @@ def train_tokenizer(texts, vocab_size=TOKENIZER_VOCAB):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(texts, trainer)
     bpe.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS])
+    return _fast(bpe)
+
+
+def load_tokenizer(folder):
+    """The BPE of a model folder built here, wrapped as train_tokenizer wraps a fresh one."""
+    from tokenizers import Tokenizer
+
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"{folder}: no tokenizer.json")
+    return _fast(Tokenizer.from_file(str(path)))
+
+
+def _fast(bpe):
+    from transformers import PreTrainedTokenizerFast
+
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                   model_max_length=32768, additional_special_tokens=SPECIAL_TOKENS)
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
-def build_model(out_dir, size="tiny", seed=0, image_size=128):
-    """Build and save a random Qwen3VLForConditionalGeneration + processor folder. Returns the path."""
+def build_model(out_dir, size="tiny", seed=0, image_size=128, tokenizer=None):
+    """Build and save a random Qwen3VLForConditionalGeneration + processor folder. Returns the path.
+    `tokenizer`: a model folder built here whose BPE to keep instead of training one on today's text."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
@@ -265,7 +281,7 @@ def build_model(out_dir, size="tiny", seed=0, image_size=128):
         raise ValueError(f"unknown size {size!r}; choose from {sorted(MODEL_SIZES)}")
     if image_size % 32:
         raise ValueError(f"image_size must be a multiple of 32 (one token per 32x32 pixels), got {image_size}")
-    tok = train_tokenizer(tokenizer_corpus())
+    tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(tokenizer_corpus())
     hidden, layers, heads, kv_heads, head_dim, mlp = MODEL_SIZES[size]["text"]
     v_hidden, v_depth, v_heads, v_mlp, deepstack = MODEL_SIZES[size]["vision"]
     half = head_dim // 2
@@ -324,13 +340,16 @@ def main(argv=None):
                    help="tiny (<1M, tests), small (3.5M, the miniature), medium (>=30M)")
     m.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     m.add_argument("--image-size", type=int, default=128, help="the fixed image side in pixels (multiple of 32)")
+    m.add_argument("--tokenizer", default=None, help="keep the tokenizer of this model folder (built here) instead of "
+                                                     "training one on the project's text: how the shipped base is rebuilt")
     args = parser.parse_args(argv)
     try:
         if args.command == "grids":
             out = write_grids(args.out, args.split, args.count, args.canvas, args.cell_size)
             print(f"wrote {out / 'data.jsonl'}")
             return
-        path = build_model(args.out, size=args.size, seed=args.seed, image_size=args.image_size)
+        path = build_model(args.out, size=args.size, seed=args.seed, image_size=args.image_size,
+                           tokenizer=args.tokenizer)
     except (ValueError, OSError) as e:
         cli.fail(e)
     from safetensors import safe_open

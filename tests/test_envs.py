@@ -442,10 +442,10 @@ def test_prompt_legend_is_the_renderer_legend():
 
 # method.md §1's colour words, and what each means in RGB.
 DOC_COLOURS = {("frozenlake", "frozen"): "ice-blue", ("frozenlake", "hole"): "dark", ("maze", "corridor"): "white",
-                ("maze", "player"): "yellow", ("maze", "target"): "blue", ("minibehaviour", "floor"): "black",
-                ("minibehaviour", "table"): "tan", ("minibehaviour", "printer"): "white", ("minibehaviour", "agent"): "red"}
+                ("maze", "player"): "yellow", ("maze", "target"): "blue", ("minibehaviour", "floor"): "white",
+                ("minibehaviour", "table"): "tan", ("minibehaviour", "printer"): "blue", ("minibehaviour", "agent"): "red"}
 COLOUR_WORDS = {"ice-blue": lambda r, g, b: b > 220 and g > 180 and r < b, "dark": lambda r, g, b: max(r, g, b) < 90,
-                "white": lambda r, g, b: min(r, g, b) > 230, "black": lambda r, g, b: max(r, g, b) < 30,
+                "white": lambda r, g, b: min(r, g, b) > 230,
                 "yellow": lambda r, g, b: r > 200 and g > 180 and b < 80, "blue": lambda r, g, b: b > 180 and r < 100,
                 "tan": lambda r, g, b: r > g > b > 100, "red": lambda r, g, b: r > 180 and g < 80 and b < 80}
 

@@ -100,6 +100,21 @@ def evaluate_both_backends(args, out):
     return [[json.loads(line) for line in (out / name / "episodes.jsonl").read_text().splitlines()] for name in ("hf", "vllm")]
 
 
+def test_the_base_is_rebuilt_with_the_shipped_tokenizer(tmp_path):
+    """`pipeline.py --pretrain` keeps the shipped base's BPE (trained on the prompts of its day; MiniBehaviour's
+    picture legend changed since), so that the rebuild is the shipped base; a fresh BPE today would differ."""
+    import pipeline
+
+    built = tiny.build_model(tmp_path / "model", size="tiny", tokenizer=BASE)
+    saved, shipped = (json.loads((folder / "tokenizer.json").read_text()) for folder in (built, BASE))
+    assert saved["model"] == shipped["model"] and saved["added_tokens"] == shipped["added_tokens"]
+    fresh = json.loads(tiny.train_tokenizer(tiny.tokenizer_corpus()).backend_tokenizer.to_str())
+    assert fresh["model"]["merges"] != shipped["model"]["merges"]
+    init = pipeline.pretrain_commands(tmp_path / "base", 8)[0][0]
+    assert init[init.index("--tokenizer") + 1] == pipeline.SHIPPED_BASE
+    assert "--tokenizer" not in pipeline.pretrain_commands(tmp_path / "quick", 8, quick=True)[0][0]
+
+
 def test_shipped_base_reads_pictures_and_plans_from_text_alike_in_hf_and_vllm(tmp_path):
     """models/mini-base loads in transformers and vLLM, both see a 160-px picture as 25 tokens and give the
     same greedy answers, and the answers are right: held-out grid pictures read, text-state plans solved."""
