@@ -1,34 +1,25 @@
 """Stage 1 of MGSD: supervised fine-tuning of a Qwen-VL model on chat rows (method.md §7).
 
-Algorithm: for each row, render the chat with the processor's template, tokenize it segment by
-segment, and put the loss on the assistant tokens only (each assistant turn up to and including
-its <|im_end|>; everything else -100). Minimise the token-mean negative log-likelihood over
-the global batch with AdamW, a cosine schedule with linear warm-up, and gradient accumulation
-up to the effective batch across torchrun ranks (one all-reduce of the gradients a step). Either a
-LoRA on the language model's q/k/v/o/gate/up/down projections (rank 8, alpha 16, dropout 0) or,
-with --full, every language-model weight. The vision tower and merger are frozen and run under no_grad (their
-image embeddings are handed to the language model as precomputed encoder outputs), unless
---train-vision trains them too: a tiny model built from scratch has a random tower that has
-never seen an image, which a real VLM's pretrained tower has.
-
-The main use is perception SFT (perception rows), but any rows with `messages` train the same
-way: `planning` rows (a direct visual SFT baseline) and `text-planning` rows (text pre-training
-of a tiny base model). Text-only batches never touch the vision tower.
+Algorithm: render each chat with the processor's template and put the loss on the assistant tokens
+only (each assistant turn up to and including its <|im_end|>). Minimise the token-mean NLL over the
+global batch with AdamW, linear warm-up then cosine decay, accumulating micro-batches across
+torchrun ranks (one all-reduce of the gradients a step). Trainable: a LoRA (rank 8, alpha 16) on the
+language model's q/k/v/o/gate/up/down projections, or with --full every language-model weight. The
+vision tower and merger are frozen and run under no_grad unless --train-vision (a tiny model built
+from scratch has a random tower; a real VLM's is pretrained). Rows: perception (stage 1), planning
+(direct visual SFT), text-planning / teacher / vision (the tiny base's pre-training).
 
 Simplifications, on purpose:
-- The loss is the token mean over the *global* batch (sum of NLL / number of assistant tokens
-  across all micro-batches and ranks), so one process and N processes with the same global
-  batch take the same step. LLaMA-Factory averages per micro-batch instead.
-- Warm-up starts at lr/warmup on the first step (HF's schedule spends step 0 at lr 0).
-- The last partial global batch of an epoch is dropped; the epoch order is a seeded permutation,
-  so --resume reproduces an uninterrupted run exactly (same rows, same optimiser state).
-- Sequences longer than --max-length are cut on the right (an error if the cut hits an image).
-- Validation: loss on up to --val-size rows of the val split, and task metrics from greedy
-  `generate` scored by envs.score_row (perception: accuracy per question and all-correct).
+- The loss is the token mean over the *global* batch, so 1 and N processes take the same step
+  (LLaMA-Factory averages per micro-batch). Warm-up starts at lr/warmup on step 0 (HF: lr 0).
+- The last partial batch of an epoch is dropped; the order is a seeded permutation per epoch, so
+  --resume reproduces an uninterrupted run exactly. Rows longer than --max-length are cut on the
+  right (an error if the cut hits an image).
+- Validation: loss on up to --val-size val rows and greedy answers scored by envs.score_row.
 
 Outputs in --out: adapter/ (PEFT format, for merge.py) or, with --full, model/ (a plain HF folder);
-checkpoint/ (the latest, for --resume); log.jsonl; args.json; tb/ when TensorBoard is installed.
-Commands: README.md, "Stage 1".
+checkpoint/ (the latest, for --resume); log.jsonl; args.json; tb/ with TensorBoard. Commands:
+README.md, "Stage 1".
 """
 import argparse
 import json
@@ -190,7 +181,7 @@ def validate(model, processor, rows, args, rank, world, device, autocast):
     was_training = model.training
     model.eval()
     mine = rows[rank::world]
-    nll, n_tok, sums = 0.0, 0, {}
+    nll, n_tok, scores = 0.0, 0, []  # scores: (metric name, value) of every scored answer on this rank
     pad = processor.tokenizer.pad_token_id
     for i in range(0, len(mine), args.micro_batch_size):
         chunk = mine[i:i + args.micro_batch_size]
@@ -202,23 +193,17 @@ def validate(model, processor, rows, args, rank, world, device, autocast):
         prompts = [r["messages"][:-1] for r in chunk]
         with autocast:
             responses = [o["text"] for o in common.generate_responses(model, processor, prompts, args.max_new_tokens)]
-        for row, response in zip(chunk, responses):
-            for key, value in envs.score_row(row, response).items():
-                if isinstance(value, (bool, float)):
-                    name = f"val/{row['kind']}/{key}"
-                    s = sums.setdefault(name, [0, 0])
-                    s[0], s[1] = s[0] + value, s[1] + 1
+        scores += [(f"val/{row['kind']}/{key}", float(value)) for row, response in zip(chunk, responses)
+                   for key, value in envs.score_row(row, response).items() if isinstance(value, (bool, float))]
     if dist.is_initialized():
         gathered = [None] * world
-        dist.all_gather_object(gathered, sums)
-        sums = {}
-        for part in gathered:
-            for k, (a, b) in part.items():
-                s = sums.setdefault(k, [0, 0])
-                s[0], s[1] = s[0] + a, s[1] + b
+        dist.all_gather_object(gathered, scores)
+        scores = [s for part in gathered for s in part]
     totals = global_sum([nll, n_tok], device)
     metrics = {"val/loss": float(totals[0] / max(1, totals[1]))}
-    metrics.update({k: a / b for k, (a, b) in sorted(sums.items())})
+    for name in sorted({name for name, _ in scores}):
+        values = [v for n, v in scores if n == name]
+        metrics[name] = sum(values) / len(values)
     model.train(was_training)
     return metrics
 
