@@ -1,5 +1,6 @@
-"""How often a planning answer states the picture's positions right: the state line that the student
-writes before its route ("Map 4x4. Player at (r, c), goal at ...") scored against the true state.
+"""How often a planning answer states the picture's positions (and MiniBehaviour's table) right: the state
+line that the student writes before its route ("Map 4x4. Player at (r, c), goal at ...") scored against the
+true state.
 
 Perception QA after stage 1 asks for positions in its own format; this reads them out of the planning
 answers, image condition, of an evaluate.py run (its episodes.jsonl and run.json, which names the split).
@@ -34,6 +35,10 @@ def in_plan_accuracy(run_dir):
                 m = re.search(word + r" at \((\d+), ?(\d+)\)", ep["response"] or "", re.IGNORECASE)
                 right = m is not None and [int(m.group(1)), int(m.group(2))] == list(states[ep["id"]][key])
                 hits.setdefault(f"{task} {key}", []).append(right)
+        if ep["task"] == "minibehaviour":  # the table's six cells, as a set
+            m = re.search(r"Table cells: ([^\n]*)", ep["response"] or "")
+            cells = sorted([int(r), int(c)] for r, c in re.findall(r"\((\d+), ?(\d+)\)", m.group(1))) if m else None
+            hits.setdefault("minibehaviour table", []).append(cells == sorted(states[ep["id"]]["table"]))
     return {name: 100 * sum(v) / len(v) for name, v in hits.items()}
 
 
