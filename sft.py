@@ -201,9 +201,10 @@ def validate(model, processor, rows, args, rank, world, device, autocast):
         scores = [s for part in gathered for s in part]
     totals = global_sum([nll, n_tok], device)
     metrics = {"val/loss": float(totals[0] / max(1, totals[1]))}
-    for name in sorted({name for name, _ in scores}):
-        values = [v for n, v in scores if n == name]
-        metrics[name] = sum(values) / len(values)
+    by_name = {}
+    for name, value in scores:
+        by_name.setdefault(name, []).append(value)
+    metrics.update({name: sum(v) / len(v) for name, v in sorted(by_name.items())})
     model.train(was_training)
     return metrics
 

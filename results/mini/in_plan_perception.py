@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import envs  # noqa: E402
 import splits  # noqa: E402
 
 # (task, state key, how the answer names it)
@@ -32,12 +33,12 @@ def in_plan_accuracy(run_dir):
             continue
         for task, key, word in POSITIONS:
             if ep["task"] == task:
-                m = re.search(word + r" at \((\d+), ?(\d+)\)", ep["response"] or "", re.IGNORECASE)
+                m = re.search(word + " at " + envs.POS_RE.pattern, ep["response"] or "", re.IGNORECASE)
                 right = m is not None and [int(m.group(1)), int(m.group(2))] == list(states[ep["id"]][key])
                 hits.setdefault(f"{task} {key}", []).append(right)
         if ep["task"] == "minibehaviour":  # the table's six cells, as a set
             m = re.search(r"Table cells: ([^\n]*)", ep["response"] or "")
-            cells = sorted([int(r), int(c)] for r, c in re.findall(r"\((\d+), ?(\d+)\)", m.group(1))) if m else None
+            cells = sorted([int(r), int(c)] for r, c in envs.POS_RE.findall(m.group(1))) if m else None
             hits.setdefault("minibehaviour table", []).append(cells == sorted(states[ep["id"]]["table"]))
     return {name: 100 * sum(v) / len(v) for name, v in hits.items()}
 
