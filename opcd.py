@@ -8,7 +8,8 @@ Every step, on a batch of training instances mixed over tasks and levels (opcd_s
      as REINFORCE with A_t = ℓ_T − ℓ_S (the reference's estimator), or exactly over the vocabulary
      (--loss full); a token mean over the global batch.
   4. Step: AdamW (lr 1e-6, wd 0.01, constant), grad-norm clip 1.0, fp32 master weights (--master).
-Validation (T 0.6, top-p 0.95) selects the best/ checkpoint by macro success; best/ and last/ are HF folders.
+Validation (T 0.6, top-p 0.95) selects the best/ checkpoint by macro success; best/ and last/ are HF folders;
+done.json is written when the last step is.
 
 Deviations from the reference (an EasyR1/verl fork), each explained in docs/method.md: fp32 master weights
 (its bf16 AdamW rounds lr-1e-6 steps away; --master bf16 reproduces it); one process a device, gradients
@@ -467,6 +468,8 @@ def main(argv=None):
         bar.update(1)
     bar.close()
     write_log.close()
+    if rank == 0:  # the sign that the run is complete (best/ and last/ exist from the first validation on)
+        (out / "done.json").write_text(json.dumps({"steps": total_steps, "best_val_macro_success": best}) + "\n")
     common.print0(f"done: {total_steps} steps" + (f", best val macro success {best:.3f}" if val_rows else "")
                   + f", checkpoints in {out}")
     if llm is not None:

@@ -211,12 +211,15 @@ def main():
         return out / name / "model"
 
     def opcd(name, student, *extra):
+        """best/ exists from OPCD's first validation on: an interrupted run is resumed from last/, not taken
+        as done (the resume is exact, opcd.py)."""
+        resume = "--resume" if (out / name / "last" / "trainer_state.pt").is_file() else "--overwrite"
         run([py, "opcd.py", "--model", student, "--teacher", base, "--data", data / "train", "--val-data", data / "val",
              "--out", out / name, "--rollout", backend, "--max-steps", args.opcd_steps, "--batch-size", args.opcd_batch,
              "--lr", args.opcd_lr, "--max-new-tokens", args.max_new_tokens, "--val-every", max(1, args.opcd_steps // 4),
-             "--seed", args.seed, "--loss", "full", "--no-grad-checkpointing", "--overwrite", "--text-share",
+             "--seed", args.seed, "--loss", "full", "--no-grad-checkpointing", resume, "--text-share",
              args.opcd_text_share, *extra],
-            out / name / "best" / "config.json")
+            out / name / "done.json")
         return out / name / "best"
 
     results = {}

@@ -336,7 +336,9 @@ def test_resume_is_exact(opcd_base, tmp_path):
     """Single process, in-process: 2 steps + --resume to 3 == 3 steps in one go."""
     args = [str(a) for a in opcd_base] + ["--rollout", "hf"]
     opcd.main(args + ["--out", str(tmp_path / "a"), "--max-steps", "2"])
+    assert json.loads((tmp_path / "a" / "done.json").read_text())["steps"] == 2
     opcd.main(args + ["--out", str(tmp_path / "a"), "--max-steps", "3", "--resume"])
+    assert json.loads((tmp_path / "a" / "done.json").read_text())["steps"] == 3
     opcd.main(args + ["--out", str(tmp_path / "b"), "--max-steps", "3"])
     a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
     assert [e["step"] for e in a] == [0, 1, 2, 3]

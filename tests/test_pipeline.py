@@ -1,6 +1,7 @@
 """The main job's --quick form: every stage, the base's pretraining included, runs through the
-project's own scripts and leaves its outputs, and the results table is filled. (Smoke test: the
-numbers are not judged; tests/test_mini.py checks the shipped base's answers.)"""
+project's own scripts and leaves its outputs, and the results table is filled; a re-run skips what
+is done and resumes an interrupted OPCD. (Smoke test: the numbers are not judged; tests/test_mini.py
+checks the shipped base's answers.)"""
 import json
 import os
 import subprocess
@@ -42,3 +43,14 @@ def test_quick_pipeline_runs_every_stage_and_fills_the_table(tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "$ " not in again.stdout
     assert (out / "results.md").read_text().splitlines() == table
+    # An OPCD run without done.json was interrupted (best/ exists from its first validation on): it is
+    # resumed from last/, not taken as done; here no step is left, so best/ stays as it was.
+    assert json.loads((out / "mgsd" / "done.json").read_text())["steps"] == 2
+    best = (out / "mgsd" / "best" / "model.safetensors").read_bytes()
+    (out / "mgsd" / "done.json").unlink()
+    resumed = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "--quick", "--out", str(out)],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert resumed.stdout.count("$ ") == 1 and "opcd.py" in resumed.stdout and "--resume" in resumed.stdout
+    assert "steps 2->2" in resumed.stdout + resumed.stderr and (out / "mgsd" / "done.json").is_file()
+    assert (out / "mgsd" / "best" / "model.safetensors").read_bytes() == best
