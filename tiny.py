@@ -258,7 +258,10 @@ def load_tokenizer(folder):
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         raise ValueError(f"{folder}: no tokenizer.json")
-    return _fast(Tokenizer.from_file(str(path)))
+    bpe = Tokenizer.from_file(str(path))
+    bpe.no_padding()  # a trained model's folder keeps the padding its last generate set; a fresh build has none
+    bpe.no_truncation()
+    return _fast(bpe)
 
 
 def _fast(bpe):

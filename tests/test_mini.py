@@ -108,6 +108,8 @@ def test_the_base_is_rebuilt_with_the_shipped_tokenizer(tmp_path):
     built = tiny.build_model(tmp_path / "model", size="tiny", tokenizer=BASE)
     saved, shipped = (json.loads((folder / "tokenizer.json").read_text()) for folder in (built, BASE))
     assert saved["model"] == shipped["model"] and saved["added_tokens"] == shipped["added_tokens"]
+    # the shipped folder keeps the left padding of its last generate; a build starts without, as a fresh BPE does
+    assert shipped["padding"]["direction"] == "Left" and saved["padding"] is None and saved["truncation"] is None
     fresh = json.loads(tiny.train_tokenizer(tiny.tokenizer_corpus()).backend_tokenizer.to_str())
     assert fresh["model"]["merges"] != shipped["model"]["merges"]
     init = pipeline.pretrain_commands(tmp_path / "base", 8)[0][0]
