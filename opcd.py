@@ -9,7 +9,7 @@ Every step, on a batch of training instances mixed over tasks and levels (opcd_s
      (--loss full); a token mean over the global batch.
   4. Step: AdamW (lr 1e-6, wd 0.01, constant), grad-norm clip 1.0, fp32 master weights (--master).
 Validation (T 0.6, top-p 0.95) selects the best/ checkpoint by macro success; best/ and last/ are HF folders;
-done.json is written when the last step is.
+done.json is written once the last step has run.
 
 Deviations from the reference (an EasyR1/verl fork), each explained in docs/method.md: fp32 master weights
 (its bf16 AdamW rounds lr-1e-6 steps away; --master bf16 reproduces it); one process a device, gradients
