@@ -1,20 +1,8 @@
-"""Import the paper's evaluation benchmarks as ordinary split folders (data.jsonl + images).
-
-The paper's numbers come from two public sets, not from freshly generated instances:
-- **VSP FrozenLake** (600 maps, levels 3-8): `levelN/table/K.txt` holds a markdown table (`_`
-  frozen, `#` hole, `@` player, `*` goal; rows and columns numbered from 1), `levelN/metadata.json`
-  maps `K.png` to a reference plan, and `levelN/img/K.png` is the benchmark's own picture
-  (gymnasium sprites). The picture is used as it is, as the reference evaluator does.
-- **VisualPlanning** test files (JSONL, one record a line, a `meta` dict each): FrozenLake `layout`
-  (rows of S/F/H/G) with flat `start_pos` / `target_pos` (row * level + col) and a `distance_map`;
-  Maze `layout` (rows of cells {"north", "east", "south", "west"}, true = wall) with flat
-  `start_pos` / `target_pos`; MiniBehaviour `start_pos`, `printer_pos`, `table_pos` as (row, col),
-  with the best path in `input_state`. These are re-rendered with pictures.render, as the reference does.
-
-Every instance is checked: our BFS shortest plan has the benchmark's length (reference plan,
-distance map or best path), or the import stops with one error naming the file and line.
-The folders are read by evaluate.py and opcd.py --val-data unchanged (planning rows; the text
-condition is built from each row's state).
+"""Import the paper's evaluation benchmarks, VSP FrozenLake and the VisualPlanning test files, as ordinary
+split folders (data.jsonl + images) that evaluate.py and opcd.py --val-data read unchanged. Their formats:
+docs/method.md §9. VSP's own pictures are used as they are; VisualPlanning's states are re-rendered by
+pictures.render, as the reference does. Every instance is checked: our BFS plan has the benchmark's length,
+or the import stops with one error naming the file and line.
 
     python benchmarks.py vsp SRC/vsp-frozenlake --out data/bench/vsp
     python benchmarks.py visualplanning SRC/frozenlake-test.jsonl SRC/maze-test.jsonl SRC/minibehaviour-test.jsonl \\

@@ -1,14 +1,6 @@
-"""One way to fail, shared by every script: argument checks at parse time, one line on stderr,
-exit code 2, nothing written. No torch here, so that evaluate.py's API path stays light.
-
-- `Parser`: argparse with one-line errors and every default shown in --help;
-- `positive_int`, `nonneg_int`, `positive_float`, `nonneg_float`: argparse types that reject
-  out-of-range and non-finite numbers at parse time;
-- `check_out`: an --out that already holds a run needs --resume or --overwrite, and must be writable;
-- `check_resume`: a resumed run must keep its saved settings, except the ones named safe;
-- `atomic_dir`: write a folder to a temporary sibling, then rename it into place;
-- `recover_dir`: the leftovers of a write that was killed are cleaned up or put back.
-"""
+"""One way to fail, shared by every script: argument checks at parse time, one line on stderr, exit code 2,
+nothing written; --out checks, resume checks and atomic folder writes. No torch here, so that evaluate.py's
+API path stays light."""
 import argparse
 import json
 import math

@@ -54,19 +54,22 @@ def print0(*args, **kwargs):
 # Saving
 
 
-def save_model(model, processor, out_dir):
-    """Save a from_pretrained-loadable folder (safetensors + processor files), atomically."""
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise ValueError("save_model: the model still holds LoRA layers; merge_lora(model) first")
-    with cli.atomic_dir(out_dir) as tmp:
-        write_model_files(model, processor, tmp)
+def save_model(model, processor, out_dir, trainer_state=None, rank=0):
+    """A from_pretrained-loadable folder (LoRA layers merged), plus trainer_state.pt for --resume; atomic.
+    Every rank calls it (under --fsdp the weights are gathered); rank 0 writes."""
+    weights = hf_state_dict(model)
+    if rank == 0:
+        with cli.atomic_dir(out_dir) as tmp:
+            write_model_files(model, processor, tmp, weights)
+            if trainer_state is not None:
+                torch.save(trainer_state, tmp / "trainer_state.pt")
     return Path(out_dir)
 
 
-def write_model_files(model, processor, folder):
+def write_model_files(model, processor, folder, state_dict=None):
     """save_pretrained of model and processor into an existing folder, plus the classic
     preprocessor_config.json / video_preprocessor_config.json that some loaders still look for."""
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
     processor.save_pretrained(folder)
     for part in ("image_processor", "video_processor"):
         if getattr(processor, part, None) is not None:

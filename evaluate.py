@@ -1,20 +1,14 @@
 """Evaluate a vision-language model on visual planning, perception and the modality gap (docs/method.md §9).
 
-- planning: one task picture (condition `image`) or the same state as text (`text`); the answer's plan
-  is parsed and run by envs.score_row, the parser and simulator that training uses. Metrics: parse_ok,
-  success, optimal, illegal per (task, level), per task, and the macro mean over tasks; `--condition
-  both` also reports text - image for each: the gap MGSD aims to close.
-- perception: numbered questions about one picture, graded per question and all-correct.
-- dynamics: the forward / inverse / verify questions stored in the split.
-Greedy, one sample, up to --max-new-tokens; the vision special tokens are never generated.
-
-Backends: hf (batched `generate`), vllm, openai (any OpenAI-compatible endpoint: chat_api.py; the key is
-read from the variable --api-key-env names and never written) and oracle (the reference answers: the 100 %
-upper bound, an end-to-end check of data, prompts and scorer). A request that still fails after its
-retries counts as a failure and stays in every denominator; an endpoint that serves nothing stops the run
-with one error line, exit 2. Episodes are appended to OUT/episodes.jsonl as they finish and --resume asks
-only for the missing and errored ones; OUT also gets summary.json, report.md and a plot.
---limit takes instances round-robin over (task, level). Commands: README.md, "Evaluation".
+Kinds: planning from the task picture (condition `image`) or the same state as text (`text`; `both` also
+reports text − image, the gap MGSD aims to close), scored by envs.score_row, the parser and simulator that
+training uses; perception (numbered questions about one picture); dynamics; vision (tiny.py's grids).
+Greedy, one sample, vision special tokens never generated. Backends: hf, vllm, openai (any OpenAI-compatible
+endpoint, chat_api.py; the key is read from the variable --api-key-env names and never written) and oracle
+(the reference answers: the 100 % upper bound). A request that fails after its retries counts as a failure;
+an endpoint that serves nothing stops the run (exit 2). Episodes are appended to OUT/episodes.jsonl as they
+finish (--resume asks only for the missing ones); OUT also gets summary.json, report.md and a plot.
+Commands: README.md, "Evaluation".
 """
 import json
 import os
@@ -91,14 +85,6 @@ def build_episodes(rows, kind, conditions):
     return episodes
 
 
-def oracle_response(row):
-    if row["kind"] == "perception":
-        return envs.perception_answer(row["state"])
-    if row["kind"] in ("dynamics", "vision"):
-        return row["answer"]
-    return envs.reference_response(row["state"])
-
-
 def score_episode(ep, response, error):
     row = ep["row"]
     scores = envs.score_row(row, None if error else response)
@@ -120,7 +106,7 @@ def key(record):
 def oracle_backend(args, episodes):
     def run(emit):
         for i, ep in enumerate(episodes):
-            emit(i, oracle_response(ep["row"]), None)
+            emit(i, ep["row"]["answer"], None)  # the row's reference answer
     return run
 
 
@@ -247,25 +233,20 @@ def plot(summary, metric, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    conditions = summary["conditions"]
-    first = next(iter(conditions.values()))
-    labels = [f"{task}\n{level}" for task, level, _ in rows_of(first)]
+    conditions, gaps = summary["conditions"], summary.get("gap_text_minus_image")
+    values = {c: [100 * cell.get(metric, 0.0) for _, _, cell in rows_of(agg)] for c, agg in conditions.items()}
+    labels = [f"{task}\n{level}" for task, level, _ in rows_of(next(iter(conditions.values())))]
     width = 0.8 / len(conditions)
     fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(labels) * len(conditions)), 4))
-    for j, (condition, agg) in enumerate(conditions.items()):
-        values = [100 * cell.get(metric, 0.0) for _, _, cell in rows_of(agg)]
-        xs = [i + (j - (len(conditions) - 1) / 2) * width for i in range(len(labels))]
-        ax.bar(xs, values, width, label=condition)
-    if "gap_text_minus_image" in summary:
-        gaps = [100 * cell.get(metric, 0.0) for _, _, cell in rows_of(summary["gap_text_minus_image"])]
-        text_values = [100 * cell.get(metric, 0.0) for _, _, cell in rows_of(conditions["text"])]
-        image_values = [100 * cell.get(metric, 0.0) for _, _, cell in rows_of(conditions["image"])]
-        for i, g in enumerate(gaps):
-            ax.annotate(f"{g:+.0f}", (i, max(text_values[i], image_values[i]) + 2), ha="center", fontsize=7)
+    for j, (condition, v) in enumerate(values.items()):
+        ax.bar([i + (j - (len(conditions) - 1) / 2) * width for i in range(len(labels))], v, width, label=condition)
+    for i, (_, _, cell) in enumerate(rows_of(gaps) if gaps else []):
+        ax.annotate(f"{100 * cell.get(metric, 0.0):+.0f}", (i, max(v[i] for v in values.values()) + 2), ha="center",
+                    fontsize=7)
     ax.set_xticks(range(len(labels)), labels, fontsize=7)
     ax.set_ylim(0, 110)
     ax.set_ylabel(f"{metric} (%)")
-    ax.set_title(f"{metric} per task and level" + (" (labels: gap text − image)" if "gap_text_minus_image" in summary else ""))
+    ax.set_title(f"{metric} per task and level" + (" (labels: gap text − image)" if gaps else ""))
     ax.legend()
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")

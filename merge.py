@@ -1,20 +1,11 @@
-"""Merge a LoRA adapter into its base model and save a plain Hugging Face checkpoint (method.md §7).
+"""Merge a LoRA adapter into its base model and save a plain Hugging Face checkpoint (docs/method.md §7).
 
-Algorithm: load the pristine base weights in float32, add the adapter's LoRA layers, compute
-the probe logits of base + adapter, fold each adapter into its weight, W <- W + (alpha/r) B A,
-in float32, and check that the merged model reproduces those logits (max |diff| printed; exit 1
-beyond --tolerance). The merged weights are then cast to the base checkpoint's dtype and saved
-with the processor files, atomically; the saved folder is reloaded and must hold exactly the
-merged weights, or nothing is written (its logit diff in the base dtype is printed too).
-
-The probe batch is two chats: one with a synthetic image and one text-only (or, with
---probe-data, the prompts of the first rows of a split), so both the vision path and the text
-path are checked.
-
---checkpoint turns a full fine-tuning training checkpoint (sft.py's OUT/checkpoint, e.g. of an
-interrupted run; finished --full runs already write OUT/model) into a plain model folder.
-
-Commands: README.md, "Stage 1".
+Loads the base in float32, adds the adapter, computes the probe logits of base + adapter, folds each adapter
+into its weight (W <- W + alpha/r B A, float32) and checks that the merged model reproduces them (exit 1
+beyond --tolerance). The weights are cast to the base checkpoint's dtype and saved with the processor files,
+atomically; the saved folder is reloaded and must hold exactly the merged weights. The probe batch: a chat
+with a synthetic image and a text-only one (or --probe-data's first prompts), so both paths are checked.
+--checkpoint turns sft.py's full fine-tuning OUT/checkpoint (e.g. of an interrupted run) into a model folder.
 """
 import sys
 from pathlib import Path

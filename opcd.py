@@ -1,27 +1,20 @@
 """Stage 2 of MGSD: on-policy context distillation (OPCD), one file, plain PyTorch (docs/method.md §8).
 
-Every step, on a batch of training instances mixed over tasks and levels (opcd_step):
+Every step (opcd_step), on a batch of training instances mixed over tasks and levels:
   1. Rollout: the student sees the task *image* and samples one response per prompt (T 1.0, top-p 1.0).
-  2. Teacher: the frozen base model reads the privileged *symbolic state* as text (and by default the
-     reference plan) and scores the student's exact response token ids: ℓ_T = log π_T(y_t | text, y<t).
-  3. Loss: the per-token reverse KL(π_S(·|image, y<t) ‖ π_T(·|text, y<t)) on the student's own prefixes,
-     as REINFORCE with A_t = ℓ_T − ℓ_S (the reference's estimator), or exactly over the vocabulary
-     (--loss full); a token mean over the global batch.
-  4. Step: AdamW (lr 1e-6, wd 0.01, constant), grad-norm clip 1.0, fp32 master weights (--master).
-Validation (T 0.6, top-p 0.95) selects the best/ checkpoint by macro success; best/ and last/ are HF folders;
-done.json is written once the last step has run.
+  2. Teacher: the frozen base reads the privileged *symbolic state* as text (and the reference plan) and
+     scores the student's exact response ids: ℓ_T = log π_T(y_t | text, y<t).
+  3. Loss: the per-token reverse KL(π_S(·|image, y<t) ‖ π_T(·|text, y<t)) on the student's own prefixes, as
+     REINFORCE with A_t = ℓ_T − ℓ_S (the reference) or exactly over the vocabulary (--loss full).
+  4. Step: AdamW (lr 1e-6, wd 0.01), grad-norm clip 1.0, fp32 master weights (--master).
+Validation (T 0.6, top-p 0.95) keeps the best/ checkpoint by macro success; best/ and last/ are HF folders;
+done.json marks a finished run. Deviations from the reference (docs/method.md §10): fp32 master weights, one
+all-reduce of the gradients (or FSDP2), the teacher in the trainer, log-probs recomputed by the trainer,
+randomness seeded from (--seed, step, rank) so that --resume is exact. Memory: README, "What fits on one GPU".
 
-Deviations from the reference (an EasyR1/verl fork), each explained in docs/method.md: fp32 master weights
-(its bf16 AdamW rounds lr-1e-6 steps away; --master bf16 reproduces it); one process a device, gradients
-summed by one all-reduce (or FSDP2 with --fsdp); the teacher is an in-trainer forward pass; rollout
-log-probs are recomputed by the trainer; randomness is seeded from (--seed, step, rank), so --resume is
-exact. Memory at 4B and what fits on one GPU: README, "What fits on one GPU".
-
-    python opcd.py --model models/small-sft --teacher models/small --data data/plan-train \
-        --val-data data/plan-val --out runs/opcd-small --batch-size 8 --max-new-tokens 128 --max-steps 40
+    python opcd.py --model models/small-sft --teacher models/small --data data/plan-train --out runs/opcd-small
     torchrun --nproc_per_node=8 opcd.py --model models/sft-4b --teacher Qwen/Qwen3-VL-4B-Instruct \
-        --data data/plan-train --val-data data/plan-val --out runs/opcd-4b    # 32 prompts = 4 per rank
-Use --rollout hf where vLLM is not installed.
+        --data data/plan-train --val-data data/plan-val --out runs/opcd-4b    # --rollout hf without vLLM
 """
 import argparse
 import json
@@ -49,8 +42,7 @@ def parse_args(argv=None):
     p = cli.Parser(prog="opcd.py", description="MGSD stage 2: on-policy context distillation (OPCD)")
     a = p.add_argument
     a("--model", required=True, help="the student: a model folder or hub id (the merged stage-1 checkpoint)")
-    a("--teacher", required=True, help="the frozen teacher: the base model the student started from (the reference's "
-      "teacher is always the base); 'live': the current student, true self-distillation")
+    a("--teacher", required=True, help="the frozen teacher: the base the student started from; 'live': the student itself")
     a("--data", required=True, help="train split folder (envs.py data ... --split train)")
     a("--val-data", default=None, help="val split folder; validation is skipped without it")
     a("--out", required=True, help="run folder: log.jsonl, best/ and last/ checkpoints")
@@ -62,11 +54,9 @@ def parse_args(argv=None):
     a("--clip-high", type=cli.nonneg_float, default=0.3, help="PPO ratio clip above 1")
     a("--no-teacher-plan", action="store_true", help="drop the reference-plan line from the teacher context")
     a("--teacher-context", default="privileged", choices=["privileged", "image"],
-      help="privileged: the teacher reads the symbolic state as text (MGSD); image: it gets the student's own image "
-           "prompt, an ablation that removes the privileged information")
-    a("--text-share", type=cli.fraction, default=0.0,
-      help="share of each batch's prompts in which the student reads the state as text instead of the image "
-           "(rehearses text planning against the same teacher; 0: the method as published)")
+      help="privileged: the teacher reads the state as text (MGSD); image: the student's prompt (ablation)")
+    a("--text-share", type=cli.fraction, default=0.0, help="share of each batch's prompts in which the student reads the "
+      "state as text, a rehearsal of text planning (0: the method as published)")
     a("--batch-size", type=cli.positive_int, default=32, help="prompts per step, global (divisible by the number of ranks)")
     a("--micro-batch-size", type=cli.positive_int, default=4, help="sequences per forward/backward pass")
     a("--max-new-tokens", type=cli.positive_int, default=2048, help="rollout response length cap")
@@ -78,18 +68,15 @@ def parse_args(argv=None):
     a("--max-grad-norm", type=cli.nonneg_float, default=1.0, help="gradient-norm clip")
     a("--epochs", type=cli.positive_float, default=5, help="passes over the train split")
     a("--max-steps", type=cli.nonneg_int, default=0, help="stop after this many steps (0: run all epochs)")
-    a("--master", default="fp32", choices=["fp32", "stochastic", "bf16"],
-      help="how a bf16 model takes lr-1e-6 steps: fp32 master weights and Adam states (16 B/param); stochastic: "
-           "bf16 weights rounded stochastically after an fp32 step, fp32 moments (8 B/param, the same updates in "
-           "expectation); bf16: the reference's plain bf16 AdamW, whose 1e-6 steps round away")
+    a("--master", default="fp32", choices=["fp32", "stochastic", "bf16"], help="fp32: master weights and moments "
+      "(16 B/param); stochastic: bf16 weights rounded stochastically, fp32 moments (8 B/param); bf16: the reference's")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="model dtype; auto: bf16 on GPU, fp32 on CPU")
     a("--lora-rank", type=cli.nonneg_int, default=0, help="train LoRA adapters of this rank on the language model instead of all weights (0: none)")
     a("--freeze-vision", action="store_true", help="do not train the vision tower and merger")
     a("--fsdp", action="store_true", help="shard the student and optimiser states over the ranks (FSDP2 fully_shard)")
     a("--kl-chunk", type=cli.positive_int, default=256, help="--loss full: positions per chunk of the vocabulary-wide KL")
     a("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-      help="non-reentrant gradient checkpointing of the decoder layers and vision blocks (default on; tiny CPU "
-           "models run faster without)")
+      help="non-reentrant gradient checkpointing of the decoder layers and vision blocks (tiny models: faster without)")
     a("--val-every", type=cli.positive_int, default=20, help="validate and save every N steps (and after the last step)")
     a("--save-every", type=cli.nonneg_int, default=0, help="also save last/ every N steps between validations (0: off)")
     a("--val-size", type=cli.nonneg_int, default=0, help="validate on the first N val instances (0: all)")
@@ -301,13 +288,13 @@ def step_log(args, step, responses, scores, student_lps, stats, times, device):
 
 
 # ------------------------------------------------------------------------------------------
-# Validation, checkpoints, the run
+# Validation and the run
 
 
 @torch.no_grad()
 def validate(args, step, val_rows, model, llm, processor, rank, world_size):
-    """Sampled validation (T 0.6, top-p 0.95) of the student on its share of the val split;
-    returns envs.aggregate over all ranks' episodes."""
+    """Sampled validation (T 0.6, top-p 0.95) of the student on its share of the val split; returns the
+    log entries val_macro_success and val_<task>_success over all ranks' episodes."""
     if args.fsdp:  # sharded forwards run in lockstep: every rank needs as many rows as the others, per call
         val_rows = val_rows[:len(val_rows) // world_size * world_size]
     mine, chunk = val_rows[rank::world_size], max(1, args.batch_size // world_size)
@@ -324,48 +311,9 @@ def validate(args, step, val_rows, model, llm, processor, rank, world_size):
         gathered = [None] * world_size
         dist.all_gather_object(gathered, episodes)
         episodes = [e for part in gathered for e in part]
-    return envs.aggregate(episodes)
-
-
-def save_checkpoint(path, model, processor, trainer_state=None, rank=0):
-    """A from_pretrained-loadable folder (LoRA merged), plus trainer_state.pt for --resume; atomic.
-    Every rank calls it (under --fsdp the weights are gathered); rank 0 writes."""
-    weights = common.hf_state_dict(model)
-    if rank != 0:
-        return
-    with cli.atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        if trainer_state is not None:
-            torch.save(trainer_state, tmp / "trainer_state.pt")
-
-
-def validate_and_save(args, step, val_rows, model, llm, processor, opt, best, log, rank, world_size, write_log,
-                      validate_now=True):
-    """Validate (if a val split is given and validate_now), keep the best checkpoint by macro success,
-    check that the ranks hold identical weights, write the step's log line, then save the last
-    checkpoint with the trainer state: a kill in between leaves a line past the checkpoint, which
-    --resume drops."""
-    out = Path(args.out)
-    if val_rows and validate_now:
-        agg = validate(args, step, val_rows, model, llm, processor, rank, world_size)
-        log["val_macro_success"] = agg["macro"]["success"]
-        log.update({f"val_{task}_success": v["success"] for task, v in agg["per_task"].items()})
-        if log["val_macro_success"] > best:
-            best = log["val_macro_success"]
-            save_checkpoint(out / "best", model, processor, rank=rank)
-    checksums = [sum(full_tensor(p.detach()).double().sum().item() for p in opt.params)] * world_size
-    if world_size > 1:
-        dist.all_gather_object(checksums, checksums[0])
-    if len(set(checksums)) > 1:
-        raise RuntimeError(f"ranks diverged: weight checksums {checksums}")
-    log["rank_weight_checksums"] = checksums
-    write_log(log)
-    save_checkpoint(out / "last", model, processor, {"step": step + 1, "optimizer": opt.state_dict(),
-                                                     "best_macro_success": best, "args": vars(args)}, rank)
-    if world_size > 1:
-        dist.barrier()
-    return best
+    agg = envs.aggregate(episodes)
+    return {"val_macro_success": agg["macro"]["success"], **{f"val_{t}_success": v["success"]
+                                                             for t, v in agg["per_task"].items()}}
 
 
 # Settings that may change when a run is resumed; any other difference is refused.
@@ -400,8 +348,7 @@ def main(argv=None):
             raise ValueError(f"{args.data}: {len(train_rows)} planning rows, fewer than --batch-size {args.batch_size}")
         for path in [args.model] + ([] if args.teacher == "live" else [args.teacher]):
             common.check_model_dir(path)
-        dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-                 "bfloat16": torch.bfloat16}[args.dtype]
+        dtype = getattr(torch, args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32")
         model, processor = common.load_model(args.model, device, dtype)
         if args.teacher == "live":
             teacher = model
@@ -446,11 +393,10 @@ def main(argv=None):
     common.print0(f"OPCD: {len(train_rows)} train rows, {steps_per_epoch} steps/epoch, steps {start_step}->{total_steps}, "
                   f"{world_size} rank(s), rollout {args.rollout}, loss {args.loss}, teacher {args.teacher}")
     if start_step == 0 and val_rows:  # as the reference: validate the starting model, which may stay the best
-        agg = validate(args, -1, val_rows, model, llm, processor, rank, world_size)
-        best = agg["macro"]["success"]
-        save_checkpoint(out / "best", model, processor, rank=rank)
-        write_log({"step": 0, "val_macro_success": best,
-                   **{f"val_{t}_success": v["success"] for t, v in agg["per_task"].items()}})
+        val = validate(args, -1, val_rows, model, llm, processor, rank, world_size)
+        best = val["val_macro_success"]
+        common.save_model(model, processor, out / "best", rank=rank)
+        write_log({"step": 0, **val})
 
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc="opcd")
@@ -459,11 +405,25 @@ def main(argv=None):
         log = opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size, device)
         log["epoch"] = step // steps_per_epoch
         validate_now = (step + 1) % args.val_every == 0 or step + 1 == total_steps
-        if validate_now or (args.save_every and (step + 1) % args.save_every == 0):
-            best = validate_and_save(args, step, val_rows, model, llm, processor, opt, best, log, rank, world_size,
-                                     write_log, validate_now)
-        else:
-            write_log(log)
+        if val_rows and validate_now:  # keep the best checkpoint by macro success
+            log.update(validate(args, step, val_rows, model, llm, processor, rank, world_size))
+            if log["val_macro_success"] > best:
+                best = log["val_macro_success"]
+                common.save_model(model, processor, out / "best", rank=rank)
+        save_now = validate_now or (args.save_every and (step + 1) % args.save_every == 0)
+        if save_now:  # the ranks must hold identical weights
+            checksums = [sum(full_tensor(p.detach()).double().sum().item() for p in opt.params)] * world_size
+            if world_size > 1:
+                dist.all_gather_object(checksums, checksums[0])
+            if len(set(checksums)) > 1:
+                raise RuntimeError(f"ranks diverged: weight checksums {checksums}")
+            log["rank_weight_checksums"] = checksums
+        write_log(log)  # before last/: a kill in between leaves a line past the checkpoint, which --resume drops
+        if save_now:
+            common.save_model(model, processor, out / "last", {"step": step + 1, "optimizer": opt.state_dict(),
+                                                               "best_macro_success": best, "args": vars(args)}, rank)
+            if world_size > 1:
+                dist.barrier()
         bar.set_postfix(kl=f"{log['reverse_kl']:.3f}", success=f"{log['success']:.2f}")
         bar.update(1)
     bar.close()

@@ -1,30 +1,15 @@
-"""The main job: MGSD end to end, in miniature, on a tiny Qwen3-VL built here.
+"""The main job: MGSD end to end, in miniature, on a tiny Qwen3-VL built here (results/mini/REPORT.md).
 
-It chains the project's own command lines, exactly what a user would type, and prints each one
-before it runs:
-
-    data   python envs.py data ...                    train / val / test, 32-px cells on 160-px pictures
-    psft   python sft.py --full ...                    stage 1: perception SFT (+ replay of text planning)
-    mgsd   python opcd.py --loss full ...              stage 2: OPCD; teacher = the base, reading the state as text;
-                                                       32 prompts a step: the paper's 16 image prompts and 16 in
-                                                       which the student reads the text state (--text-share 0.5,
-                                                       a rehearsal of text planning, chosen on val)
-    eval   python evaluate.py ...                      after every stage: image and text conditions
-
-and writes OUT/results.md (a table), OUT/results.json and OUT/results.png (a plot).
-
-The base (3.5M parameters, models/mini-base) stands in for an instruct VLM: trained from random weights
-by sft.py (pretrain_commands below) first to read generic pictures (objects on a grid, tiny.py), then to
-plan from the symbolic text state (text-student and teacher prompts), it never plans from a picture nor
-sees a task's picture. `--pretrain` rebuilds it into OUT/base (about 75 minutes on 2 cores) instead of
-using the shipped one; `--base DIR` starts from any other model folder.
-
---rows all adds the ablations of results/mini/REPORT.md: OPCD as in the paper (16 image prompts a
-step, no text rehearsal), the reference's sampled estimator,
-OPCD without perception SFT, OPCD whose teacher sees the image prompt instead of the state,
-direct visual SFT on the reference responses, and perception + dynamics SFT then OPCD.
-
-Every stage is skipped when its output exists, so an interrupted run resumes where it stopped.
+It runs the project's own command lines, printing each first: `envs.py data` (train / val / test, 32-px cells
+on 160-px pictures); stage 1, `sft.py --full` (perception SFT with replayed text planning); stage 2,
+`opcd.py --loss full` (teacher: the base reading the state as text; 32 prompts a step, the paper's 16 image
+prompts and 16 in which the student reads the text state, --text-share 0.5, chosen on val); `evaluate.py`
+after every stage, image and text. Out: OUT/results.md, results.json and results.png. Every stage is skipped
+when its output exists, so an interrupted run resumes. The shipped base (models/mini-base, 3.5M) was trained
+from random weights by sft.py (pretrain_commands): first to read generic grid pictures (tiny.py), then to plan
+from the text state; it never saw a task picture. --pretrain rebuilds it (~75 min on 2 cores); --rows all adds
+the report's ablations (OPCD as in the paper, the sampled estimator, no perception SFT, a teacher without the
+state, direct visual SFT, + dynamics SFT).
 
     python pipeline.py                          # the main job, from the shipped base
     python pipeline.py --quick                  # every stage, tiny sizes (CI runs it)
@@ -226,16 +211,14 @@ def main():
 
     def evaluate(name, model):
         """Held-out test planning from the image and from text; perception too for stage-1 models."""
-        eval_dir = out / "eval" / f"row{len(results)}"  # the row order is fixed, so a re-run finds its results
-        run([py, "evaluate.py", "--model", model, "--data", data / "test", "--backend", backend, "--condition", "both",
-             "--max-new-tokens", args.max_new_tokens, "--batch-size", 32, "--out", eval_dir, "--overwrite"],
-            eval_dir / "summary.json")
-        results[name] = json.loads((eval_dir / "summary.json").read_text())
-        perception = out / "eval" / f"row{len(results) - 1}-perception"
-        run([py, "evaluate.py", "--model", model, "--data", data / "test", "--backend", backend, "--kind", "perception",
-             "--max-new-tokens", args.max_new_tokens, "--batch-size", 32, "--out", perception, "--overwrite"],
-            perception / "summary.json")
-        results[name]["perception"] = json.loads((perception / "summary.json").read_text())
+        summaries = []
+        for suffix, what in (("", ["--condition", "both"]), ("-perception", ["--kind", "perception"])):
+            eval_dir = out / "eval" / f"row{len(results)}{suffix}"  # the row order is fixed: a re-run finds them
+            run([py, "evaluate.py", "--model", model, "--data", data / "test", "--backend", backend, *what,
+                 "--max-new-tokens", args.max_new_tokens, "--batch-size", 32, "--out", eval_dir, "--overwrite"],
+                eval_dir / "summary.json")
+            summaries.append(json.loads((eval_dir / "summary.json").read_text()))
+        results[name] = {**summaries[0], "perception": summaries[1]}
         return model
 
     # ALGO: the two stages of MGSD, evaluated after each.

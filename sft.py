@@ -1,25 +1,14 @@
-"""Stage 1 of MGSD: supervised fine-tuning of a Qwen-VL model on chat rows (method.md §7).
+"""Stage 1 of MGSD: supervised fine-tuning of a Qwen-VL model on chat rows (docs/method.md §7).
 
-Algorithm: render each chat with the processor's template and put the loss on the assistant tokens
-only (each assistant turn up to and including its <|im_end|>). Minimise the token-mean NLL over the
-global batch with AdamW, linear warm-up then cosine decay, accumulating micro-batches across
-torchrun ranks (one all-reduce of the gradients a step). Trainable: a LoRA (rank 8, alpha 16) on the
-language model's q/k/v/o/gate/up/down projections, or with --full every language-model weight. The
-vision tower and merger are frozen and run under no_grad unless --train-vision (a tiny model built
-from scratch has a random tower; a real VLM's is pretrained). Rows: perception (stage 1), planning
-(direct visual SFT), text-planning / teacher / vision (the tiny base's pre-training).
-
-Simplifications, on purpose:
-- The loss is the token mean over the *global* batch, so 1 and N processes take the same step
-  (LLaMA-Factory averages per micro-batch). Warm-up starts at lr/warmup on step 0 (HF: lr 0).
-- The last partial batch of an epoch is dropped; the order is a seeded permutation per epoch, so
-  --resume reproduces an uninterrupted run exactly. Rows longer than --max-length are cut on the
-  right (an error if the cut hits an image).
-- Validation: loss on up to --val-size val rows and greedy answers scored by envs.score_row.
-
-Outputs in --out: adapter/ (PEFT format, for merge.py) or, with --full, model/ (a plain HF folder);
-checkpoint/ (the latest, for --resume); log.jsonl; args.json; tb/ with TensorBoard. Commands:
-README.md, "Stage 1".
+The loss is on the assistant tokens only (each turn up to and including its <|im_end|>), a token mean over
+the *global* batch, so that 1 and N ranks take the same step (LLaMA-Factory averages per micro-batch);
+AdamW, linear warm-up from lr/warmup, then cosine decay; one all-reduce of the gradients a step. Trainable:
+a LoRA (rank 8, alpha 16) on the language model's q/k/v/o/gate/up/down, or with --full every language-model
+weight; the vision tower runs frozen under no_grad unless --train-vision. Every epoch is a seeded
+permutation (the last partial batch dropped), so --resume repeats an uninterrupted run exactly. Rows longer
+than --max-length are cut on the right. Validation: the loss and greedy answers scored by envs.score_row.
+Out: adapter/ (PEFT format, for merge.py) or model/ (--full), checkpoint/ (--resume), log.jsonl, args.json,
+tb/. Commands: README.md, "Stage 1".
 """
 import argparse
 import json
@@ -32,12 +21,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import cli
 import common
 from common import print0
+import envs
 import lora
 from optim import all_reduce_grads, global_sum
+import splits
 
 
 def parse_args(argv=None):
@@ -100,14 +92,11 @@ def encode_chat(processor, messages, max_length=2048):
         prev = full
     if not segments:
         raise ValueError("chat has no assistant turn to train on")
-    images = common.message_images(messages)
-    out = {}
-    n_tokens = []
+    images, out, n_tokens = common.message_images(messages), {}, []
     if images:
         vision = processor.image_processor(images=images, return_tensors="pt")
         out = {"pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
-        merge = processor.image_processor.merge_size ** 2
-        n_tokens = [int(g.prod()) // merge for g in vision["image_grid_thw"]]
+        n_tokens = [int(g.prod()) // processor.image_processor.merge_size ** 2 for g in vision["image_grid_thw"]]
     ids, labels = [], []
     for text, trained in segments:
         pieces = text.split("<|image_pad|>")  # expand each image placeholder to its token count
@@ -176,8 +165,6 @@ def lr_at(step, total_steps, peak_lr, warmup_ratio):
 
 @torch.no_grad()
 def validate(model, processor, rows, args, rank, world, device, autocast):
-    import envs
-
     was_training = model.training
     model.eval()
     mine = rows[rank::world]
@@ -208,20 +195,16 @@ def validate(model, processor, rows, args, rank, world, device, autocast):
     model.train(was_training)
     return metrics
 
-
 # ------------------------------------------------------------------------------------------
 # Checkpoints: the trainable tensors + optimiser state + step, written atomically
-
-
-def trainable_state(model):
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(path, model, optimizer, step):
     from safetensors.torch import save_file
 
     with cli.atomic_dir(path) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
 
@@ -229,17 +212,13 @@ def save_checkpoint(path, model, optimizer, step):
 def load_checkpoint(path, model, optimizer):
     from safetensors.torch import load_file
 
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
+    weights, params = load_file(str(path / "trainable.safetensors")), dict(model.named_parameters())
     if set(weights) != {n for n, p in params.items() if p.requires_grad}:
         raise ValueError(f"{path}: checkpoint does not match this model/LoRA set-up (was it trained with other flags?)")
     for n, t in weights.items():
         params[n].data.copy_(t)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
     return json.loads((path / "state.json").read_text())["step"]
-
-
-# ------------------------------------------------------------------------------------------
 
 
 # Settings that may change when a run is resumed; any other difference is refused.
@@ -259,8 +238,6 @@ def main(argv=None):
         cli.check_resume(json.loads((out / "args.json").read_text()), args, RESUMABLE)
     ddp, rank, _, world, device = common.compute_init(args.seed)
     try:
-        import splits
-
         kinds = args.kinds.split(",")
         rows = [r for d in args.data for r in splits.load_split(d, kinds=kinds) if r.get("messages")]
         val_rows = [r for d in args.val_data or () for r in splits.load_split(d, kinds=kinds)]
@@ -273,51 +250,38 @@ def main(argv=None):
         model, processor = common.load_model(args.model, device)
         for r in rows[:1] + val_rows:  # fail now, not after an hour, on a row the template cannot encode
             encode_chat(processor, r["messages"], args.max_length)
+        # Trainable: a LoRA on the language model, or (--full) the language model + lm_head; --train-vision: the tower too
+        if args.full:
+            for n, p in model.named_parameters():
+                p.requires_grad_(not n.startswith("model.visual."))
+        else:
+            lora.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
+        if args.train_vision:
+            model.model.visual.requires_grad_(True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        step = load_checkpoint(out / "checkpoint", model, optimizer) if args.resume else 0
     except (FileNotFoundError, ValueError) as e:
         common.compute_cleanup()
         cli.fail(str(e).splitlines()[0])
-    if args.overwrite and not args.resume and rank == 0:
-        shutil.rmtree(out, ignore_errors=True)
-
-    # Trainable set: a LoRA on the language model, or (--full) the whole language model + lm_head;
-    # with --train-vision also the whole vision tower and merger.
-    if args.full:
-        for n, p in model.named_parameters():
-            p.requires_grad_(not n.startswith("model.visual."))
-    else:
-        lora.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
-    if args.train_vision:
-        model.model.visual.requires_grad_(True)
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
     steps_per_epoch = len(rows) // args.batch_size
     total_steps = max(1, int(steps_per_epoch * args.epochs))
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
     per_rank = args.batch_size // world
-    try:
-        step = load_checkpoint(out / "checkpoint", model, optimizer) if args.resume else 0
-    except ValueError as e:
-        common.compute_cleanup()
-        cli.fail(str(e))
-    n_params = sum(p.numel() for p in params)
     print0(f"sft: {len(rows)} rows, {world} rank(s), {total_steps} steps of {args.batch_size} rows, "
-           f"{'full' if args.full else f'LoRA r{args.lora_rank}'} ({n_params / 1e6:.2f}M trainable), from step {step}")
-
-    bar = None
+           f"{'full' if args.full else f'LoRA r{args.lora_rank}'} ({sum(p.numel() for p in params) / 1e6:.2f}M "
+           f"trainable), from step {step}")
     if rank == 0:
+        if args.overwrite and not args.resume:
+            shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-        from tqdm import tqdm
-        bar = tqdm(total=last_step, initial=step, desc="sft", dynamic_ncols=True)
-    run_log = common.RunLog(out, step if args.resume else None, rank)
-
-    def log(metrics):
-        run_log({"step": step, **metrics})
+    log = common.RunLog(out, step if args.resume else None, rank)
+    bar = tqdm(total=last_step, initial=step, desc="sft", dynamic_ncols=True, disable=rank != 0)
 
     pad = processor.tokenizer.pad_token_id
     t0, tokens_seen = time.time(), 0
@@ -349,12 +313,10 @@ def main(argv=None):
         step += 1
 
         loss = global_sum([nll_sum], device)[0] / max(1.0, n_target)
-        metrics = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "epoch": step / steps_per_epoch,
-                   "tokens_per_second": tokens_seen * world / (time.time() - t0)}
-        log(metrics)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        log({"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm), "epoch": step / steps_per_epoch,
+             "tokens_per_second": tokens_seen * world / (time.time() - t0)})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         if (args.save_every and step % args.save_every == 0) or step == last_step:  # before a validation can crash
             if rank == 0:
                 save_checkpoint(out / "checkpoint", model, optimizer, step)
@@ -362,7 +324,7 @@ def main(argv=None):
                 dist.barrier()
         if val_rows and ((args.val_every and step % args.val_every == 0) or step == last_step):
             val = validate(model, processor, val_rows, args, rank, world, device, autocast)
-            log(val)
+            log({"step": step, **val})
             print0(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in val.items()))
 
     if ddp:  # one all-reduce a step keeps the replicas identical; check it rather than trust it
@@ -370,7 +332,7 @@ def main(argv=None):
         replicas = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(replicas, flat)
         spread = max((r - replicas[0]).abs().max().item() for r in replicas)
-        log({"ddp/replica_max_abs_diff": spread})
+        log({"step": step, "ddp/replica_max_abs_diff": spread})
         print0(f"ddp: replicas differ by at most {spread:.3g}")
     if rank == 0:  # the product of this run (after --max-steps: the weights at that step)
         if args.full:
@@ -379,9 +341,8 @@ def main(argv=None):
         else:
             lora.save_adapter(model, out / "adapter", args.model)
         print0(f"wrote {out / ('model' if args.full else 'adapter')}")
-    if bar is not None:
-        bar.close()
-    run_log.close()
+    bar.close()
+    log.close()
     common.compute_cleanup()
 
 

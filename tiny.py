@@ -1,32 +1,17 @@
-"""The tiny stand-in for an instruct VLM, built offline: the model factory and its generic visual
-pre-training data.
+"""The tiny stand-in for an instruct VLM, built offline: the model factory and its generic picture data.
 
-`build_model` writes a random Qwen3VLForConditionalGeneration of a configurable size with a
-byte-level BPE tokenizer trained on the project's own text (prompts, reference responses,
-perception answers, teacher contexts from envs.py, the grid rows below; merges may cross words,
-see TOKENIZER_SPLIT), a Qwen-style chat template and image + video processor configs: an ordinary
-HF folder that transformers and vLLM load.
-- Tiny models see fixed-size images (128 px by default, 160 for the miniature): the image
-  processor's min and max pixel counts are both image_size**2, so the HF processor and vLLM never
-  resize and agree on the image tokens (one token per 32x32 pixels: patch 16, merge 2).
-- Text head_dim is >= 32 (vLLM's CPU attention needs it); mrope_section sums to head_dim/2.
-- HF initialises the vision position table with std 0.02 against patch features of std ~0.6;
-  build_model raises it to 0.5 so that a frozen random vision tower still says *where* things
-  are (a trained tower does). Measured on FrozenLake 3x3, 600 full-SFT steps at lr 1e-3:
-  held-out accuracy of the player's row 1.0 with it, 0.65 without.
-
-Generic visual pre-training data (docs/method.md §5.3): a K x K grid (K = 3..5) of 32-pixel cells at
-the top-left of the canvas (the layout of `envs.py data --cell-size 32`: one cell, one merged vision
-token), about a third of them holding one of five objects of fixed appearance (OBJECTS), and one
-question a picture (map: one letter a cell; where are the <objects>; what is at (r, c)). No task object,
-task picture or plan is ever shown, so a base trained on these and on text planning has never planned
-from an image nor answered a task's perception question.
+`build_model` writes a random Qwen3VLForConditionalGeneration of a configurable size with a byte-level BPE
+trained on the project's own text (TOKENIZER_SPLIT) and a Qwen-style chat template: an ordinary HF folder
+that transformers and vLLM load. Images have one fixed size (min = max pixels: never resized, so HF and vLLM
+agree on the image tokens, one per 32x32 pixels); text head_dim >= 32 (vLLM's CPU attention); the vision
+position table gets std 0.5, not HF's 0.02, so that a frozen random tower still says *where* things are.
+Generic picture data (docs/method.md §5.3): a K x K grid (K = 3..5) of 32-px cells at the top-left, about a
+third of them holding one of five objects, and one question a picture (the map; where are the <objects>;
+what is at (r, c)). No task object, picture or plan is ever shown.
 
     python tiny.py model --out models/tiny --size tiny      # tests, < 1M parameters
     python tiny.py model --out models/small --size small    # 3.5M; the miniature's base: --image-size 160
-    python tiny.py model --out models/medium --size medium  # >= 30M, vLLM-vs-generate bench
     python tiny.py grids --out data/grids/train --split train --count 20000
-    python tiny.py grids --out data/grids/val --split val --count 200
 """
 import json
 import math
@@ -309,9 +294,9 @@ def build_model(out_dir, size="tiny", seed=0, image_size=128, tokenizer=None):
     )
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).float()
-    # HF's init gives the vision position table std 0.02 against patch features of std ~0.6, so a
-    # random tower would hide where things are. A trained tower carries position strongly; so must a
-    # frozen random one, or no amount of language-model training can learn to read positions.
+    # HF's init gives the vision position table std 0.02 against patch features of std ~0.6, so a random
+    # tower would hide where things are; a trained tower carries position strongly, and so must a frozen
+    # random one (FrozenLake 3x3, 600 full-SFT steps: the player's row read 1.0 held out with it, 0.65 without).
     nn.init.normal_(model.model.visual.pos_embed.weight, std=0.5)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]

@@ -9,6 +9,7 @@ import pytest
 
 import benchmarks
 import cli
+import common
 import evaluate
 import merge
 import opcd
@@ -267,14 +268,14 @@ def test_opcd_writes_a_steps_log_line_before_its_checkpoint_and_saves_every_n_st
              if "rank_weight_checksums" in json.loads(x)]
     assert saved == [2, 3]  # --save-every 2, and the last step
 
-    real_save = opcd.save_checkpoint
+    real_save = common.save_model
 
-    def killed_while_saving_last(path, *a, **kw):
+    def killed_while_saving_last(model, processor, path, *a, **kw):
         if Path(path).name == "last":
             raise KeyboardInterrupt("killed")
-        return real_save(path, *a, **kw)
+        return real_save(model, processor, path, *a, **kw)
 
-    monkeypatch.setattr(opcd, "save_checkpoint", killed_while_saving_last)
+    monkeypatch.setattr(common, "save_model", killed_while_saving_last)
     with pytest.raises(KeyboardInterrupt):
         opcd.main(args + ["--out", str(tmp_path / "killed"), "--max-steps", "1"])
     assert [json.loads(x)["step"] for x in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()] == [1]
