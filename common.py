@@ -1,8 +1,8 @@
 """The shared model layer: what more than one stage needs. torchrun set-up (gloo on CPU, NCCL on GPU);
-one `load_model` for a local folder or hub id (the real Qwen3-VL and our tiny models alike, float32 by
-default: stages autocast to bf16 on GPU); prompt encoding (left padding), HF and vLLM decoding that ban the
-same tokens, per-token log-probs on the layout [left-padded prompt P | right-padded response R]; a
-the run log; atomic checkpoint writes."""
+one `load_model` for a local folder or hub id (the real Qwen3-VL and our tiny models alike); atomic model
+writes; prompt encoding (left padding); HF and vLLM decoding that ban the same tokens; per-token log-probs
+on the layout [left-padded prompt P | right-padded response R]; the run log; the in-process vLLM engine."""
+import importlib.util
 import json
 import os
 import random
@@ -22,15 +22,10 @@ from lora import LoRALinear
 def compute_init(seed=0):
     """torchrun-aware set-up. Returns (ddp, rank, local_rank, world_size, device)."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, local_rank, world_size = 0, 0, 1
-    if ddp:
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        world_size = int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    rank, local_rank, world_size = [int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")] if ddp else [0, 0, 1]
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if ddp and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     random.seed(seed)
@@ -135,18 +130,14 @@ def message_images(messages):
     return images
 
 
-def encode_prompts(processor, messages_list, add_generation_prompt=True):
-    """A left-padded batch of chat prompts: input_ids, attention_mask, mm_token_type_ids and,
+def encode_prompts(processor, messages_list, device="cpu"):
+    """A left-padded batch of chat prompts on `device`: input_ids, attention_mask, mm_token_type_ids and,
     when any prompt has an image, pixel_values + image_grid_thw."""
-    texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=add_generation_prompt)
-             for m in messages_list]
+    texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages_list]
     images = [im for m in messages_list for im in message_images(m)]
-    batch = processor(text=texts, images=images or None, padding=True, padding_side="left",
-                      return_tensors="pt")
-    batch = dict(batch)
-    if "mm_token_type_ids" not in batch:
-        batch["mm_token_type_ids"] = torch.zeros_like(batch["input_ids"])
-    return batch
+    batch = dict(processor(text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt"))
+    batch.setdefault("mm_token_type_ids", torch.zeros_like(batch["input_ids"]))
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def vision_token_ids(processor):
@@ -191,13 +182,6 @@ def response_logprobs(model, prompt_batch, response_ids, response_mask, temperat
     return token_logprobs(out.logits[:, :-1] / temperature, response_ids)
 
 
-def end_of_turn_ids(processor, model):
-    """The ids that end a response: <|im_end|> and the model's own end-of-sequence ids."""
-    eos = model.generation_config.eos_token_id
-    eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
-    return {processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), *eos}
-
-
 @torch.no_grad()
 def generate_responses(model, processor, messages_list, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None):
     """One response per chat with HF generate (greedy at temperature 0), vision tokens never sampled, as
@@ -208,8 +192,10 @@ def generate_responses(model, processor, messages_list, max_new_tokens=256, temp
 
     if not messages_list:
         return []
-    batch = {k: v.to(model.device) for k, v in encode_prompts(processor, messages_list).items()}
-    eos, sharded, was_training = end_of_turn_ids(processor, model), isinstance(model, FSDPModule), model.training
+    batch = encode_prompts(processor, messages_list, model.device)
+    eos = model.generation_config.eos_token_id  # a response ends at <|im_end|> or one of the model's own ids
+    eos = {processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), *(eos if isinstance(eos, list) else [eos] if eos else [])}
+    sharded, was_training = isinstance(model, FSDPModule), model.training
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else {"do_sample": False}
     if seed is not None:
         torch.manual_seed(seed)
@@ -276,22 +262,14 @@ class RunLog:
 
 
 def vllm_available():
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("vllm") is not None
 
 
 def make_llm(path, seed=0, max_model_len=4096, dtype="float32", kv_cache_bytes=256 << 20, gpu_memory_utilization=0.3,
              max_images=1):
-    """An in-process vLLM engine for the model folder `path`.
-
-    Under torchrun (WORLD_SIZE > 1) every rank gets its own engine (external_launcher,
-    data_parallel_size=WORLD_SIZE); all ranks must then call generate the same number of times.
-    On CPU the KV cache is sized in bytes (kv_cache_bytes); on GPU by gpu_memory_utilization.
-    On GPU the engine is made with sleep mode (see llm_sleep).
-    The engine re-seeds torch's global RNG: the caller's RNG state is restored afterwards."""
+    """An in-process vLLM engine for the model folder `path`. Under torchrun every rank gets its own engine
+    (external_launcher), and all ranks must call generate equally often. The KV cache is sized in bytes on CPU,
+    by gpu_memory_utilization on GPU (with sleep mode, see llm_sleep). The caller's torch RNG state is kept."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights can be handed over directly
     from vllm import LLM
 
@@ -399,10 +377,6 @@ def vllm_generate(llm, processor, messages_list, max_new_tokens=256, temperature
                              logprobs=0 if logprobs else None, skip_special_tokens=True)
               for i in range(len(messages_list))]
     outs = llm.generate(vllm_prompts(processor, messages_list), params, use_tqdm=False)  # [] too: ranks in lockstep
-    results = []
-    for out in outs:
-        c = out.outputs[0]
-        token_ids = list(c.token_ids)
-        lps = [d[t].logprob for d, t in zip(c.logprobs, token_ids)] if logprobs else None
-        results.append(dict(token_ids=token_ids, logprobs=lps, text=c.text, finished=c.finish_reason == "stop"))
-    return results
+    return [dict(token_ids=list(c.token_ids), text=c.text, finished=c.finish_reason == "stop",
+                 logprobs=[d[t].logprob for d, t in zip(c.logprobs, c.token_ids)] if logprobs else None)
+            for c in (out.outputs[0] for out in outs)]

@@ -128,10 +128,10 @@ def vllm_backend(args, episodes):
     """The vLLM engine of common.make_llm (in-process), greedy, vision tokens never sampled."""
     import torch
     from transformers import AutoProcessor
-    from vllm import SamplingParams
-    from common import make_llm, vllm_allowed_token_ids, vllm_prompts
+    from common import make_llm, vllm_generate, vllm_prompts
     processor = AutoProcessor.from_pretrained(args.model)
-    prompts = vllm_prompts(processor, [ep["messages"] for ep in episodes])
+    messages = [ep["messages"] for ep in episodes]
+    prompts = vllm_prompts(processor, messages)
     images = [p.get("multi_modal_data", {}).get("image", []) for p in prompts]
     images = [x if isinstance(x, list) else [x] for x in images]
     tokens_per_image = 0  # all images of a split have one size (method.md §1), so one image tells
@@ -145,29 +145,20 @@ def vllm_backend(args, episodes):
                    max_images=max(1, max(map(len, images))),  # inverse-dynamics prompts hold two
                    dtype="bfloat16" if gpu else "float32", gpu_memory_utilization=0.85)
 
-    # Greedy, never producing common.unsampled_token_ids: the same set as the hf backend.
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens, n=1,
-                            allowed_token_ids=vllm_allowed_token_ids(llm, processor))
-
     def run(emit):
-        chunk_size = 256  # emit (and so checkpoint to disk) every chunk
-        for start in range(0, len(prompts), chunk_size):
-            outputs = llm.generate(prompts[start:start + chunk_size], params, use_tqdm=False)
-            for j, out in enumerate(outputs):
+        for start in range(0, len(messages), 256):  # emit (and so checkpoint to disk) every chunk
+            for j, out in enumerate(vllm_generate(llm, processor, messages[start:start + 256], args.max_new_tokens)):
                 # decoded by the hf tokenizer, as in the hf backend (vLLM's incremental detokenizer
                 # holds back a trailing partial UTF-8 character)
-                emit(start + j, processor.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True), None)
+                emit(start + j, processor.tokenizer.decode(out["token_ids"], skip_special_tokens=True), None)
     return run
 
 
 # ----------------------------------------------------------------------------- summary, report, plot
 
-def metric_names(table):
-    names = []
-    for cell in table.values():
-        names += [k for k in cell if k not in ("n", "errors") and k not in names]
-    ordered = [m for m in PLANNING_METRICS if m in names]
-    return ordered + [m for m in names if m not in ordered]
+def metric_names(cells):
+    names = list(dict.fromkeys(k for cell in cells for k in cell if k not in ("n", "errors")))
+    return [m for m in PLANNING_METRICS if m in names] + [m for m in names if m not in PLANNING_METRICS]
 
 
 def gap(text, image):
@@ -182,9 +173,8 @@ def summarize(records, conditions, config):
     for condition in conditions:
         episodes = [{"task": r["task"], "level": r["level"], "error": r["error"], **r["metrics"]}
                     for r in records if r["condition"] == condition]
-        summary["conditions"][condition] = envs.aggregate(episodes)
-        summary["conditions"][condition]["errors"] = sum(e["error"] for e in episodes)
-        summary["conditions"][condition]["n"] = len(episodes)
+        agg = summary["conditions"][condition] = envs.aggregate(episodes)
+        agg.update(errors=sum(e["error"] for e in episodes), n=len(episodes))
     if len(conditions) == 2:
         image, text = summary["conditions"]["image"], summary["conditions"]["text"]
         summary["gap_text_minus_image"] = {k: gap(text[k], image[k]) for k in ("per_level", "per_task", "macro")}
@@ -216,7 +206,7 @@ def markdown_table(title, agg, metrics, counts=True):
 def write_report(summary, out, kind):
     conditions = summary["conditions"]
     first = next(iter(conditions.values()))
-    metrics = metric_names({f"{t}/{l}": c for t, lv in first["per_level"].items() for l, c in lv.items()})
+    metrics = metric_names(cell for levels in first["per_level"].values() for cell in levels.values())
     parts = [f"## {kind} evaluation of `{summary['config']['model']}` ({summary['config']['backend']})", "",
              "Percent of episodes; errored episodes (no response) count as failures.", ""]
     for condition, agg in conditions.items():
@@ -346,9 +336,8 @@ def evaluate(args):
 
     records = [finished[(ep["row"]["id"], ep["condition"])] for ep in episodes]
     write_jsonl(episodes_path, records)
-    config = {k: v for k, v in vars(args).items()}  # holds the key's variable name, never the key
-    config.update(episodes=len(records), ran=len(todo), load_seconds=round(load_seconds, 3),
-                  generate_seconds=round(generate_seconds, 3))
+    config = {**vars(args), "episodes": len(records), "ran": len(todo), "load_seconds": round(load_seconds, 3),
+              "generate_seconds": round(generate_seconds, 3)}  # holds the key's variable name, never the key
     summary = summarize(records, conditions, config)
     atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     report, metrics = write_report(summary, out, args.kind)

@@ -183,10 +183,6 @@ def pad_responses(responses, pad_id, device):
     return ids.to(device), mask.to(device)
 
 
-def encode(processor, messages_list, device):
-    return {k: v.to(device) for k, v in common.encode_prompts(processor, messages_list).items()}
-
-
 def student_turns(rows, text_share=0.0):
     """The student's prompts: the image prompt, or, for the last `text_share` of the rows, the state as text
     (--text-share: the student keeps rehearsing text planning against the same teacher)."""
@@ -215,13 +211,13 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
         common.llm_sleep(llm)  # GPU: the KV cache and the engine's weights make room for training
     scores = [envs.score_planning(r["state"], o["text"]) for r, o in zip(rows, responses)]
     resp = [pad_responses([responses[i] for i in ix], processor.tokenizer.pad_token_id, device) for ix in micro]
-    student_in = [encode(processor, [student_msgs[i] for i in ix], device) for ix in micro]
+    student_in = [common.encode_prompts(processor, [student_msgs[i] for i in ix], device) for ix in micro]
     times.append(time.time())
     # 2. Teacher: text prompt (privileged state) + the student's exact response ids; frozen.
     teacher_msgs = [envs.teacher_messages(r["state"], with_plan=not args.no_teacher_plan) for r in rows]
     if args.teacher_context == "image":  # ablation: the teacher knows no more than the student
         teacher_msgs = student_msgs
-    teacher_in = [encode(processor, [teacher_msgs[i] for i in ix], device) for ix in micro]
+    teacher_in = [common.encode_prompts(processor, [teacher_msgs[i] for i in ix], device) for ix in micro]
     T = args.temperature  # log-probs are those of logits / T, the distribution that was sampled
     with torch.no_grad():
         teacher_out = [response_hidden(teacher, t, ids, mask) if args.loss == "full"

@@ -174,12 +174,11 @@ def validate(model, processor, rows, args, rank, world, device, autocast):
         chunk = mine[i:i + args.micro_batch_size]
         batch = {k: v.to(device) for k, v in collate([encode_chat(processor, r["messages"], args.max_length)
                                                      for r in chunk], pad).items()}
+        n_tok += int((batch["labels"][:, 1:] != -100).sum())
         with autocast:
             nll += sft_loss(model, batch).item()
-        n_tok += int((batch["labels"][:, 1:] != -100).sum())
-        prompts = [r["messages"][:-1] for r in chunk]
-        with autocast:
-            responses = [o["text"] for o in common.generate_responses(model, processor, prompts, args.max_new_tokens)]
+            responses = [o["text"] for o in common.generate_responses(model, processor, [r["messages"][:-1] for r in chunk],
+                                                                       args.max_new_tokens)]
         scores += [(f"val/{row['kind']}/{key}", float(value)) for row, response in zip(chunk, responses)
                    for key, value in envs.score_row(row, response).items() if isinstance(value, (bool, float))]
     if dist.is_initialized():
@@ -194,6 +193,7 @@ def validate(model, processor, rows, args, rank, world, device, autocast):
     metrics.update({name: sum(v) / len(v) for name, v in sorted(by_name.items())})
     model.train(was_training)
     return metrics
+
 
 # ------------------------------------------------------------------------------------------
 # Checkpoints: the trainable tensors + optimiser state + step, written atomically
