@@ -148,6 +148,10 @@ def main():
     if args.aggregate:
         print(aggregate_table(args.aggregate))
         return
+    base = Path(args.base).resolve() if args.base else SHIPPED_BASE
+    build = not args.base and (args.pretrain or args.quick or not SHIPPED_BASE.is_dir())
+    if not build and not (base / "config.json").is_file():  # before anything is written
+        cli.fail(f"no model in {base} (see --base / --pretrain)")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -156,14 +160,11 @@ def main():
     start = time.time()
     data, levels = out / "data", args.levels.split()
 
-    base = Path(args.base).resolve() if args.base else SHIPPED_BASE
-    if not args.base and (args.pretrain or args.quick or not SHIPPED_BASE.is_dir()):
+    if build:
         print(f"building the base: {args.base_steps} steps of pretraining")
         for cmd, done in pretrain_commands(out / "base", args.base_steps, args.quick):
             run(cmd, done)
         base = out / "base" / "plan" / "model"
-    if not (base / "config.json").is_file():
-        sys.exit(f"error: no model in {base} (see --base / --pretrain)")
 
     # Data: perception and text-planning rows for stage 1, planning rows whose prompts OPCD samples from
     # (their reference responses are used only by direct visual SFT), dynamics rows for that ablation;

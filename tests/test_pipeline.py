@@ -54,3 +54,12 @@ def test_quick_pipeline_runs_every_stage_and_fills_the_table(tmp_path):
     assert resumed.stdout.count("$ ") == 1 and "opcd.py" in resumed.stdout and "--resume" in resumed.stdout
     assert "steps 2->2" in resumed.stdout + resumed.stderr and (out / "mgsd" / "done.json").is_file()
     assert (out / "mgsd" / "best" / "model.safetensors").read_bytes() == best
+
+
+def test_a_base_without_a_model_is_one_error_line_and_writes_nothing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "--base", str(tmp_path / "empty"), "--out",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: no model in ")
+    assert not (tmp_path / "run").exists()
