@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 import cli
-from envs import TASKS
+from envs import DEFAULT_LEVELS, TASKS
+import splits
 
 ROOT = Path(__file__).resolve().parent
 SHIPPED_BASE = ROOT / "models" / "mini-base"
@@ -77,6 +78,17 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.base and (args.pretrain or args.quick):
         p.error("--base cannot be combined with --pretrain or --quick (they build their own base)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file")
+    missing = [run for run in args.aggregate or () if not (Path(run) / "results.json").is_file()]
+    if missing:
+        p.error(f"--aggregate: no results.json in {missing[0]}")
+    try:  # the levels as envs.py data reads them (unnamed tasks: their defaults), checked before any stage runs
+        levels = splits._levels_arg(args.levels.split())
+        levels = {t: levels.get(t, DEFAULT_LEVELS[t]) if isinstance(levels, dict) else levels for t in TASKS}
+        splits.check_request(TASKS, levels, [], PICTURE[1], PICTURE[3])
+    except ValueError as e:
+        p.error(str(e))
     args.base_steps = args.base_steps or (8 if args.quick else BASE_STEPS)
     return args
 
@@ -143,8 +155,8 @@ def pretrain_commands(out, steps, quick=False):
     return cmds
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     if args.aggregate:
         print(aggregate_table(args.aggregate))
         return
@@ -169,12 +181,12 @@ def main():
     # Data: perception and text-planning rows for stage 1, planning rows whose prompts OPCD samples from
     # (their reference responses are used only by direct visual SFT), dynamics rows for that ablation;
     # val rows select OPCD checkpoints; test rows are held out for the tables.
-    splits = [("train", "train", args.train_per_level, "perception,text-planning,planning"),
+    wanted = [("train", "train", args.train_per_level, "perception,text-planning,planning"),
               ("val", "val", args.val_per_level, "planning,perception"),
               ("test", "test", args.test_per_level, "planning,perception")]
     if args.rows == "all":  # the dynamics ablation's rows, apart, so that a main-job run can be extended
-        splits.append(("dynamics", "train", args.train_per_level, "dynamics"))
-    for folder, split, n, kinds in splits:
+        wanted.append(("dynamics", "train", args.train_per_level, "dynamics"))
+    for folder, split, n, kinds in wanted:
         run([py, "envs.py", "data", "--out", data / folder, "--split", split, "--per-level", n, "--kinds", kinds,
              "--levels", *levels, *PICTURE, "--workers", 2], data / folder / "data.jsonl")
 

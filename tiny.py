@@ -265,6 +265,8 @@ def build_model(out_dir, size="tiny", seed=0, image_size=128, tokenizer=None):
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
+    if Path(out_dir).exists():
+        raise ValueError(f"{out_dir} exists; remove it first")
     if size not in MODEL_SIZES:
         raise ValueError(f"unknown size {size!r}; choose from {sorted(MODEL_SIZES)}")
     if image_size % 32:

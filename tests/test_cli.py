@@ -13,6 +13,7 @@ import common
 import evaluate
 import merge
 import opcd
+import pipeline
 import sft
 import splits
 import tiny
@@ -93,6 +94,14 @@ CASES = (
                   "--image-size", "160", "--cell-size", "32"], "does not fit"),
         ("tiny", ["grids", "--out", "{out}", "--split", "train", "--count", "0"], "at least 1"),
         ("tiny", ["grids", "--out", "{run}", "--split", "train", "--count", "1"], "exists"),
+        ("tiny", ["model", "--out", "{run}"], "exists"),
+        ("tiny", ["model", "--out", "{file}"], "exists"),
+        ("pipeline", ["--out", "{file}"], "is a file"),
+        ("pipeline", ["--out", "{out}", "--levels", "frozenlake=x"], "--levels"),
+        ("pipeline", ["--out", "{out}", "--levels", "maze=30"], "out of range"),
+        ("pipeline", ["--out", "{out}", "--levels", "frozenlake=3 maze=3"], "does not fit"),
+        ("pipeline", ["--aggregate", "{tmp}/nowhere"], "no results.json"),
+        ("pipeline", ["--out", "{out}", "--base", "{tmp}"], "no model in"),
         ("benchmarks", ["vsp", "{tmp}/nowhere", "--out", "{out}"], "no levelN folders"),
         ("benchmarks", ["visualplanning", "{tmp}/nowhere.jsonl", "--out", "{out}"], "unreadable"),
     ])
@@ -146,7 +155,7 @@ def world(tmp_path_factory, tiny_model, make_data):
 
 
 SCRIPTS = {"sft": sft.main, "opcd": opcd.main, "evaluate": evaluate.main, "merge": merge.main, "envs": splits.main,
-           "tiny": tiny.main, "benchmarks": benchmarks.main}
+           "tiny": tiny.main, "benchmarks": benchmarks.main, "pipeline": pipeline.main}
 
 
 def base_args(script, w, out):
