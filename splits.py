@@ -296,6 +296,10 @@ def _show(args):
     if state is None:
         raise ValueError(f"{args.task} level {args.level} seed {args.seed} is skipped (no valid instance)")
     out = Path(args.out or f"{args.task}-{args.level}-{args.seed}.png")
+    try:  # the picture first: a bad --out fails before anything is printed
+        render(state, args.image_size, args.cell_size, args.frozenlake_style).save(out)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"cannot write the picture to {out} ({e})") from None
     section = lambda title, text: print(f"===== {title}\n{text}\n")
     section("state (JSON)", json.dumps(state))
     section("teacher context", teacher_context(state))
@@ -311,7 +315,6 @@ def _show(args):
 
     for sub, question, answer, _ in dynamics.questions(state, args.seed):
         section(f"dynamics {sub}", f"{question}\n-> {answer}")
-    render(state, args.image_size, args.cell_size, args.frozenlake_style).save(out)
     print(f"picture written to {out}")
 
 
