@@ -12,7 +12,8 @@ done.json marks a finished run. Deviations from the reference (docs/method.md §
 all-reduce of the gradients (or FSDP2), the teacher in the trainer, log-probs recomputed by the trainer,
 randomness seeded from (--seed, step, rank) so that --resume is exact. Memory: README, "What fits on one GPU".
 
-    python opcd.py --model models/small-sft --teacher models/small --data data/plan-train --out runs/opcd-small
+    python opcd.py --model models/small-sft --teacher models/small --data data/plan-train --val-data data/plan-val \
+        --out runs/opcd-small --batch-size 8 --max-new-tokens 128 --max-steps 40
     torchrun --nproc_per_node=8 opcd.py --model models/sft-4b --teacher Qwen/Qwen3-VL-4B-Instruct \
         --data data/plan-train --val-data data/plan-val --out runs/opcd-4b    # --rollout hf without vLLM
 """
@@ -69,7 +70,8 @@ def parse_args(argv=None):
     a("--epochs", type=cli.positive_float, default=5, help="passes over the train split")
     a("--max-steps", type=cli.nonneg_int, default=0, help="stop after this many steps (0: run all epochs)")
     a("--master", default="fp32", choices=["fp32", "stochastic", "bf16"], help="fp32: master weights and moments "
-      "(16 B/param); stochastic: bf16 weights rounded stochastically, fp32 moments (8 B/param); bf16: the reference's")
+      "(16 B/param); stochastic: bf16 weights rounded stochastically, fp32 moments (8 B/param); bf16: the reference's "
+      "plain bf16 AdamW, whose 1e-6 steps round away")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="model dtype; auto: bf16 on GPU, fp32 on CPU")
     a("--lora-rank", type=cli.nonneg_int, default=0, help="train LoRA adapters of this rank on the language model instead of all weights (0: none)")
     a("--freeze-vision", action="store_true", help="do not train the vision tower and merger")

@@ -6,7 +6,8 @@ AdamW, linear warm-up from lr/warmup, then cosine decay; one all-reduce of the g
 a LoRA (rank 8, alpha 16) on the language model's q/k/v/o/gate/up/down, or with --full every language-model
 weight; the vision tower runs frozen under no_grad unless --train-vision. Every epoch is a seeded
 permutation (the last partial batch dropped), so --resume repeats an uninterrupted run exactly. Rows longer
-than --max-length are cut on the right. Validation: the loss and greedy answers scored by envs.score_row.
+than --max-length are cut on the right (an error if the cut hits an image). Validation: the loss and greedy
+answers scored by envs.score_row.
 Out: adapter/ (PEFT format, for merge.py) or model/ (--full), checkpoint/ (--resume), log.jsonl, args.json,
 tb/. Commands: README.md, "Stage 1".
 """
