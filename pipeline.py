@@ -165,7 +165,16 @@ def main(argv=None):
     if not build and not (base / "config.json").is_file():  # before anything is written
         cli.fail(f"no model in {base} (see --base / --pretrain)")
     out = Path(args.out).resolve()
+    # One run folder, one set of settings: a re-run with others would silently reuse stages made with these.
+    settings = {**{k: v for k, v in vars(args).items() if k not in ("out", "rows", "aggregate")},
+                "base": str(base) if args.base else None}
+    if (out / "settings.json").is_file():
+        saved = json.loads((out / "settings.json").read_text())
+        changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in settings.items() if saved.get(k) != v]
+        if changed:
+            cli.fail(f"{out} holds a run with other settings ({', '.join(changed)}); use another --out")
     out.mkdir(parents=True, exist_ok=True)
+    (out / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
     py = sys.executable
     os.environ.setdefault("OMP_NUM_THREADS", "2")  # the stages inherit it
     backend = args.backend or ("vllm" if importlib.util.find_spec("vllm") else "hf")

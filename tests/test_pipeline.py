@@ -43,6 +43,11 @@ def test_quick_pipeline_runs_every_stage_and_fills_the_table(tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "$ " not in again.stdout
     assert (out / "results.md").read_text().splitlines() == table
+    # Other settings in the same run folder would silently reuse its stages: refused, nothing run.
+    other = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "--quick", "--out", str(out), "--opcd-steps", "3"],
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and other.stdout == "" and other.stderr.count("\n") == 1
+    assert "--opcd-steps 2 -> 3" in other.stderr and json.loads((out / "settings.json").read_text())["opcd_steps"] == 2
     # An OPCD run without done.json was interrupted (best/ exists from its first validation on): it is
     # resumed from last/, not taken as done; here no step is left, so best/ stays as it was.
     assert json.loads((out / "mgsd" / "done.json").read_text())["steps"] == 2
