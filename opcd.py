@@ -89,7 +89,7 @@ def parse_args(argv=None):
     a("--vllm-gpu-memory", type=cli.positive_float, default=0.3, help="vLLM share of GPU memory (the trainer shares the GPU)")
     a("--resume", action="store_true", help="continue from OUT/last (model, optimiser, data position; same settings)")
     a("--overwrite", action="store_true", help="replace an --out that already holds a run")
-    a("--seed", type=int, default=0, help="seed of data order and sampling")
+    a("--seed", type=cli.nonneg_int, default=0, help="seed of data order and sampling")
     return p.parse_args(argv)
 
 

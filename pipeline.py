@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes and a freshly built tiny base: a smoke run")
     p.add_argument("--rows", default="mgsd", choices=("mgsd", "all"),
                    help="mgsd: base, +perception SFT, +OPCD; all: also the report's ablations (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of SFT order and OPCD sampling (default %(default)s)")
+    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of SFT order and OPCD sampling (default %(default)s)")
     p.add_argument("--base", default=None, help=f"base model folder (default: the shipped {SHIPPED_BASE.relative_to(ROOT)})")
     p.add_argument("--pretrain", action="store_true", help="build the base from random weights into OUT/base instead "
                                                               f"of using {SHIPPED_BASE.relative_to(ROOT)}")

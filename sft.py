@@ -66,7 +66,7 @@ def parse_args(argv=None):
                    help="stop after this many steps, 0 = no limit (the schedule still spans all epochs)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings; see RESUMABLE)")
     p.add_argument("--overwrite", action="store_true", help="replace an --out that already holds a run")
-    p.add_argument("--seed", type=int, default=0, help="seed of LoRA init and data order")
+    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of LoRA init and data order")
     return p.parse_args(argv)
 
 

@@ -328,7 +328,7 @@ def main(argv=None):
     m.add_argument("--out", required=True, help="output model folder")
     m.add_argument("--size", default="tiny", choices=sorted(MODEL_SIZES),
                    help="tiny (<1M, tests), small (3.5M, the miniature), medium (>=30M)")
-    m.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    m.add_argument("--seed", type=cli.nonneg_int, default=0, help="weight initialisation seed")
     m.add_argument("--image-size", type=int, default=128, help="the fixed image side in pixels (multiple of 32)")
     m.add_argument("--tokenizer", default=None, help="keep the tokenizer of this model folder (built here) instead of "
                                                      "training one on the project's text: how the shipped base is rebuilt")
