@@ -66,12 +66,12 @@ def check_out(out, resume=False, overwrite=False):
         fail(f"--out {out}: cannot write into {anchor}")
 
 
-def check_resume(saved_args, args, safe):
+def check_resume(saved_args, args, safe, what="--resume"):
     """Fail when a resumed run's settings differ from the saved ones, except the `safe` ones."""
     now = json.loads(json.dumps(vars(args)))  # tuples -> lists, as saved
     changed = sorted(k for k in set(saved_args) | set(now) if k not in safe and saved_args.get(k) != now.get(k))
     if changed:
-        fail("--resume with other settings than the saved run: " + ", ".join(
+        fail(f"{what} with other settings than the saved run: " + ", ".join(
             f"--{k.replace('_', '-')} {saved_args.get(k)} -> {now.get(k)}" for k in changed)
              + f" (safe to change: {', '.join('--' + k.replace('_', '-') for k in sorted(safe))})")
 

@@ -128,21 +128,21 @@ def vllm_backend(args, episodes):
     """The vLLM engine of common.make_llm (in-process), greedy, vision tokens never sampled."""
     import torch
     from transformers import AutoProcessor
-    from common import make_llm, vllm_generate, vllm_prompts
+    from common import make_llm, message_images, vllm_generate
     processor = AutoProcessor.from_pretrained(args.model)
     messages = [ep["messages"] for ep in episodes]
-    prompts = vllm_prompts(processor, messages)
-    images = [p.get("multi_modal_data", {}).get("image", []) for p in prompts]
-    images = [x if isinstance(x, list) else [x] for x in images]
+    n_images = [sum(c.get("type") == "image" for m in chat if isinstance(m["content"], list) for c in m["content"])
+                for chat in messages]  # counted, not loaded: vllm_generate loads them
     tokens_per_image = 0  # all images of a split have one size (method.md §1), so one image tells
-    if any(images):
-        grid = processor.image_processor(images=[next(x for x in images if x)[0]], return_tensors="pt")["image_grid_thw"]
+    if any(n_images):
+        first = message_images(messages[next(i for i, k in enumerate(n_images) if k)])[:1]
+        grid = processor.image_processor(images=first, return_tensors="pt")["image_grid_thw"]
         tokens_per_image = int(grid[0].prod()) // processor.image_processor.merge_size ** 2
-    longest = max(len(processor.tokenizer(p["prompt"])["input_ids"]) + len(x) * tokens_per_image
-                  for p, x in zip(prompts, images))
+    texts = [processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) for chat in messages]
+    longest = max(len(processor.tokenizer(t)["input_ids"]) + k * tokens_per_image for t, k in zip(texts, n_images))
     gpu = torch.cuda.is_available()
     llm = make_llm(args.model, seed=0, max_model_len=args.max_model_len or longest + args.max_new_tokens + 16,
-                   max_images=max(1, max(map(len, images))),  # inverse-dynamics prompts hold two
+                   max_images=max(1, max(n_images)),  # inverse-dynamics prompts hold two
                    dtype="bfloat16" if gpu else "float32", gpu_memory_utilization=0.85)
 
     def run(emit):

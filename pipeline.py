@@ -27,13 +27,14 @@ import time
 from pathlib import Path
 
 import cli
-from envs import DEFAULT_LEVELS, TASKS
+from envs import TASKS
 import splits
 
 ROOT = Path(__file__).resolve().parent
 SHIPPED_BASE = ROOT / "models" / "mini-base"
 BASE_STEPS = 5722  # the shipped base's second pretraining run: 6.3 passes over its 14,500 rows
-PICTURE = ["--image-size", 160, "--cell-size", 32]  # one merged vision token per cell (tiny.py's layout)
+IMAGE_SIZE, CELL_SIZE = 160, 32  # one merged vision token per cell (tiny.py's layout)
+PICTURE = ["--image-size", IMAGE_SIZE, "--cell-size", CELL_SIZE]
 
 # Settings of the main job and of --quick, chosen on the val split (results/mini/REPORT.md).
 DEFAULT = dict(levels="frozenlake=4 maze=3 minibehaviour=5", train_per_level=600, val_per_level=32,
@@ -83,12 +84,12 @@ def parse_args(argv=None):
     missing = [run for run in args.aggregate or () if not (Path(run) / "results.json").is_file()]
     if missing:
         p.error(f"--aggregate: no results.json in {missing[0]}")
-    try:  # the levels as envs.py data reads them (unnamed tasks: their defaults), checked before any stage runs
-        levels = splits._levels_arg(args.levels.split())
-        levels = {t: levels.get(t, DEFAULT_LEVELS[t]) if isinstance(levels, dict) else levels for t in TASKS}
-        splits.check_request(TASKS, levels, [], PICTURE[1], PICTURE[3])
+    try:  # the levels as envs.py data reads them, checked before any stage runs
+        levels = splits.level_table(TASKS, splits.parse_levels(args.levels.split()))
+        splits.check_request(TASKS, levels, [], IMAGE_SIZE, CELL_SIZE)
     except ValueError as e:
         p.error(str(e))
+    args.base = str(Path(args.base).resolve()) if args.base else None
     args.base_steps = args.base_steps or (8 if args.quick else BASE_STEPS)
     return args
 
@@ -160,21 +161,16 @@ def main(argv=None):
     if args.aggregate:
         print(aggregate_table(args.aggregate))
         return
-    base = Path(args.base).resolve() if args.base else SHIPPED_BASE
+    base = Path(args.base) if args.base else SHIPPED_BASE
     build = not args.base and (args.pretrain or args.quick or not SHIPPED_BASE.is_dir())
     if not build and not (base / "config.json").is_file():  # before anything is written
         cli.fail(f"no model in {base} (see --base / --pretrain)")
     out = Path(args.out).resolve()
-    # One run folder, one set of settings: a re-run with others would silently reuse stages made with these.
-    settings = {**{k: v for k, v in vars(args).items() if k not in ("out", "rows", "aggregate")},
-                "base": str(base) if args.base else None}
-    if (out / "settings.json").is_file():
-        saved = json.loads((out / "settings.json").read_text())
-        changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in settings.items() if saved.get(k) != v]
-        if changed:
-            cli.fail(f"{out} holds a run with other settings ({', '.join(changed)}); use another --out")
+    if (out / "settings.json").is_file():  # a re-run with other settings would silently reuse stages made with these
+        cli.check_resume(json.loads((out / "settings.json").read_text()), args, {"out", "rows", "aggregate"},
+                         what=f"a re-run in {out}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
+    (out / "settings.json").write_text(json.dumps(vars(args), indent=1) + "\n")
     py = sys.executable
     os.environ.setdefault("OMP_NUM_THREADS", "2")  # the stages inherit it
     backend = args.backend or ("vllm" if importlib.util.find_spec("vllm") else "hf")

@@ -149,13 +149,18 @@ def check_request(tasks, levels, kinds, image_size, cell_size=None, style="plain
         sprite_folder()
 
 
+def level_table(tasks, levels=None):
+    """{task: levels} of a request: `levels` is a list for every task or {task: levels}; unnamed: DEFAULT_LEVELS."""
+    return {t: tuple(levels.get(t, DEFAULT_LEVELS[t])) if isinstance(levels, dict) else tuple(levels or DEFAULT_LEVELS[t])
+            for t in tasks if t in TASKS}
+
+
 def make_split(out_dir, split, per_level, tasks=None, levels=None, kinds=("planning", "perception"), workers=1,
                image_size=256, cell_size=None, style="plain"):
     """Write out_dir/data.jsonl and out_dir/images/ for one split, atomically (cli.atomic_dir).
     levels: a list applied to every task, or {task: levels}; default DEFAULT_LEVELS."""
     tasks = list(tasks or TASKS)
-    levels = {t: tuple(levels.get(t, DEFAULT_LEVELS[t])) if isinstance(levels, dict) else tuple(levels or DEFAULT_LEVELS[t])
-              for t in tasks if t in TASKS} if tasks else {}
+    levels = level_table(tasks, levels)
     check_request(tasks, levels, kinds, image_size, cell_size, style)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
@@ -278,7 +283,7 @@ def load_split(data_dir, kinds=None):
 
 
 # ---------------------------------------------------------------- command line
-def _levels_arg(tokens):
+def parse_levels(tokens):
     """`3 4` -> [3, 4] for every task; `frozenlake=3,4 maze=3` -> {task: levels} (unnamed tasks: default)."""
     if not tokens:
         return None
@@ -349,7 +354,7 @@ def main(argv=None):
     try:
         if args.command == "data":
             kinds = [k for k in args.kinds.split(",") if k]
-            out = make_split(args.out, args.split, args.per_level, args.tasks, _levels_arg(args.levels), kinds,
+            out = make_split(args.out, args.split, args.per_level, args.tasks, parse_levels(args.levels), kinds,
                              args.workers, args.image_size, args.cell_size, args.frozenlake_style)
             print(f"wrote {out / 'data.jsonl'}")
         else:
