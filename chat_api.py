@@ -15,7 +15,17 @@ from pathlib import Path
 
 
 class EndpointError(Exception):
-    """The endpoint cannot serve any request (unreachable, wrong key, wrong path): stop the run."""
+    """The endpoint cannot serve any request (unreachable, wrong key, wrong path, a redirect): stop the run."""
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A 3xx is not followed: it would carry the key to another host and turn the POST into a GET."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # urllib then raises HTTPError for the 3xx
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def png_data_url(image):
@@ -59,15 +69,15 @@ def chat_completion(args, api_key, messages):
             time.sleep(args.backoff_seconds * 2 ** (attempt - 1))
         try:
             request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-            with urllib.request.urlopen(request, timeout=args.timeout_seconds) as resp:
+            with _OPENER.open(request, timeout=args.timeout_seconds) as resp:
                 content = json.loads(resp.read())["choices"][0]["message"]["content"]
             if content is None:
                 return None, "response without content"
             return content, None
         except urllib.error.HTTPError as e:
             error, unreachable = f"HTTP {e.code} {e.reason}", False
-            if e.code in (401, 403, 404):  # every request would get the same answer
-                raise EndpointError(f"{url}: {error}") from None
+            if e.code in (401, 403, 404) or 300 <= e.code < 400:  # every request would get the same answer
+                raise EndpointError(f"{url}: {error}" + (" (redirects are not followed)" if e.code < 400 else "")) from None
             if e.code != 429 and e.code < 500:
                 return None, error  # this request is rejected (e.g. too long); retrying will not help
         except urllib.error.URLError as e:  # raised before any byte was sent

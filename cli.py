@@ -53,14 +53,44 @@ nonneg_float = lambda text: _number(float, 0.0, False, text)  # noqa: E731
 fraction = lambda text: _number(float, 0.0, False, text, high=1)  # noqa: E731
 
 
-def check_out(out, resume=False, overwrite=False):
-    """Refuse an --out that would silently mix two runs, or that cannot be written; writes nothing.
-    A non-empty folder needs --resume (continue it) or --overwrite (replace it)."""
+# What marks a folder as a run of each script: the file it writes first, and a key that file holds.
+RUN_MARKS = {"sft.py": ("args.json", "kinds"), "opcd.py": ("args.json", "teacher"), "evaluate.py": ("run.json", "kind"),
+             "merge.py": ("config.json", None), "pipeline.py": ("settings.json", "rows")}
+
+
+def holds_run(folder, script):
+    """Whether `folder` holds a run of `script` (its RUN_MARKS file, with its key)."""
+    name, key = RUN_MARKS[script]
+    try:
+        saved = json.loads((Path(folder) / name).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and (key is None or key in saved)
+
+
+def check_out(out, resume=False, overwrite=False, inputs=(), script=None):
+    """Refuse an --out that would silently mix two runs, destroy an input, or cannot be written; writes nothing.
+    An --out that is, contains or lies inside an input (data, model, teacher, ...) is always refused; a
+    non-empty folder needs --resume (continue it) or --overwrite (replace it), and both accept only a
+    folder that holds a run of `script`."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file")
-    if out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")) and not (resume or overwrite):
-        fail(f"--out {out} already holds a run; --resume continues it, --overwrite replaces it")
+    here = out.resolve()
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue  # a hub id, or an input whose own check reports it
+        there = Path(given).resolve()
+        relation = "is" if here == there else "contains" if here in there.parents else "lies inside" \
+            if there in here.parents else None
+        if relation:
+            fail(f"--out {out} {relation} the input {given}; choose another --out")
+    if out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
+        if not (resume or overwrite):
+            fail(f"--out {out} already holds a run; --resume continues it, --overwrite replaces it")
+        if script and not holds_run(out, script):
+            fail(f"--out {out} does not hold a run of {script}; {'--resume' if resume else '--overwrite'} "
+                 f"accepts only a folder that {script} wrote")
     anchor = next(p for p in [out, *out.parents] if p.exists())
     if not anchor.is_dir() or not os.access(anchor, os.W_OK | os.X_OK):
         fail(f"--out {out}: cannot write into {anchor}")

@@ -88,7 +88,9 @@ def check_model_dir(path):
 def load_model(path, device="cpu", dtype=None):
     """Model + processor from a local folder or a hub id. dtype None -> float32 weights."""
     from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per model, on stderr, says nothing
     check_model_dir(path)
     path = str(path)
     try:
@@ -100,9 +102,13 @@ def load_model(path, device="cpu", dtype=None):
         raise ValueError(f"{path}: no multimodal processor (got {type(processor).__name__}; "
                          "need preprocessor_config.json, video_preprocessor_config.json and a tokenizer)")
     try:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32)
+        model, info = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32, output_loading_info=True)
     except Exception as e:  # a truncated or foreign weights file: one line, not a traceback
         raise ValueError(f"{path}: cannot load the weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    for what in ("missing", "unexpected", "mismatched"):  # HF would start such weights at random, with a warning
+        if info.get(f"{what}_keys"):
+            keys = sorted(map(str, info[f"{what}_keys"]))
+            raise ValueError(f"{path}: {len(keys)} {what} weight(s) in the checkpoint, e.g. {keys[0]}")
     model.to(device)
     tok = processor.tokenizer
     if tok.pad_token_id is None:

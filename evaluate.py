@@ -278,8 +278,12 @@ def evaluate(args):
         cli.fail("--backend openai needs --base-url (e.g. http://localhost:8000/v1)")
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", args.api_key_env):  # never echo it: it may be the key itself
         cli.fail("--api-key-env must name an environment variable (e.g. OPENAI_API_KEY), not hold the key")
-    if args.base_url and "@" in urllib.parse.urlsplit(args.base_url).netloc:
-        cli.fail("--base-url must not carry credentials; put the key in the variable named by --api-key-env")
+    if args.base_url:  # never echo it: it may hold a key
+        url, api_key = urllib.parse.urlsplit(args.base_url), os.environ.get(args.api_key_env)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            cli.fail("--base-url must be an http:// or https:// URL (e.g. http://localhost:8000/v1)")
+        if "@" in url.netloc or url.query or url.fragment or (api_key and api_key in args.base_url):
+            cli.fail("--base-url must not carry credentials or a query; put the key in the variable named by --api-key-env")
     try:
         rows = splits.load_split(args.data, kinds=[args.kind])
     except (OSError, ValueError) as e:
@@ -292,11 +296,13 @@ def evaluate(args):
     episodes = build_episodes(rows, args.kind, conditions)
 
     out = Path(args.out or Path("runs/eval") / f"{args.model.strip('/').replace('/', '_')}-{args.backend}-{args.kind}")
-    cli.check_out(out, args.resume, args.overwrite)
+    cli.check_out(out, args.resume, args.overwrite, [args.model, args.data], "evaluate.py")
     episodes_path = out / "episodes.jsonl"
-    settings = {k: str(getattr(args, k)) for k in ("model", "data", "kind", "max_new_tokens")}
-    if args.resume and (out / "run.json").exists() and json.loads((out / "run.json").read_text()) != settings:
-        cli.fail(f"--resume: {out} holds a run with other settings ({(out / 'run.json').read_text()}); use another --out")
+    settings = {k: str(getattr(args, k)) for k in ("model", "data", "kind", "max_new_tokens", "backend", "condition")}
+    saved = json.loads((out / "run.json").read_text()) if args.resume and (out / "run.json").is_file() else settings
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in settings.items() if saved.get(k) != v]
+    if changed:  # a summary must not mix episodes of two settings
+        cli.fail(f"--resume: {out} holds a run with other settings ({', '.join(changed)}); use another --out")
     wanted = {(ep["row"]["id"], ep["condition"]) for ep in episodes}
     finished = {k: r for k, r in read_finished(episodes_path).items() if k in wanted} if args.resume else {}
     todo = [ep for ep in episodes if (ep["row"]["id"], ep["condition"]) not in finished]

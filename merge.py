@@ -53,9 +53,8 @@ def probe_logits(model, batch):
 
 def main(argv=None):
     args = parse_args(None if argv is None else [str(a) for a in argv])
-    if Path(args.out).resolve() == Path(args.base).resolve():
-        cli.fail("--out is the --base folder: merging there would overwrite the base weights")
-    cli.check_out(args.out, overwrite=args.overwrite)
+    cli.check_out(args.out, overwrite=args.overwrite, inputs=[args.base, args.adapter, args.checkpoint, args.probe_data],
+                  script="merge.py")
     try:
         source = Path(args.adapter or args.checkpoint)
         needed = ["adapter_config.json", "adapter_model.safetensors"] if args.adapter else ["trainable.safetensors"]

@@ -166,6 +166,10 @@ def main(argv=None):
     if not build and not (base / "config.json").is_file():  # before anything is written
         cli.fail(f"no model in {base} (see --base / --pretrain)")
     out = Path(args.out).resolve()
+    foreign = next((script for script in cli.RUN_MARKS if script != "pipeline.py" and cli.holds_run(out, script)), None)
+    if foreign or out == base.resolve() or out in base.resolve().parents:
+        what = "the base model" if not foreign else "a model" if foreign == "merge.py" else f"a run of {foreign}"
+        cli.fail(f"--out {out} holds {what}; choose another --out")
     if (out / "settings.json").is_file():  # a re-run with other settings would silently reuse stages made with these
         cli.check_resume(json.loads((out / "settings.json").read_text()), args, {"out", "rows", "aggregate"},
                          what=f"a re-run in {out}")

@@ -53,6 +53,8 @@ CASES = (
         ("sft", ["--model", "{tmp}/no-model"], "no-model"),
         ("sft", ["--model", "{no_tokenizer}"], "no tokenizer files"),
         ("sft", ["--model", "{truncated}"], "cannot load the weights"),
+        ("sft", ["--model", "{missing_tensor}"], "1 missing weight(s) in the checkpoint"),
+        ("evaluate", ["--model", "{missing_tensor}", "--backend", "hf"], "1 missing weight(s) in the checkpoint"),
         ("sft", ["--data", "{bad:messages_string}"], "messages must be a list"),
         ("sft", ["--data", "{bad:content_int}"], "message content must be a string or a list, got int"),
         ("sft", ["--data", "{bad:no_assistant}"], "no assistant turn"),
@@ -77,13 +79,27 @@ CASES = (
         ("evaluate", ["--api-key-env", "sk-secret-123"], "must name an environment variable"),
         ("evaluate", ["--backend", "openai", "--base-url", "http://user:sk-secret-123@127.0.0.1:1/v1"],
          "must not carry credentials"),
+        ("evaluate", ["--backend", "openai", "--base-url", "http://127.0.0.1:1/v1?api_key=sk-secret-123"],
+         "must not carry credentials"),
+        ("evaluate", ["--backend", "openai", "--base-url", "file:///etc/passwd"], "must be an http"),
         ("evaluate", ["--backend", "openai"], "needs --base-url"),
         ("evaluate", ["--condition", "text", "--kind", "perception"], "applies to planning only"),
         ("evaluate", ["--data", "{tmp}/nowhere"], "nowhere"),
         ("evaluate", ["--out", "{run}"], "already holds a run"),
         ("evaluate", ["--data", "{bad:unknown_task}"], "'sokoban'"),
         ("evaluate", ["--backend", "tgi"], "invalid choice: 'tgi'"),
-        ("merge", ["--out", "{model}"], "would overwrite the base weights"),
+        ("merge", ["--out", "{model}"], "is the input"),
+        ("merge", ["--out", "{model}", "--overwrite"], "is the input"),
+        ("evaluate", ["--out", "{data}", "--overwrite"], "is the input"),
+        ("evaluate", ["--out", "{data}/..", "--overwrite"], "contains the input"),
+        ("evaluate", ["--out", "{run}", "--resume"], "does not hold a run of evaluate.py"),
+        ("sft", ["--out", "{model}", "--overwrite"], "is the input"),
+        ("sft", ["--out", "{data}", "--overwrite"], "is the input"),
+        ("sft", ["--out", "{data}/inner", "--overwrite"], "lies inside the input"),
+        ("sft", ["--out", "{run}", "--overwrite"], "does not hold a run of sft.py"),
+        ("opcd", ["--out", "{data}", "--overwrite"], "is the input"),
+        ("opcd", ["--out", "{run}", "--overwrite"], "does not hold a run of opcd.py"),
+        ("pipeline", ["--out", "{model}"], "holds a model"),
         ("merge", ["--out", "{run}"], "already holds a run"),
         ("merge", ["--tolerance", "0"], "--tolerance"),
         ("merge", ["--adapter", "{tmp}/no-adapter"], "not a LoRA adapter"),
@@ -142,6 +158,12 @@ def world(tmp_path_factory, tiny_model, make_data):
     shutil.copytree(tiny_model, truncated)
     weights = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    missing_tensor = root / "missing-tensor"
+    shutil.copytree(tiny_model, missing_tensor)
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(missing_tensor / "model.safetensors"))
+    del tensors[sorted(k for k in tensors if "layers.0.mlp.up_proj" in k)[0]]
+    save_file(tensors, str(missing_tensor / "model.safetensors"), metadata={"format": "pt"})
     lines = (data / "data.jsonl").read_text().splitlines()
     bad = {}
     for name, edit in list(BAD_ROWS.items()) + [("not_json", None), ("not_object", None)]:
@@ -158,7 +180,7 @@ def world(tmp_path_factory, tiny_model, make_data):
         (folder / "data.jsonl").write_text("\n".join(lines[:1] + broken + lines[3:]) + "\n")
         bad[name] = folder
     return {"tmp": root, "model": tiny_model, "data": data, "run": run, "file": root / "a-file", "no_tokenizer": no_tok,
-            "truncated": truncated, "bad": bad}
+            "truncated": truncated, "missing_tensor": missing_tensor, "bad": bad}
 
 
 SCRIPTS = {"sft": sft.main, "opcd": opcd.main, "evaluate": evaluate.main, "merge": merge.main, "envs": splits.main,
@@ -179,8 +201,8 @@ def fill(arg, w, out):
     arg = str(arg)
     if arg.startswith("{bad:"):
         return str(w["bad"][arg[5:-1]])
-    return arg.format(tmp=w["tmp"], model=w["model"], run=w["run"], file=w["file"], out=out,
-                      no_tokenizer=w["no_tokenizer"], truncated=w["truncated"])
+    return arg.format(tmp=w["tmp"], model=w["model"], data=w["data"], run=w["run"], file=w["file"], out=out,
+                      no_tokenizer=w["no_tokenizer"], truncated=w["truncated"], missing_tensor=w["missing_tensor"])
 
 
 def snapshot(root):
@@ -272,6 +294,19 @@ def test_check_out_accepts_an_empty_or_missing_folder_and_refuses_a_run(tmp_path
         cli.check_out(run)
     cli.check_out(run, resume=True)
     cli.check_out(run, overwrite=True)
+
+
+def test_overwrite_replaces_only_a_run_of_the_same_script_and_never_an_input(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text('{"kind": "planning"}')
+    cli.check_out(run, overwrite=True, inputs=[tmp_path / "data", "Qwen/Qwen3-VL-4B-Instruct"], script="evaluate.py")
+    for script in ("sft.py", "opcd.py", "merge.py"):
+        with pytest.raises(SystemExit):
+            cli.check_out(run, overwrite=True, script=script)
+    for out in (run, tmp_path, run / "inner"):  # is, contains, lies inside
+        with pytest.raises(SystemExit):
+            cli.check_out(out, overwrite=True, inputs=[run], script="evaluate.py")
 
 
 def test_opcd_writes_a_steps_log_line_before_its_checkpoint_and_saves_every_n_steps(tiny_model, world, tmp_path,

@@ -253,6 +253,10 @@ def test_openai_errors_count_as_failures_and_resume_fills_only_missing_episodes(
     with pytest.raises(SystemExit) as exit_info:  # resuming a run made with other settings is refused
         run(*args, "--base-url", "http://127.0.0.1:1/v1", "--resume", "--max-new-tokens", 7)
     assert exit_info.value.code == 2 and len(read_episodes(tmp_path)) == 2 * n
+    for other in (["--backend", "oracle"], ["--condition", "image"]):  # a summary must not mix two settings
+        with pytest.raises(SystemExit) as exit_info:
+            run(*args, *other, "--base-url", "http://127.0.0.1:1/v1", "--resume")  # the last --backend / --condition counts
+        assert exit_info.value.code == 2 and len(read_episodes(tmp_path)) == 2 * n
 
 
 @pytest.mark.parametrize("kind", ["planning", "dynamics"])  # dynamics: inverse rows carry two images
@@ -314,6 +318,40 @@ def test_bad_input_gives_one_line_error_and_exit_code_2(case, data, tmp_path):
         assert not (tmp_path / "out").exists()
     if case == "rejected_key":  # stopped at once: no retries of a request that cannot succeed
         assert len(server.requests) <= 2 * 8  # at most the requests already in flight (--concurrency 8)
+
+
+def test_a_redirect_is_not_followed_and_the_key_goes_nowhere_else(data, tmp_path, monkeypatch):
+    """An endpoint answering 302 to another port used to get the key sent there (and a body-less GET scored)."""
+    with Server(lambda payload: (200, "unused", 0)) as elsewhere:
+        class Redirect(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.send_response(302)
+                self.send_header("Location", elsewhere.url + "/chat/completions")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        monkeypatch.setenv("MGSD_TEST_KEY", "sk-secret-123")
+        try:
+            with pytest.raises(SystemExit) as exit_info:
+                run("--model", "m", "--data", data, "--backend", "openai", "--retries", 0, "--api-key-env", "MGSD_TEST_KEY",
+                    "--base-url", f"http://127.0.0.1:{httpd.server_address[1]}/v1", "--out", tmp_path / "out")
+        finally:
+            httpd.shutdown()
+            httpd.server_close()
+    assert exit_info.value.code == 2 and elsewhere.requests == []
+
+
+def test_a_key_in_the_base_url_is_refused_without_being_echoed(data, tmp_path):
+    proc = subprocess.run([PY, str(ROOT / "evaluate.py"), "--model", "m", "--data", str(data), "--backend", "openai",
+                           "--base-url", "http://127.0.0.1:1/v1?api_key=sk-secret-123", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "sk-secret-123" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "out").exists()
 
 
 def test_ctrl_c_is_one_line_and_keeps_the_finished_episodes(data, tmp_path):
