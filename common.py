@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 import cli
 from lora import LoRALinear
@@ -59,6 +60,14 @@ def save_model(model, processor, out_dir, trainer_state=None, rank=0):
             if trainer_state is not None:
                 torch.save(trainer_state, tmp / "trainer_state.pt")
     return Path(out_dir)
+
+
+def enable_checkpointing(model, every=1):
+    """Non-reentrant gradient checkpointing of the vision blocks and of every `every`-th decoder layer (1:
+    all): the others keep their activations, and the backward pass recomputes 1/every of the forward."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for i, layer in enumerate(model.model.language_model.layers):
+        layer.gradient_checkpointing = i % every == 0
 
 
 def write_model_files(model, processor, folder, state_dict=None):
@@ -168,6 +177,23 @@ def token_logprobs(logits, token_ids):
     return picked - torch.logsumexp(logits.float(), dim=-1)
 
 
+def _head_logprobs(hidden, head, token_ids, temperature):
+    return token_logprobs(head(hidden) / temperature, token_ids)
+
+
+def chunked_logprobs(hidden, head, token_ids, chunk=1024, temperature=1.0):
+    """token_logprobs(head(hidden) / T, token_ids) for hidden [N, H], `chunk` rows at a time: the
+    [N, vocab] logits never exist whole (a chunk's are recomputed in the backward pass), so a 151,936-token
+    head costs O(chunk x vocab) memory instead of O(N x vocab). Float32 result [N]."""
+    if len(token_ids) == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    grad = torch.is_grad_enabled()
+    return torch.cat([checkpoint(_head_logprobs, hidden[i:i + chunk], head, token_ids[i:i + chunk], temperature,
+                                 use_reentrant=False) if grad else
+                      _head_logprobs(hidden[i:i + chunk], head, token_ids[i:i + chunk], temperature)
+                      for i in range(0, len(token_ids), chunk)])
+
+
 def response_inputs(prompt_batch, response_ids, response_mask):
     """Model inputs of the sequence [left-padded prompt P | right-padded response R]: the token at
     P+j is predicted from position P+j-1, so positions [P-1, P+R-1) predict the response."""
@@ -180,20 +206,39 @@ def response_inputs(prompt_batch, response_ids, response_mask):
                 mm_token_type_ids=torch.cat([mm, torch.zeros_like(response_ids)], 1), use_cache=False, **extra)
 
 
-def response_logprobs(model, prompt_batch, response_ids, response_mask, temperature=1.0):
-    """Log-prob of each response token, [B, R] (padding positions hold garbage; multiply by
-    response_mask). Only the logits of the R + 1 last positions are computed (logits_to_keep), and
-    they are divided by the sampling temperature first, as the reference does (a no-op at T 1)."""
-    out = model(**response_inputs(prompt_batch, response_ids, response_mask), logits_to_keep=response_ids.shape[1] + 1)
-    return token_logprobs(out.logits[:, :-1] / temperature, response_ids)
+def response_hidden(model, prompt_batch, response_ids, response_mask):
+    """Last hidden states [B, R, H] of the positions that predict the response tokens (the caller
+    applies the output head, a chunk at a time)."""
+    P, R = prompt_batch["input_ids"].shape[1], response_ids.shape[1]
+    out = model.model(**response_inputs(prompt_batch, response_ids, response_mask))
+    return out.last_hidden_state[:, P - 1:P + R - 1]
+
+
+def response_logprobs(model, prompt_batch, response_ids, response_mask, temperature=1.0, chunk=1024):
+    """Log-prob of each response token, [B, R] (0 on padding positions), of logits / the sampling
+    temperature, as the reference computes them (a no-op at T 1). The head runs on the kept positions
+    only, `chunk` at a time (chunked_logprobs). An FSDP-sharded model goes through its own forward (its
+    root's weights are gathered only there), with logits for the R + 1 last positions."""
+    from torch.distributed.fsdp import FSDPModule
+
+    keep = response_mask.bool()
+    if isinstance(model, FSDPModule):
+        out = model(**response_inputs(prompt_batch, response_ids, response_mask), logits_to_keep=response_ids.shape[1] + 1)
+        return token_logprobs(out.logits[:, :-1] / temperature, response_ids) * keep
+    hidden = response_hidden(model, prompt_batch, response_ids, response_mask)
+    picked = chunked_logprobs(hidden[keep], model.lm_head, response_ids[keep], chunk, temperature)
+    return torch.zeros(keep.shape, dtype=picked.dtype, device=picked.device).masked_scatter(keep, picked)
 
 
 @torch.no_grad()
-def generate_responses(model, processor, messages_list, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None):
+def generate_responses(model, processor, messages_list, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None,
+                       cache="dynamic"):
     """One response per chat with HF generate (greedy at temperature 0), vision tokens never sampled, as
     vllm_generate returns them: token_ids (up to and including the first end-of-turn token), logprobs
     (None), text, finished. The model runs in eval mode (HF turns the KV cache off under gradient
-    checkpointing in train mode); an FSDP2 model is gathered, every rank running the same forwards."""
+    checkpointing in train mode); an FSDP2 model is gathered, every rank running the same forwards.
+    cache "static": a preallocated KV cache, with which HF compiles the decoding step on GPU (CUDA graphs:
+    no per-kernel launch cost); the same tokens as "dynamic"."""
     from torch.distributed.fsdp import FSDPModule
 
     if not messages_list:
@@ -209,6 +254,7 @@ def generate_responses(model, processor, messages_list, max_new_tokens=256, temp
     if sharded:
         model.unshard()  # generate runs the vision tower (root-owned weights) before any root forward
     out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos), synced_gpus=sharded,
+                         cache_implementation=None if cache == "dynamic" else cache,
                          pad_token_id=processor.tokenizer.pad_token_id, **sampling,
                          suppress_tokens=unsampled_token_ids(processor, model.config.get_text_config().vocab_size))
     if sharded:

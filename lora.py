@@ -1,12 +1,15 @@
 """A hand-rolled LoRA, y = W x + (alpha / r) * B(A(dropout(x))) with B = 0 at the start and A
 Kaiming-uniform, on the language model's attention and MLP linears; saved and loaded in PEFT's
-adapter format (adapter_config.json + adapter_model.safetensors), so `peft` reads our adapters."""
+adapter format (adapter_config.json + adapter_model.safetensors), so `peft` reads our adapters.
+The adapters are fp32 whatever the frozen W is (bf16 on GPU): they are what the optimiser moves."""
 import json
 import math
 import re
 from pathlib import Path
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import cli
 
@@ -21,8 +24,8 @@ class LoRALinear(nn.Module):
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         w = base.weight
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=w.device, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=w.device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
@@ -31,7 +34,14 @@ class LoRALinear(nn.Module):
         return self.base_layer.weight
 
     def forward(self, x):
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        """W x, then scaling * B (A x) added in the same matrix product (addmm: the low-rank term never
+        exists as an output-sized tensor of its own). The adapters are cast to the input's dtype (a
+        no-op in fp32; under bf16 the gradient still reaches the fp32 adapters)."""
+        y = self.base_layer(x)
+        low = F.linear(self.dropout(x), self.lora_A.weight.to(x.dtype))
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), low.reshape(-1, self.rank), self.lora_B.weight.to(x.dtype).t(),
+                          alpha=self.scaling)
+        return out.view(y.shape)
 
     def delta(self):
         """What merging adds to W: scaling * B @ A, in float32."""

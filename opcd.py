@@ -48,6 +48,8 @@ def parse_args(argv=None):
     a("--val-data", default=None, help="val split folder; validation is skipped without it")
     a("--out", required=True, help="run folder: log.jsonl, best/ and last/ checkpoints")
     a("--rollout", default="vllm", choices=["vllm", "hf"], help="rollout backend: in-process vLLM or HF generate")
+    a("--hf-cache", default="dynamic", choices=["dynamic", "static"],
+      help="--rollout hf: HF's KV cache; static preallocates it and compiles the decoding step on GPU")
     a("--loss", default="sampled", choices=["sampled", "full"], help="sampled: REINFORCE with A=ℓT−ℓS (reference); full: exact KL over the vocabulary")
     a("--reward-coef", type=cli.nonneg_float, default=0.0, help="adds coef*(success − batch mean) to every token's advantage")
     a("--updates-per-batch", type=cli.positive_int, default=1, help="optimiser steps per rollout batch (>1: clipped-ratio PPO form)")
@@ -141,14 +143,6 @@ def full_reverse_kl(student_hidden, student_head, teacher_hidden, teacher_head, 
     return total / n_tokens, student_lp, teacher_lp
 
 
-def response_hidden(model, prompt_batch, response_ids, response_mask):
-    """Last hidden states [B, R, H] of the positions that predict the response tokens (--loss full applies
-    the output heads itself, a chunk at a time)."""
-    P, R = prompt_batch["input_ids"].shape[1], response_ids.shape[1]
-    out = model.model(**common.response_inputs(prompt_batch, response_ids, response_mask))
-    return out.last_hidden_state[:, P - 1:P + R - 1]
-
-
 # ------------------------------------------------------------------------------------------
 # Data, rollouts, batches
 
@@ -165,13 +159,13 @@ def batch_rows(rows, step, batch_size, seed, rank, world_size):
 
 
 @torch.no_grad()
-def rollout(backend, model, llm, processor, messages_list, max_new_tokens, temperature, top_p, seeds):
+def rollout(backend, model, llm, processor, messages_list, max_new_tokens, temperature, top_p, seeds, hf_cache="dynamic"):
     """One sampled response per chat: dicts with token_ids (up to and including the first end-of-turn token),
     text, finished, logprobs (vLLM's log-prob of each sampled token; None from HF)."""
     if backend == "vllm":
         return common.vllm_generate(llm, processor, messages_list, max_new_tokens, temperature, top_p, seeds, logprobs=True)
     return common.generate_responses(model, processor, messages_list, max_new_tokens, temperature, top_p,
-                                     seeds[0] if seeds else None)
+                                     seeds[0] if seeds else None, hf_cache)
 
 
 def pad_responses(responses, pad_id, device):
@@ -208,7 +202,7 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
     # 1. Rollout: the student sees the image and samples one response per prompt.
     student_msgs = student_turns(rows, args.text_share)
     responses = rollout(args.rollout, model, llm, processor, student_msgs, args.max_new_tokens, args.temperature,
-                        args.top_p, [sample_seed(args.seed, step, rank, i) for i in range(n)])
+                        args.top_p, [sample_seed(args.seed, step, rank, i) for i in range(n)], args.hf_cache)
     if llm is not None:
         common.llm_sleep(llm)  # GPU: the KV cache and the engine's weights make room for training
     scores = [envs.score_planning(r["state"], o["text"]) for r, o in zip(rows, responses)]
@@ -222,7 +216,7 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
     teacher_in = [common.encode_prompts(processor, [teacher_msgs[i] for i in ix], device) for ix in micro]
     T = args.temperature  # log-probs are those of logits / T, the distribution that was sampled
     with torch.no_grad():
-        teacher_out = [response_hidden(teacher, t, ids, mask) if args.loss == "full"
+        teacher_out = [common.response_hidden(teacher, t, ids, mask) if args.loss == "full"
                        else common.response_logprobs(teacher, t, ids, mask, T) for t, (ids, mask) in zip(teacher_in, resp)]
     times.append(time.time())
     # 3. Loss: per-token reverse KL on the student's own tokens, token mean over the global batch.
@@ -247,7 +241,7 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
                 advantages = teacher_lp - student_lp + reward_adv[ix].unsqueeze(1)  # A_t = ℓ_T − ℓ_S (+ reward)
                 loss = sampled_loss(logprobs, advantages, mask, n_tokens, old[j], args.clip_low, args.clip_high)
             else:
-                hidden = response_hidden(model, student_in[j], ids, mask)
+                hidden = common.response_hidden(model, student_in[j], ids, mask)
                 loss, student_lp, teacher_lp = full_reverse_kl(hidden, model.lm_head, teacher_out[j],
                                                                teacher.lm_head, ids, mask, n_tokens,
                                                                args.kl_chunk, T)
@@ -302,7 +296,8 @@ def validate(args, step, val_rows, model, llm, processor, rank, world_size):
         rows = mine[c * chunk:(c + 1) * chunk]
         outs = rollout(args.rollout, model, llm, processor, [envs.student_messages(r["state"], r["image"]) for r in rows],
                        args.max_new_tokens, args.val_temperature, args.val_top_p,
-                       [sample_seed(args.seed, step, rank, c * chunk + i, salt=7_777_777) for i in range(len(rows))])
+                       [sample_seed(args.seed, step, rank, c * chunk + i, salt=7_777_777) for i in range(len(rows))],
+                       args.hf_cache)
         episodes += [dict(task=r["task"], level=r["level"], error=False, **envs.score_planning(r["state"], o["text"]))
                      for r, o in zip(rows, outs)]
     if world_size > 1:
@@ -315,7 +310,7 @@ def validate(args, step, val_rows, model, llm, processor, rank, world_size):
 
 
 # Settings that may change when a run is resumed; any other difference is refused.
-RESUMABLE = {"resume", "overwrite", "max_steps", "val_every", "save_every", "val_size", "val_data", "max_model_len", "vllm_kv_cache_mb",
+RESUMABLE = {"resume", "overwrite", "max_steps", "val_every", "save_every", "val_size", "val_data", "max_model_len", "vllm_kv_cache_mb", "hf_cache",
              "vllm_gpu_memory"}
 
 
@@ -323,7 +318,7 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     state_file = out / "last" / "trainer_state.pt"
-    cli.check_out(out, args.resume, args.overwrite)
+    cli.check_out(out, args.resume, args.overwrite, [args.model, args.teacher, args.data, args.val_data], "opcd.py")
     if args.resume:
         for folder in ("last", "best"):
             cli.recover_dir(out / folder)

@@ -30,8 +30,8 @@ class MasterAdamW:
 
     def step(self, max_grad_norm):
         for p, m in zip(self.params, self.master):
-            if m is not p:
-                m.grad = None if p.grad is None else p.grad.float()
+            if m is not p:  # the bf16 gradient is dropped as soon as its fp32 copy exists
+                m.grad, p.grad = None if p.grad is None else p.grad.float(), None
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.master, max_grad_norm))  # the norm over all shards
         if self.mode == "stochastic":
             self.stochastic_step()
@@ -45,23 +45,28 @@ class MasterAdamW:
         return grad_norm.item()
 
     @torch.no_grad()
-    def stochastic_step(self, eps=1e-8):
+    def stochastic_step(self, eps=1e-8, chunk=1 << 24):
+        """One AdamW step, `chunk` elements at a time (fp32 temporaries of 64 MB, not of a whole 389M-element
+        embedding), each gradient freed once it is consumed."""
         self.t += 1
         (b1, b2), lr = self.betas, self.lr
         noise = torch.Generator(self.params[0].device).manual_seed(self.t)  # same bits on --resume
         for p, s in zip(self.params, self.state):
             if p.grad is None:
                 continue
-            g, m, v = local(p.grad).float(), local(s["m"]), local(s["v"])
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            w = local(p).float().mul_(1 - lr * self.weight_decay)
-            w.addcdiv_(m / (1 - b1 ** self.t), (v / (1 - b2 ** self.t)).sqrt_().add_(eps), value=-lr)
-            if p.dtype == torch.bfloat16:  # add 16 random low bits, then cut them: bf16 is fp32's upper half
-                bits = w.view(torch.int32) + torch.randint(0, 1 << 16, w.shape, device=w.device, dtype=torch.int32,
-                                                          generator=noise)
-                w = (bits & -65536).view(torch.float32)
-            local(p).copy_(w)
+            grads, weights, ms, vs = local(p.grad).reshape(-1), local(p).view(-1), local(s["m"]).view(-1), local(s["v"]).view(-1)
+            for i in range(0, weights.numel(), chunk):
+                g, m, v = grads[i:i + chunk].float(), ms[i:i + chunk], vs[i:i + chunk]
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                w = weights[i:i + chunk].float().mul_(1 - lr * self.weight_decay)
+                w.addcdiv_(m / (1 - b1 ** self.t), (v / (1 - b2 ** self.t)).sqrt_().add_(eps), value=-lr)
+                if p.dtype == torch.bfloat16:  # add 16 random low bits, then cut them: bf16 is fp32's upper half
+                    bits = w.view(torch.int32) + torch.randint(0, 1 << 16, w.shape, device=w.device, dtype=torch.int32,
+                                                              generator=noise)
+                    w = (bits & -65536).view(torch.float32)
+                weights[i:i + chunk].copy_(w)
+            p.grad = None
 
     def zero_grad(self):
         for t in self.params + self.master:

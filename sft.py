@@ -12,6 +12,7 @@ Out: adapter/ (PEFT format, for merge.py) or model/ (--full), checkpoint/ (--res
 tb/. Commands: README.md, "Stage 1".
 """
 import argparse
+import functools
 import json
 import math
 import shutil
@@ -21,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli
@@ -58,6 +58,16 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=cli.positive_int, default=2048, help="maximum tokens per row (cut on the right)")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="non-reentrant gradient checkpointing of the decoder layers")
+    p.add_argument("--checkpoint-every", type=cli.positive_int, default=1,
+                   help="with --grad-checkpointing: recompute every K-th decoder layer only (the others keep their activations)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="dtype of the frozen weights (trained ones stay fp32); auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (GPU; the first steps compile)")
+    p.add_argument("--loader-workers", type=cli.nonneg_int, default=None,
+                   help="processes that encode the next steps' rows (chat template, image processor); default 4 on GPU, "
+                        "0 on CPU (encode in the training process)")
+    p.add_argument("--loss-chunk", type=cli.positive_int, default=1024,
+                   help="labelled positions per chunk of the output head and cross-entropy (memory O(chunk x vocab))")
     p.add_argument("--val-every", type=cli.nonneg_int, default=0, help="validate every N steps (0: only at the end)")
     p.add_argument("--save-every", type=cli.nonneg_int, default=0, help="write checkpoint/ every N steps (0: only at the end)")
     p.add_argument("--val-size", type=cli.positive_int, default=64, help="validation rows used for loss and generation")
@@ -120,7 +130,8 @@ def encode_chat(processor, messages, max_length=2048):
 
 
 def collate(examples, pad_id):
-    """Right-padded batch of encode_chat outputs."""
+    """Right-padded batch of encode_chat outputs; target_positions: the flat indices of the labelled
+    positions of labels[:, 1:] (found here on the CPU, so the step never waits on the GPU for them)."""
     L = max(len(e["input_ids"]) for e in examples)
     batch = {"input_ids": torch.full((len(examples), L), pad_id), "labels": torch.full((len(examples), L), -100),
              "attention_mask": torch.zeros(len(examples), L, dtype=torch.long),
@@ -133,11 +144,13 @@ def collate(examples, pad_id):
     if with_images:
         batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
         batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
+    batch["target_positions"] = (batch["labels"][:, 1:] != -100).flatten().nonzero().squeeze(1)
     return batch
 
 
-def sft_loss(model, batch, train_vision=False):
-    """Summed NLL of the labelled tokens; a frozen vision tower runs under no_grad."""
+def sft_loss(model, batch, train_vision=False, chunk=1024):
+    """Summed NLL of the labelled tokens (the head and cross-entropy `chunk` positions at a time,
+    common.chunked_logprobs); a frozen vision tower runs under no_grad."""
     extra = {}
     if "pixel_values" in batch:
         with torch.set_grad_enabled(train_vision and torch.is_grad_enabled()):
@@ -145,10 +158,22 @@ def sft_loss(model, batch, train_vision=False):
         extra = {"mm_encoder_outputs": {"image": image}, "image_grid_thw": batch["image_grid_thw"]}
     hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          mm_token_type_ids=batch["mm_token_type_ids"], use_cache=False, **extra)[0]
-    targets = batch["labels"][:, 1:]
-    keep = targets != -100  # only the labelled positions go through the (large-vocabulary) head
-    logits = model.lm_head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    at = batch["target_positions"]  # only the labelled positions go through the (large-vocabulary) head
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, at)
+    return -common.chunked_logprobs(hidden, model.lm_head, batch["labels"][:, 1:].flatten().index_select(0, at), chunk).sum()
+
+
+def step_batches(step, rows, steps_per_epoch, args, processor, rank, per_rank):
+    """This rank's share of the global batch of `step`, encoded, in micro-batches. Every epoch is a seeded
+    permutation; the share is cut into micro-batches of rows of similar length (less padding: the step's
+    summed loss is the same in any grouping)."""
+    epoch, index = divmod(step, steps_per_epoch)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+    batch_rows = [rows[i] for i in order[index * args.batch_size:(index + 1) * args.batch_size].tolist()]
+    mine = sorted((encode_chat(processor, r["messages"], args.max_length) for r in batch_rows[rank * per_rank:(rank + 1) * per_rank]),
+                  key=lambda e: len(e["input_ids"]))
+    pad = processor.tokenizer.pad_token_id
+    return [collate(mine[i:i + args.micro_batch_size], pad) for i in range(0, len(mine), args.micro_batch_size)]
 
 
 def lr_at(step, total_steps, peak_lr, warmup_ratio):
@@ -223,13 +248,14 @@ def load_checkpoint(path, model, optimizer):
 
 
 # Settings that may change when a run is resumed; any other difference is refused.
-RESUMABLE = {"resume", "overwrite", "max_steps", "val_every", "save_every", "val_size", "val_data", "max_new_tokens"}
+RESUMABLE = {"resume", "overwrite", "max_steps", "val_every", "save_every", "val_size", "val_data", "max_new_tokens",
+             "grad_checkpointing", "checkpoint_every", "compile", "loader_workers", "loss_chunk"}
 
 
 def main(argv=None):
     args = parse_args(None if argv is None else [str(a) for a in argv])
     out = Path(args.out)
-    cli.check_out(out, args.resume, args.overwrite)
+    cli.check_out(out, args.resume, args.overwrite, [args.model, *args.data, *(args.val_data or ())], "sft.py")
     if args.train_vision and not args.full:
         cli.fail("--train-vision needs --full (a LoRA adapter holds no vision weights)")
     if args.resume:
@@ -259,6 +285,10 @@ def main(argv=None):
             lora.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
         if args.train_vision:
             model.model.visual.requires_grad_(True)
+        frozen = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+        for p in model.parameters():  # frozen weights in bf16 (GPU): no re-cast each forward, half the bytes
+            if not p.requires_grad:
+                p.data = p.data.to(frozen)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
         step = load_checkpoint(out / "checkpoint", model, optimizer) if args.resume else 0
@@ -266,7 +296,10 @@ def main(argv=None):
         common.compute_cleanup()
         cli.fail(str(e).splitlines()[0])
     if args.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        common.enable_checkpointing(model, args.checkpoint_every)
+    if args.compile:
+        for layer in model.model.language_model.layers:
+            layer.compile()
     model.train()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     steps_per_epoch = len(rows) // args.batch_size
@@ -284,36 +317,35 @@ def main(argv=None):
     log = common.RunLog(out, step if args.resume else None, rank)
     bar = tqdm(total=last_step, initial=step, desc="sft", dynamic_ncols=True, disable=rank != 0)
 
-    pad = processor.tokenizer.pad_token_id
+    workers = args.loader_workers if args.loader_workers is not None else 4 if device.type == "cuda" else 0
+    encode = functools.partial(step_batches, rows=rows, steps_per_epoch=steps_per_epoch, args=args, processor=processor,
+                               rank=rank, per_rank=per_rank)
+    loader = torch.utils.data.DataLoader(range(step, last_step), batch_size=None, collate_fn=encode, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
     t0, tokens_seen = time.time(), 0
-    while step < last_step:
-        # ALGO LOGIC: the rows of this global batch, this rank's share, in micro-batches
-        epoch, index = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        batch_rows = [rows[i] for i in order[index * args.batch_size:(index + 1) * args.batch_size].tolist()]
-        mine = batch_rows[rank * per_rank:(rank + 1) * per_rank]
-        micro = [collate([encode_chat(processor, r["messages"], args.max_length)
-                          for r in mine[i:i + args.micro_batch_size]], pad)
-                 for i in range(0, len(mine), args.micro_batch_size)]
-        n_target = global_sum([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)], device)[0]
+    for micro in loader:
+        # ALGO LOGIC: this rank's share of the global batch, in micro-batches; the loss is a token mean over all ranks
+        n_target = torch.tensor(float(sum(len(b["target_positions"]) for b in micro)), device=device)
+        if ddp:
+            dist.all_reduce(n_target)  # kept on the device: the step never waits for the GPU before its last line
         lr = lr_at(step, total_steps, args.lr, args.warmup_ratio)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        nll_sum = 0.0
+        nll_sum = torch.zeros((), device=device)
         for b in micro:
-            b = {k: v.to(device) for k, v in b.items()}
-            with autocast:
-                nll = sft_loss(model, b, args.train_vision)
-            (nll / max(1.0, n_target)).backward()  # the token mean over the global batch, once summed over ranks
-            nll_sum += nll.item()
             tokens_seen += int(b["attention_mask"].sum())
+            b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+            with autocast:
+                nll = sft_loss(model, b, args.train_vision, args.loss_chunk)
+            (nll / n_target.clamp(min=1.0)).backward()  # the token mean over the global batch, once summed over ranks
+            nll_sum += nll.detach()
         all_reduce_grads(params, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm > 0 else torch.zeros(())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        loss = global_sum([nll_sum], device)[0] / max(1.0, n_target)
+        loss = global_sum([nll_sum.item()], device)[0] / max(1.0, n_target.item())
         log({"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm), "epoch": step / steps_per_epoch,
              "tokens_per_second": tokens_seen * world / (time.time() - t0)})
         bar.update(1)

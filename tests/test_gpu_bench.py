@@ -33,17 +33,45 @@ def test_plan_counts_each_precision_and_sharding_as_documented():
     assert "| full, --master stochastic | 76 fits |" in memory_plan.table()
 
 
-def test_gpu_bench_runs_a_thin_slice_on_cpu(capsys):
+def test_the_honest_count_of_a_lora_step_of_the_4b_model():
+    """4 N forward + input gradient over the matrices that run, 2 N weight gradient for the LoRA factors only,
+    causal attention; counted here by hand from the published shapes (hidden 2560, 36 layers, 32 x 128 query
+    heads, 8 x 128 key/value heads, MLP 9728, vocabulary 151,936)."""
+    import torch
     import gpu_bench
+    import lora
+    from transformers import Qwen3VLForConditionalGeneration
 
-    gpu_bench.main(["--arch", "Qwen3-VL-4B", "--layers", "1", "--vocab", "4096", "--narrow", "8", "--micro-batch", "1", "--seq-len", "32",
-                    "--steps", "1", "--batch", "2", "--new-tokens", "4"])
-    out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| LoRA") or line.startswith("| full")
-            or line.startswith("| --loss")]
-    assert len(rows) == 6
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(memory_plan.config(memory_plan.ARCHS["Qwen3-VL-4B"]))
+    lora.add_lora(model, 16, 32)
+    h, q, kv, mlp, layers, vocab, seq = 2560, 4096, 1024, 9728, 36, 151936, 2048
+    shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, mlp), (h, mlp), (mlp, h)]
+    frozen = layers * sum(a * b for a, b in shapes)
+    adapters = layers * sum(16 * (a + b) for a, b in shapes)
+    head = h * vocab
+    attention = 2 * seq * q * layers
+    model_flops = 4 * (frozen + adapters + head) + 2 * adapters + 3 * attention
+    assert gpu_bench.flops_per_token(model, seq, 0, False) == (model_flops, model_flops)
+    recompute = 2 * (frozen + adapters) + attention  # every layer's forward again, and the chunked head's
+    assert gpu_bench.flops_per_token(model, seq, 1, True) == (model_flops, model_flops + recompute + 2 * head)
+    assert gpu_bench.flops_per_token(model, seq, 4, False)[1] == model_flops + recompute * 9 / 36
+    assert model_flops / gpu_bench.old_count(model, seq) == pytest.approx(0.595, abs=0.01)  # 25.4 % was ~15 %
+
+
+def test_the_prepared_gpu_check_runs_every_row_on_a_thin_slice_on_cpu(tmp_path):
+    """bench/gpu_check.sh --thin: the GPU check's own commands; every row of every table has numbers."""
+    import os
+    import subprocess
+
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--thin"], capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path), "PY": sys.executable}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tables = (tmp_path / "gpu_check.md").read_text()
+    rows = [line for line in tables.splitlines() if line.startswith("| ") and not line.startswith("| run ")]
+    assert len(rows) == 9 + 3 + 2  # SFT variants, OPCD runs, rollout caches
     for row in rows:
-        cells = row.strip("|").split("|")[1:]
-        assert all(cell.strip() == "n/a" or float(cell) >= 0 for cell in cells)
-        assert "n/a" not in row.split("|")[2]  # the first measured number of every run is there
-    assert "| 4 |" in out.split("### OPCD")[1]  # 4 response tokens: random weights never stop early
+        cells = [c.strip() for c in row.strip("|").split("|")[1:]]
+        assert all(c == "n/a" or float(c) >= 0 for c in cells), row  # n/a: MFU on a CPU, which has no listed peak
+    opcd_rows = tables.split("### OPCD")[1].split("###")[0]
+    assert opcd_rows.count("| 8 |") == 3  # every response is exactly --new-tokens 8 long

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import envs
 import opcd
 import optim
@@ -240,8 +241,8 @@ def test_sampled_loss_averaged_over_the_students_distribution_has_the_exact_kl_g
     t_in = common.encode_prompts(processor, [[{"role": "user", "content": envs.text_state(row["state"])}]])
     one = torch.ones(1, 1)
     with torch.no_grad():
-        t_hidden = opcd.response_hidden(teacher, t_in, torch.zeros(1, 1, dtype=torch.long), one)
-    loss, _, _ = opcd.full_reverse_kl(opcd.response_hidden(student, s_in, torch.zeros(1, 1, dtype=torch.long), one),
+        t_hidden = common.response_hidden(teacher, t_in, torch.zeros(1, 1, dtype=torch.long), one)
+    loss, _, _ = opcd.full_reverse_kl(common.response_hidden(student, s_in, torch.zeros(1, 1, dtype=torch.long), one),
                                       student.lm_head, t_hidden, teacher.lm_head, torch.zeros(1, 1, dtype=torch.long),
                                       one, n_tokens=1)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -603,3 +604,34 @@ def test_fsdp_run_saves_the_same_weights_as_the_replicated_run_and_resumes(opcd_
     assert [e["step"] for e in read_log(tmp_path / "fsdp")] == [0, 1, 2, 3]
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "fsdp" / "last").state_dict()
     assert all(torch.equal(loaded[k], sharded[k]) for k in sharded)
+
+
+def test_the_static_kv_cache_decodes_the_greedy_tokens_of_the_dynamic_one(tiny_model, make_data):
+    """--hf-cache static (compiled decoding on GPU) changes the speed of an HF rollout, not its tokens; the
+    prompts differ in length, so left padding is in play."""
+    model, processor = common.load_model(tiny_model)
+    rows = splits.load_split(make_data("test", 2, tasks=["frozenlake", "maze"], kinds=("planning",)), kinds=["planning"])
+    chats = [envs.student_messages(r["state"], r["image"]) for r in rows[:2] + rows[-2:]]  # both tasks
+    assert len({len(processor.apply_chat_template(c, tokenize=False)) for c in chats}) > 1
+    dynamic = common.generate_responses(model, processor, chats, 20)
+    static = common.generate_responses(model, processor, chats, 20, cache="static")
+    assert [o["token_ids"] for o in static] == [o["token_ids"] for o in dynamic] and len(dynamic[0]["token_ids"]) > 5
+
+
+def test_the_stochastic_step_in_chunks_keeps_the_moments_and_rounds_to_the_same_neighbours():
+    """Chunked (64 MB temporaries), the step computes the same fp32 moments and the same fp32 update; each new
+    bf16 weight is one of the two neighbours of that update, as without chunks; every gradient is freed."""
+    results = []
+    for chunk in (1 << 24, 999):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(1000, 37).bfloat16())
+        opt = optim.MasterAdamW([w], 1e-3, (0.9, 0.999), 0.01, "stochastic")
+        w.grad = torch.randn(w.shape).bfloat16()
+        start = w.detach().float().clone()
+        opt.stochastic_step(chunk=chunk)
+        assert w.grad is None
+        results.append((start, w.detach().float(), opt.state[0]["m"].clone(), opt.state[0]["v"].clone()))
+    (start, whole, m, v), (_, chunked, m2, v2) = results
+    assert torch.equal(m, m2) and torch.equal(v, v2)
+    ulp = torch.finfo(torch.bfloat16).eps * start.abs().clamp(min=1e-30) * 2  # at most one bf16 step apart
+    assert ((whole - chunked).abs() <= ulp).all() and not torch.equal(whole, start)

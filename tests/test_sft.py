@@ -110,6 +110,81 @@ def test_grad_checkpointing_gives_same_gradients(tiny_model, train_dir, processo
         torch.testing.assert_close(checkpointed[n], plain[n], atol=1e-6, rtol=1e-5)
 
 
+def _lora_model_and_batch(tiny_model, train_dir, processor):
+    rows = splits.load_split(train_dir)[:3]
+    batch = sft.collate([sft.encode_chat(processor, r["messages"]) for r in rows], processor.tokenizer.pad_token_id)
+    model, _ = common.load_model(tiny_model)
+    lora.add_lora(model)
+    for m in model.modules():  # a non-zero B so that every LoRA weight gets a gradient
+        if isinstance(m, lora.LoRALinear):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+    return model.train(), batch
+
+
+def test_checkpointing_every_second_layer_recomputes_those_only_and_keeps_the_gradients(tiny_model, train_dir, processor):
+    model, batch = _lora_model_and_batch(tiny_model, train_dir, processor)
+    plain = _grads(model, batch)
+    common.enable_checkpointing(model, every=2)
+    assert [layer.gradient_checkpointing for layer in model.model.language_model.layers] == [True, False]
+    selective = _grads(model, batch)
+    for n in plain:
+        torch.testing.assert_close(selective[n], plain[n], atol=1e-6, rtol=1e-5)
+
+
+def test_the_chunked_loss_equals_the_whole_vocabulary_cross_entropy_with_its_gradients(tiny_model, train_dir, processor):
+    """sft_loss never holds [tokens, vocab] logits; the value and every gradient are those of one cross-entropy
+    over all labelled positions at once (fp32: the value to 1e-6 relative; each gradient to 1e-5 of its largest
+    element, the rounding of summing the positions in another order)."""
+    model, batch = _lora_model_and_batch(tiny_model, train_dir, processor)
+    model.zero_grad()
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         mm_token_type_ids=batch["mm_token_type_ids"], pixel_values=batch["pixel_values"],
+                         image_grid_thw=batch["image_grid_thw"], use_cache=False)[0]
+    keep = batch["labels"][:, 1:] != -100
+    whole = torch.nn.functional.cross_entropy(model.lm_head(hidden[:, :-1][keep]), batch["labels"][:, 1:][keep],
+                                              reduction="sum")
+    whole.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    chunked = sft.sft_loss(model, batch, chunk=7)  # 7 positions a chunk: several chunks and a ragged last one
+    chunked.backward()
+    assert keep.sum() > 3 * 7
+    torch.testing.assert_close(chunked, whole, atol=0, rtol=1e-6)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert (p.grad - reference[n]).abs().max() <= 1e-5 * reference[n].abs().max(), n
+
+
+def test_fused_lora_forward_and_gradients_equal_the_two_products():
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(torch.nn.Linear(24, 40), rank=4, alpha=8)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    A, B, W, b = layer.lora_A.weight, layer.lora_B.weight, layer.base_layer.weight, layer.base_layer.bias
+    reference = x @ W.T + b + 2.0 * (x @ A.T) @ B.T  # W x + (alpha / r) B A x
+    grads = torch.autograd.grad(reference.square().sum(), [x, A, B, W])
+    out = layer(x)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-6)
+    for got, want in zip(torch.autograd.grad(out.square().sum(), [x, A, B, W]), grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_bf16_frozen_weights_keep_the_first_loss_and_gradient_norm_within_bf16_precision(tiny_model, train_dir, tmp_path):
+    """--dtype bfloat16 (the GPU default): frozen weights bf16, LoRA adapters fp32. One step from the same start:
+    the loss within 1 % and the gradient norm within 3 % of the fp32 run (bf16 keeps 8 significant bits)."""
+    first = {}
+    for dtype in ("float32", "bfloat16"):
+        run = _run("--model", tiny_model, "--data", train_dir, "--out", tmp_path / dtype, "--batch-size", 4,
+                   "--micro-batch-size", 2, "--max-steps", 1, "--dtype", dtype)
+        assert run.returncode == 0, run.stderr[-2000:]
+        first[dtype] = json.loads((tmp_path / dtype / "log.jsonl").read_text().splitlines()[0])
+    assert first["bfloat16"]["loss"] == pytest.approx(first["float32"]["loss"], rel=1e-2)
+    assert first["bfloat16"]["grad_norm"] == pytest.approx(first["float32"]["grad_norm"], rel=3e-2)
+    assert first["bfloat16"]["loss"] != first["float32"]["loss"]  # the flag did change the arithmetic
+    trained = _weights(tmp_path / "bfloat16")
+    assert trained and all(w.dtype == torch.float32 for w in trained.values())  # the adapters stay fp32
+
+
 def test_text_only_batch_skips_the_vision_tower(tiny_model, processor, make_data):
     rows = splits.load_split(make_data("train", 2, tasks=["maze"], levels=[3], kinds=("text-planning",)))
     batch = sft.collate([sft.encode_chat(processor, r["messages"]) for r in rows[:2]], processor.tokenizer.pad_token_id)
