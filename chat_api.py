@@ -1,7 +1,11 @@
-"""The OpenAI-compatible client of `evaluate.py --backend openai`: any /v1/chat/completions endpoint,
-standard-library HTTP, pictures sent as PNG data URLs, --concurrency requests in flight, each retried with
-exponential back-off. A request that still fails is returned as an error (the episode counts as a failure);
-an endpoint that can serve nothing (unreachable, 401/403/404) raises EndpointError, which stops the run."""
+"""The project's HTTP clients, standard library only, no redirect ever followed, every request retried with
+exponential back-off:
+  evaluate.py --backend openai   any /v1/chat/completions endpoint; pictures sent as PNG data URLs, --concurrency
+                                 requests in flight. A request that still fails is returned as an error (the episode
+                                 counts as a failure); an endpoint that can serve nothing (unreachable, 401/403/404,
+                                 a redirect) raises EndpointError, which stops the run.
+  opcd.py --teacher-url          a vLLM server's /v1/completions with its prompt_logprobs extension: the teacher's
+                                 log-prob of every token of a token-id sequence, and its top-k (ServedTeacher)."""
 import base64
 import http.client
 import io
@@ -105,3 +109,65 @@ def openai_backend(args, episodes):
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
     return run
+
+
+class ServedTeacher:
+    """The frozen teacher behind a vLLM OpenAI-compatible server (`vllm serve MODEL --max-logprobs K`).
+    score() sends token ids, never text: the privileged prompt followed by the student's exact response ids,
+    and reads back the teacher's log-prob of each response token and its top-k at each position (vLLM's prompt
+    log-probs are those of the raw logits: temperature 1). All sequences of a call are in flight at once."""
+
+    def __init__(self, base_url, model, timeout_seconds=600.0, retries=4, backoff_seconds=1.0, concurrency=64):
+        self.url, self.model = base_url.rstrip("/").removesuffix("/v1"), model  # the server's root
+        self.timeout, self.retries, self.backoff, self.concurrency = timeout_seconds, retries, backoff_seconds, concurrency
+
+    def post(self, path, payload):
+        """One JSON POST to the server's `path` (/tokenize, /v1/completions) with retries (connection errors, 429, 5xx); raises EndpointError once they are spent,
+        or at once for an answer that a retry cannot change (4xx, a redirect, a malformed body)."""
+        body, error = json.dumps(payload).encode(), None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(min(60.0, self.backoff * 2 ** (attempt - 1)))
+            try:
+                request = urllib.request.Request(self.url + path, data=body, method="POST",
+                                                 headers={"Content-Type": "application/json"})
+                with _OPENER.open(request, timeout=self.timeout) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as e:
+                detail = e.read()[:300].decode("utf-8", "replace").replace("\n", " ") if e.code < 500 else ""
+                error = f"HTTP {e.code} {e.reason}" + (f": {detail}" if detail else "")
+                if e.code != 429 and e.code < 500:
+                    raise EndpointError(f"{self.url}{path}: {error}") from None
+            except urllib.error.URLError as e:
+                error = f"cannot reach {self.url}: {e.reason}"
+            except (TimeoutError, http.client.HTTPException, ConnectionError) as e:
+                error = f"{type(e).__name__}: {e}"
+            except ValueError as e:
+                raise EndpointError(f"{self.url}{path}: malformed answer ({e})") from None
+        raise EndpointError(f"the teacher at {self.url}: {error} (after {self.retries + 1} attempts)")
+
+    def check_tokenizer(self, tokenizer, probes):
+        """Refuse a server whose model tokenizes the probe texts otherwise than the student's tokenizer."""
+        for text in probes:
+            served = self.post("/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": False})
+            if served.get("tokens") != tokenizer(text, add_special_tokens=False)["input_ids"]:
+                raise EndpointError(f"the teacher at {self.url} ({self.model}) tokenizes text otherwise than the student")
+
+    def score(self, sequences, starts, topk=0):
+        """For each token-id sequence, from position starts[i] on: (the log-prob of each token, [{token id:
+        log-prob} of the teacher's top-k at each position]) (empty dicts for topk 0)."""
+        def one(ids, start):
+            answer = self.post("/v1/completions", {"model": self.model, "prompt": ids, "max_tokens": 1, "temperature": 1.0,
+                                                "prompt_logprobs": topk})
+            try:
+                positions = answer["choices"][0]["prompt_logprobs"][start:]
+                picked = [float(pos[str(t)]["logprob"]) for pos, t in zip(positions, ids[start:])]
+                tops = [{int(k): float(v["logprob"]) for k, v in pos.items() if v["rank"] <= topk} for pos in positions]
+            except (KeyError, IndexError, TypeError, ValueError) as e:
+                raise EndpointError(f"the teacher at {self.url}: no prompt log-probs in its answer ({type(e).__name__})")
+            if len(picked) != len(ids) - start:
+                raise EndpointError(f"the teacher at {self.url}: {len(picked)} prompt log-probs for {len(ids) - start} tokens")
+            return picked, tops
+
+        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(sequences)))) as pool:
+            return list(pool.map(one, sequences, starts))

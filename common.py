@@ -432,3 +432,41 @@ def vllm_generate(llm, processor, messages_list, max_new_tokens=256, temperature
     return [dict(token_ids=list(c.token_ids), text=c.text, finished=c.finish_reason == "stop",
                  logprobs=[d[t].logprob for d, t in zip(c.logprobs, c.token_ids)] if logprobs else None)
             for c in (out.outputs[0] for out in outs)]
+
+
+def start_server(path, name, max_model_len=4096, max_logprobs=20, kv_cache_bytes=1 << 30, timeout_seconds=600):
+    """`vllm serve` of the model folder `path` as `name` on a free port of 127.0.0.1, in its own process (the
+    served teacher of opcd.py --teacher-url on this machine: the main job, the benches, the tests). Returns
+    (process, URL of its /v1) once it answers; the caller terminates the process. On CPU: fp32, no chunked
+    prefill, a KV cache of kv_cache_bytes."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--served-model-name", name,
+           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len), "--max-logprobs",
+           str(max_logprobs), "--uvicorn-log-level", "warning"]
+    if not torch.cuda.is_available():
+        cmd += ["--dtype", "float32", "--enforce-eager", "--no-enable-chunked-prefill", "--max-num-batched-tokens",
+                str(max(4096, max_model_len)), "--kv-cache-memory-bytes", str(kv_cache_bytes)]
+    log = tempfile.TemporaryFile("w+")  # not a pipe: a server that logs much would block on a full one
+    proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}, stdout=log, stderr=log, text=True)
+    url, deadline = f"http://127.0.0.1:{port}/v1", time.time() + timeout_seconds
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/models", timeout=2)
+            return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"vllm serve {path} exited: {log.read()[-2000:]}") from None
+            time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"vllm serve {path} did not answer in {timeout_seconds} s")
+

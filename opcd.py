@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import chat_api
 import cli
 import common
 import envs
@@ -50,7 +51,14 @@ def parse_args(argv=None):
     a("--rollout", default="vllm", choices=["vllm", "hf"], help="rollout backend: in-process vLLM or HF generate")
     a("--hf-cache", default="dynamic", choices=["dynamic", "static"],
       help="--rollout hf: HF's KV cache; static preallocates it and compiles the decoding step on GPU")
-    a("--loss", default="sampled", choices=["sampled", "full"], help="sampled: REINFORCE with A=ℓT−ℓS (reference); full: exact KL over the vocabulary")
+    a("--loss", default="sampled", choices=["sampled", "full", "topk"], help="sampled: REINFORCE with A=ℓT−ℓS (reference); "
+      "full: exact KL over the vocabulary; topk: exact KL over the teacher's top --topk tokens and one bucket for the rest")
+    a("--topk", type=cli.positive_int, default=20, help="--loss topk: teacher tokens kept per position (a served teacher "
+      "needs vllm serve --max-logprobs >= K)")
+    a("--teacher-url", default=None, help="a vLLM server (vllm serve --teacher ...) that scores the responses: no teacher "
+      "is loaded here; its prompt log-probs are of T 1, so --temperature must be 1; --loss sampled or topk")
+    a("--teacher-retries", type=cli.nonneg_int, default=4, help="--teacher-url: retries of a failed request (back-off 1, 2, "
+      "4, ... s) before the run stops")
     a("--reward-coef", type=cli.nonneg_float, default=0.0, help="adds coef*(success − batch mean) to every token's advantage")
     a("--updates-per-batch", type=cli.positive_int, default=1, help="optimiser steps per rollout batch (>1: clipped-ratio PPO form)")
     a("--clip-low", type=cli.nonneg_float, default=0.2, help="PPO ratio clip below 1")
@@ -143,6 +151,75 @@ def full_reverse_kl(student_hidden, student_head, teacher_hidden, teacher_head, 
     return total / n_tokens, student_lp, teacher_lp
 
 
+def _topk_chunk(student_hidden, student_head, top_ids, top_logprobs, tokens, temperature):
+    log_p = F.log_softmax(student_head(student_hidden).float() / temperature, -1)
+    log_p_top = log_p.gather(-1, top_ids)
+    p_top, tiny = log_p_top.exp(), 1e-30
+    tail_p = (1 - p_top.sum(-1)).clamp(min=0)
+    tail_q = (1 - top_logprobs.exp().sum(-1)).clamp(min=0)
+    kl = (p_top * (log_p_top - top_logprobs)).sum() + (tail_p * (tail_p.clamp(min=tiny).log() - tail_q.clamp(min=tiny).log())).sum()
+    return kl, log_p.detach().gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def topk_reverse_kl(student_hidden, student_head, top_ids, top_logprobs, tokens, mask, n_tokens, chunk=256, temperature=1.0):
+    """The reverse KL of the two distributions coarsened to the teacher's top-K tokens S_t plus one bucket for the
+    rest, p(tail) = 1 − Σ_{v∈S_t} p(v):
+        Σ_t m_t [Σ_{v∈S_t} p_S(v)(log p_S(v) − log p_T(v)) + p_S(tail)(log p_S(tail) − log p_T(tail))] / N,
+    a lower bound of the full KL (coarsening never adds divergence) that equals it at K = vocabulary. The teacher
+    side is [B, R, K] (what a served teacher returns); the student's logits exist `chunk` positions at a time.
+    Returns (loss, ℓ_S of the sampled tokens, detached, [B, R])."""
+    keep = mask.bool()
+    hs, ids, lp = student_hidden[keep], top_ids[keep], top_logprobs[keep]
+    total, picked = 0.0, []
+    for i in range(0, len(hs), chunk):
+        kl, s = checkpoint(_topk_chunk, hs[i:i + chunk], student_head, ids[i:i + chunk], lp[i:i + chunk],
+                           tokens[keep][i:i + chunk], temperature, use_reentrant=False)
+        total, picked = total + kl, picked + [s]
+    student_lp = torch.zeros(mask.shape, device=mask.device).masked_scatter(keep, torch.cat(picked or [torch.zeros(0)]))
+    return total / n_tokens, student_lp
+
+
+@torch.no_grad()
+def teacher_topk(hidden, head, tokens, mask, k, chunk=256, temperature=1.0):
+    """The in-process teacher's (ℓ_T of each response token [B, R], its top-k ids and log-probs [B, R, k]), from
+    its last hidden states, `chunk` positions at a time."""
+    keep = mask.bool()
+    h, ids = hidden[keep], tokens[keep]
+    picked, top_lp, top_ids = [], [], []
+    for i in range(0, len(ids), chunk):
+        log_q = F.log_softmax(head(h[i:i + chunk]).float() / temperature, -1)
+        values, indices = log_q.topk(min(k, log_q.shape[-1]), -1)
+        picked, top_lp, top_ids = picked + [log_q.gather(-1, ids[i:i + chunk, None]).squeeze(-1)], top_lp + [values], \
+            top_ids + [indices]
+    K = min(k, head.out_features)
+    out = [torch.zeros(mask.shape, device=mask.device), torch.zeros(*mask.shape, K, dtype=torch.long, device=mask.device),
+           torch.zeros(*mask.shape, K, device=mask.device)]
+    for full, parts in zip(out, (picked, top_ids, top_lp)):
+        if parts:
+            full[keep] = torch.cat(parts)
+    return tuple(out)
+
+
+def served_teacher_scores(teacher, prompt_batch, response_ids, response_mask, topk):
+    """A served teacher's ℓ_T [B, R] (and, with topk, its top-k ids and log-probs [B, R, k]) of the student's exact
+    response ids after the exact prompt ids that the in-process teacher would read."""
+    prompts = [row[m.bool()].tolist() for row, m in zip(prompt_batch["input_ids"], prompt_batch["attention_mask"])]
+    responses = [row[m.bool()].tolist() for row, m in zip(response_ids, response_mask)]
+    scored = teacher.score([p + r for p, r in zip(prompts, responses)], [len(p) for p in prompts], topk)
+    device, keep = response_ids.device, response_mask.bool()
+    picked = torch.zeros(response_mask.shape, device=device)
+    picked[keep] = torch.tensor([x for lps, _ in scored for x in lps], device=device)
+    if not topk:
+        return picked
+    K = min(len(top) for _, tops in scored for top in tops)
+    top_ids = torch.zeros(*response_mask.shape, K, dtype=torch.long, device=device)
+    top_lp = torch.zeros(*response_mask.shape, K, device=device)
+    rows = [sorted(top.items(), key=lambda kv: -kv[1])[:K] for _, tops in scored for top in tops]
+    top_ids[keep] = torch.tensor([[t for t, _ in r] for r in rows], dtype=torch.long, device=device).reshape(-1, K)
+    top_lp[keep] = torch.tensor([[lp for _, lp in r] for r in rows], device=device).reshape(-1, K)
+    return picked, top_ids, top_lp
+
+
 # ------------------------------------------------------------------------------------------
 # Data, rollouts, batches
 
@@ -216,8 +293,16 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
     teacher_in = [common.encode_prompts(processor, [teacher_msgs[i] for i in ix], device) for ix in micro]
     T = args.temperature  # log-probs are those of logits / T, the distribution that was sampled
     with torch.no_grad():
-        teacher_out = [common.response_hidden(teacher, t, ids, mask) if args.loss == "full"
-                       else common.response_logprobs(teacher, t, ids, mask, T) for t, (ids, mask) in zip(teacher_in, resp)]
+        if args.teacher_url:  # ℓ_T (and the top-k) from the server, for the same prompt and response ids
+            teacher_out = [served_teacher_scores(teacher, t, ids, mask, args.topk if args.loss == "topk" else 0)
+                           for t, (ids, mask) in zip(teacher_in, resp)]
+        elif args.loss == "sampled":
+            teacher_out = [common.response_logprobs(teacher, t, ids, mask, T) for t, (ids, mask) in zip(teacher_in, resp)]
+        else:  # full: its last hidden states; topk: ℓ_T and its top-k, [B, R, K]
+            teacher_out = [common.response_hidden(teacher, t, ids, mask) for t, (ids, mask) in zip(teacher_in, resp)]
+            if args.loss == "topk":
+                teacher_out = [teacher_topk(h, teacher.lm_head, ids, mask, args.topk, args.kl_chunk, T)
+                               for h, (ids, mask) in zip(teacher_out, resp)]
     times.append(time.time())
     # 3. Loss: per-token reverse KL on the student's own tokens, token mean over the global batch.
     n_tokens, mean_success = global_sum([sum(m.sum().item() for _, m in resp), sum(s["success"] for s in scores)], device)
@@ -240,6 +325,11 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
                 student_lp, teacher_lp = (logprobs.detach() if old[j] is None else old[j]), teacher_out[j]
                 advantages = teacher_lp - student_lp + reward_adv[ix].unsqueeze(1)  # A_t = ℓ_T − ℓ_S (+ reward)
                 loss = sampled_loss(logprobs, advantages, mask, n_tokens, old[j], args.clip_low, args.clip_high)
+            elif args.loss == "topk":
+                teacher_lp, top_ids, top_logprobs = teacher_out[j]
+                hidden = common.response_hidden(model, student_in[j], ids, mask)
+                loss, student_lp = topk_reverse_kl(hidden, model.lm_head, top_ids, top_logprobs, ids, mask, n_tokens,
+                                                   args.kl_chunk, T)
             else:
                 hidden = common.response_hidden(model, student_in[j], ids, mask)
                 loss, student_lp, teacher_lp = full_reverse_kl(hidden, model.lm_head, teacher_out[j],
@@ -310,8 +400,8 @@ def validate(args, step, val_rows, model, llm, processor, rank, world_size):
 
 
 # Settings that may change when a run is resumed; any other difference is refused.
-RESUMABLE = {"resume", "overwrite", "max_steps", "val_every", "save_every", "val_size", "val_data", "max_model_len", "vllm_kv_cache_mb", "hf_cache",
-             "vllm_gpu_memory"}
+RESUMABLE = {"resume", "overwrite", "max_steps", "val_every", "save_every", "val_size", "val_data", "max_model_len",
+             "vllm_kv_cache_mb", "vllm_gpu_memory", "hf_cache", "teacher_url", "teacher_retries"}  # a moved server: same teacher
 
 
 def main(argv=None):
@@ -325,10 +415,14 @@ def main(argv=None):
         if not state_file.is_file():
             cli.fail(f"--resume: no {state_file}")
         cli.check_resume(json.loads((out / "args.json").read_text()), args, RESUMABLE)
-    if args.loss == "full" and (args.reward_coef or args.updates_per_batch > 1):
+    if args.loss != "sampled" and (args.reward_coef or args.updates_per_batch > 1):
         cli.fail("--reward-coef and --updates-per-batch > 1 need --loss sampled")
-    if args.fsdp and (args.loss == "full" or args.lora_rank):
-        cli.fail("--fsdp supports neither --loss full nor --lora-rank")
+    if args.fsdp and (args.loss != "sampled" or args.lora_rank):
+        cli.fail("--fsdp supports neither --loss full / topk nor --lora-rank")
+    if args.teacher_url and (args.loss == "full" or args.teacher == "live" or args.temperature != 1.0
+                             or args.teacher_context == "image"):
+        cli.fail("--teacher-url serves the log-probs of T 1 of a separate model: it needs --loss sampled or topk, "
+                 "--temperature 1, a named --teacher and --teacher-context privileged")
     if args.rollout == "vllm" and not common.vllm_available():
         cli.fail("--rollout vllm: vllm is not installed (use --rollout hf)")
     ddp, rank, local_rank, world_size, device = common.compute_init(args.seed)
@@ -339,18 +433,23 @@ def main(argv=None):
         val_rows = splits.load_split(args.val_data, kinds=["planning"]) if args.val_data else []
         if len(train_rows) < args.batch_size:
             raise ValueError(f"{args.data}: {len(train_rows)} planning rows, fewer than --batch-size {args.batch_size}")
-        for path in [args.model] + ([] if args.teacher == "live" else [args.teacher]):
+        for path in [args.model] + ([] if args.teacher == "live" or args.teacher_url else [args.teacher]):
             common.check_model_dir(path)
         dtype = getattr(torch, args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32")
         model, processor = common.load_model(args.model, device, dtype)
-        if args.teacher == "live":
+        if args.teacher_url:  # checked now: a server that cannot serve this student's tokens stops the run here
+            teacher = chat_api.ServedTeacher(args.teacher_url, args.teacher, retries=args.teacher_retries)
+            probe = processor.apply_chat_template(envs.teacher_messages(train_rows[0]["state"]), tokenize=False,
+                                                  add_generation_prompt=True) + envs.reference_response(train_rows[0]["state"])
+            teacher.check_tokenizer(processor.tokenizer, [probe])
+        elif args.teacher == "live":
             teacher = model
         else:
             teacher, teacher_processor = common.load_model(args.teacher, device, dtype)
             if teacher_processor.tokenizer.get_vocab() != processor.tokenizer.get_vocab():
                 cli.fail(f"teacher {args.teacher} has a different tokenizer from the student")
             teacher.requires_grad_(False).eval()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, chat_api.EndpointError) as e:
         cli.fail(str(e).splitlines()[0])
     val_rows = val_rows[:args.val_size] if args.val_size else val_rows
     steps_per_epoch = len(train_rows) // args.batch_size  # >= 1: checked above
@@ -395,7 +494,11 @@ def main(argv=None):
     bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc="opcd")
     for step in range(start_step, total_steps):
         rows = batch_rows(train_rows, step, args.batch_size, args.seed, rank, world_size)
-        log = opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size, device)
+        try:
+            log = opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size, device)
+        except chat_api.EndpointError as e:  # the served teacher stopped answering: this step is not taken
+            bar.close()
+            cli.fail(f"{e}; step {step + 1} was not taken, --resume continues from the last checkpoint")
         log["epoch"] = step // steps_per_epoch
         validate_now = (step + 1) % args.val_every == 0 or step + 1 == total_steps
         if val_rows and validate_now:  # keep the best checkpoint by macro success

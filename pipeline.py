@@ -58,8 +58,9 @@ def parse_args(argv=None):
     p = cli.Parser(prog="pipeline.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/mini", help="run folder; stages already there are skipped (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and a freshly built tiny base: a smoke run")
-    p.add_argument("--rows", default="mgsd", choices=("mgsd", "all"),
-                   help="mgsd: base, +perception SFT, +OPCD; all: also the report's ablations (default %(default)s)")
+    p.add_argument("--rows", default="mgsd", choices=("mgsd", "all", "served"),
+                   help="mgsd: base, +perception SFT, +OPCD; all: also the report's ablations; served: also MGSD with the "
+                        "teacher behind vllm serve and --loss topk --topk 20 (default %(default)s)")
     p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of SFT order and OPCD sampling (default %(default)s)")
     p.add_argument("--base", default=None, help=f"base model folder (default: the shipped {SHIPPED_BASE.relative_to(ROOT)})")
     p.add_argument("--pretrain", action="store_true", help="build the base from random weights into OUT/base instead "
@@ -256,6 +257,20 @@ def main(argv=None):
         evaluate("direct visual SFT", sft("visual-sft", base, "planning,text-planning"))
         evaluate("perception+dynamics SFT, then OPCD",
                  opcd("mgsd-dyn", sft("psft-dyn", base, "perception,dynamics,text-planning")))
+    if args.rows == "served":  # the teacher in its own process (opcd.py --teacher-url), the top-20 KL
+        name, server = "mgsd-served", None
+        if not (out / name / "done.json").is_file():
+            import common  # torch: only here, so that the main job's own process stays light
+
+            print(f"+ vllm serve {base} (the teacher)", flush=True)
+            server, url = common.start_server(base, str(base), max_model_len=4096, max_logprobs=20)
+        try:
+            evaluate("MGSD, served teacher, --loss topk --topk 20",
+                     opcd(name, psft, "--loss", "topk", "--topk", 20, "--teacher-url", url if server else "-"))
+        finally:
+            if server:
+                server.terminate()
+                server.wait(timeout=60)
     table = results_table(results)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

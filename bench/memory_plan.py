@@ -4,14 +4,15 @@ The plan counts, per device, in bytes:
   weights      2 P (bf16; CPU runs use fp32: 4 P); under --fsdp the student's share is 1/N
   gradients    2 T on the model (T = trainable parameters), + 4 T fp32 copies under --master fp32
   optimiser    --master fp32: 4 T masters + 8 T Adam moments; stochastic: 8 T; bf16: 4 T (bf16 moments)
-  teacher      2 P, whole on every rank (OPCD; 0 with --teacher live)
+  teacher      2 P, whole on every rank (OPCD; 0 with --teacher live or a served teacher, --teacher-url)
   activations  per micro-batch of L = micro-batch x sequence tokens, per decoder layer: without
                checkpointing 2 L (4 h + 2 q + 2 kv + 3 i) bytes (norm outputs, q/k/v, attention output,
                residual, SwiGLU gate/up/product; flash/SDPA attention keeps no L x L scores); with
                checkpointing 2 L h per layer (the saved layer inputs) plus one layer's full set
   logits       --loss sampled: the response positions' logits, 10 bytes each (bf16 logits, fp32
-               log-softmax and its gradient) x micro-batch x response x vocab; --loss full: the KL
-               chunk, 24 bytes x --kl-chunk x vocab (both models' fp32 logits, softmaxes, gradients)
+               log-softmax and its gradient) x micro-batch x response x vocab; --loss full / topk: the KL
+               chunk, 24 bytes x --kl-chunk x vocab (both models' fp32 logits, softmaxes, gradients; topk
+               holds the teacher's K a position only, so this over-counts it)
   vLLM         --vllm-gpu-memory x the card while it samples; released during training by sleep
                mode (common.llm_sleep), so the peak is max(rollout phase, training phase)
   overhead     2 GiB (CUDA context, allocator slack)
@@ -110,7 +111,10 @@ CONFIGS = [("full fine-tuning, --master fp32", dict()),
            ("--lora-rank 16", dict(trainable="lora")),
            ("--fsdp over 8 ranks, --master fp32", dict(ranks=8)),
            ("full, --master stochastic, no checkpointing", dict(master="stochastic", checkpointing=False)),
-           ("full, --master stochastic, --loss full", dict(master="stochastic", loss="full"))]
+           ("full, --master stochastic, --loss full", dict(master="stochastic", loss="full")),
+           ("full, --master stochastic, teacher served elsewhere (--teacher-url)", dict(master="stochastic", teacher=False)),
+           ("the same, --loss topk", dict(master="stochastic", teacher=False, loss="topk")),
+           ("full, --master fp32, teacher served elsewhere", dict(teacher=False))]
 
 
 def table(micro_batch=4, card=80 * GiB):

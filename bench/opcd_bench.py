@@ -1,5 +1,7 @@
 """OPCD step throughput: --rollout hf (batched generate) against --rollout vllm (in-process
-engine), same model, same batch, same step code (opcd.opcd_step), printed side by side.
+engine), and the in-process teacher against a served one (`served`: HF rollouts, the teacher behind a
+`vllm serve` of the same model that this bench starts on 127.0.0.1, --teacher-url), same model, same
+batch, same step code (opcd.opcd_step), printed side by side.
 
 Per backend: one short warm-up rollout, then --steps full OPCD steps (rollout, teacher
 forward, loss + backward + AdamW step, and for vLLM the weight push). Reports seconds per
@@ -39,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import chat_api  # noqa: E402
 import common  # noqa: E402
 import envs  # noqa: E402
 import opcd  # noqa: E402
@@ -55,7 +58,8 @@ def main():
     p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward pass")
     p.add_argument("--max-new-tokens", type=int, default=128, help="response length cap (random models rarely stop)")
     p.add_argument("--steps", type=int, default=1, help="measured OPCD steps per backend")
-    p.add_argument("--backends", default="hf,vllm", help="comma-separated rollout backends to compare")
+    p.add_argument("--backends", default="hf,vllm,served", help="comma-separated runs to compare: hf, vllm (rollout "
+                   "backends, in-process teacher), served (hf rollouts, the teacher served by vllm serve)")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="opcd-bench-"))
     model_dir = args.model or str(tiny.build_model(tmp / "model", size=args.size, image_size=128))
@@ -70,20 +74,22 @@ def main():
           f"batch {args.batch_size}, max {args.max_new_tokens} new tokens, {args.steps} measured step(s)")
     results = {}
     for backend in args.backends.split(","):
-        o = opcd.parse_args(["--model", model_dir, "--data", str(data), "--out", str(tmp / "run"),
-                             "--rollout", backend, "--batch-size", str(args.batch_size), "--micro-batch-size",
-                             str(args.micro_batch_size), "--max-new-tokens", str(args.max_new_tokens),
-                             "--max-model-len", "4096"])
+        served = common.start_server(model_dir, "teacher") if backend == "served" else None
+        o = opcd.parse_args(["--model", model_dir, "--teacher", "teacher" if served else model_dir, "--data", str(data),
+                             "--out", str(tmp / "run"), "--rollout", "hf" if served else backend, "--batch-size",
+                             str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size), "--max-new-tokens",
+                             str(args.max_new_tokens), "--max-model-len", "4096"]
+                            + (["--teacher-url", served[1]] if served else []))
         opt = optim.MasterAdamW(model.parameters(), o.lr, tuple(o.betas), o.weight_decay)
-        llm = None
+        llm, scorer = None, chat_api.ServedTeacher(served[1], "teacher") if served else teacher
         if backend == "vllm":
             t = time.time()
             llm = common.make_llm(model_dir, max_model_len=4096, kv_cache_bytes=1 << 30)
             common.push_weights(llm, model)
             print(f"vllm engine start: {time.time() - t:.1f} s")
         warm = [envs.student_messages(r["state"], r["image"]) for r in rows[:args.batch_size]]
-        opcd.rollout(backend, model, llm, processor, warm, 8, 1.0, 1.0, list(range(len(warm))))
-        logs = [opcd.opcd_step(o, step, opcd.batch_rows(rows, step, args.batch_size, 0, 0, 1), model, teacher, llm,
+        opcd.rollout(o.rollout, model, llm, processor, warm, 8, 1.0, 1.0, list(range(len(warm))))
+        logs = [opcd.opcd_step(o, step, opcd.batch_rows(rows, step, args.batch_size, 0, 0, 1), model, scorer, llm,
                                processor, opt, 1, torch.device("cpu")) for step in range(args.steps)]
         mean = {k: sum(log[k] for log in logs) / len(logs) for k in
                 ("seconds_rollout", "seconds_teacher", "seconds_train", "samples_per_second", "response_tokens")}
@@ -91,6 +97,9 @@ def main():
         results[backend] = mean
         if llm is not None:
             common.close_llm(llm)
+        if served:
+            served[0].terminate()
+            served[0].wait(timeout=60)
     keys = ["seconds_rollout", "seconds_teacher", "seconds_train", "response_tokens", "rollout_tokens_per_second",
             "samples_per_second"]
     print(f"{'':28s}" + "".join(f"{b:>12s}" for b in results))
@@ -100,6 +109,9 @@ def main():
         rollout = results["hf"]["seconds_rollout"] / results["vllm"]["seconds_rollout"]
         step = results["vllm"]["samples_per_second"] / results["hf"]["samples_per_second"]
         print(f"vllm / hf: rollout {rollout:.2f}x faster, whole step {step:.2f}x the samples/s (target: rollout >= 1.3x)")
+    if {"hf", "served"} <= set(results):
+        print(f"served / in-process teacher: {results['served']['seconds_teacher'] / results['hf']['seconds_teacher']:.2f}x "
+              f"the seconds of the teacher phase (the server shares this machine's cores)")
     try:
         from trl.experimental.gkd import GKDConfig, GKDTrainer
     except ImportError:
