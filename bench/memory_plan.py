@@ -130,21 +130,20 @@ def table(micro_batch=4, card=80 * GiB):
     return "\n".join(lines)
 
 
-def check():
-    """One OPCD step of the `medium` tiny model on CPU (fp32, HF rollout, sampled loss): peak RSS growth over
-    a process that imports the same code and loads the processor only, against the plan."""
+def check(size="medium", new_tokens=256):
+    """One OPCD step of a tiny model (`medium` by default) on CPU (fp32, HF rollout, sampled loss): peak RSS growth
+    over a process that imports the same code and loads the processor only, against the plan."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         py = sys.executable
         run = lambda *a: subprocess.run([py, *map(str, a)], cwd=ROOT, check=True, capture_output=True, text=True)
-        run("common.py", "tiny", "--out", tmp / "m", "--size", "medium", "--image-size", 128)
+        run("tiny.py", "model", "--out", tmp / "m", "--size", size, "--image-size", 128)
         run("envs.py", "data", "--out", tmp / "d", "--split", "train", "--per-level", 4, "--kinds", "planning",
             "--tasks", "maze", "--levels", "maze=3", "--image-size", 128)
         probe = ("import resource, sys, opcd, common; from transformers import AutoProcessor; "
                  "AutoProcessor.from_pretrained(sys.argv[1]); "
                  "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
         base_kib = int(run("-c", probe, tmp / "m").stdout.split()[-1])
-        new_tokens = 256
         step = subprocess.run([py, *map(str, ["opcd.py", "--model", tmp / "m", "--teacher", tmp / "m", "--data", tmp / "d",
                                "--out", tmp / "run", "--rollout", "hf", "--batch-size", 4, "--micro-batch-size", 4,
                                "--max-new-tokens", new_tokens, "--max-steps", 1, "--lr", 1e-6, "--temperature", 1.0,
@@ -164,7 +163,7 @@ def check():
     parts["overhead"] = 0
     predicted = sum(v for k, v in parts.items() if k not in ("peak", "vllm"))
     measured = (peak_kib - base_kib) * 1024
-    print(f"medium tiny model ({parameters(arch)[0] / 1e6:.1f}M parameters), one OPCD step on CPU, "
+    print(f"{size} tiny model ({parameters(arch)[0] / 1e6:.1f}M parameters), one OPCD step on CPU, "
           f"4 x ~{response}-token responses:")
     for k, value in parts.items():
         if k not in ("peak", "vllm", "overhead"):
@@ -178,8 +177,10 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="compare the plan with one measured CPU OPCD step")
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward pass")
+    p.add_argument("--check-size", default="medium", choices=["tiny", "small", "medium"], help="--check: the model size")
+    p.add_argument("--check-tokens", type=int, default=256, help="--check: new tokens of the step's responses")
     args = p.parse_args()
     if args.check:
-        check()
+        check(args.check_size, args.check_tokens)
     else:
         print(table(args.micro_batch))

@@ -1,4 +1,6 @@
-"""Benchmark: our SFT step (sft.py) against TRL SFTTrainer + PEFT LoRA, same model/data/batch/LoRA.
+"""Benchmark: our SFT step (sft.py) against the code as it was before the real-size changes (`before`: the
+LoRA as two products and an add, the [tokens, vocab] fp32 logits at once; bench/gpu_bench.py's versions) and
+against TRL SFTTrainer + PEFT LoRA, same model/data/batch/LoRA.
 
 Both sides train one epoch over the same rows, in the same order, with the same micro-batch (no accumulation),
 LoRA r8 / alpha 16 / dropout 0 on the language model's q/k/v/o/gate/up/down projections, the
@@ -11,7 +13,7 @@ prompt-completion rows, completion-only loss). Each side runs in its own process
   of either library do not count.
 
 TRL is not a project dependency: `pip install -r requirements-bench.txt` (trl) first; without it
-the bench says so and exits 0.
+the TRL column is left out.
 
     python bench/sft_bench.py                       # builds a tiny model and a small split in a temp dir
     python bench/sft_bench.py --model models/small --data data/train --micro-batch-size 8 --rows 128
@@ -40,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=2048, help="maximum tokens per row")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="gradient checkpointing on both sides")
-    p.add_argument("--side", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)  # child process
+    p.add_argument("--side", choices=["before", "ours", "trl"], default=None, help=argparse.SUPPRESS)  # child process
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -172,7 +174,15 @@ def child(args):
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = [r for r in splits.load_split(args.data) if r.get("messages")][:args.rows]
-    seconds, growth = (run_ours if args.side == "ours" else run_trl)(args, rows, device)
+    if args.side == "before":  # the same loop on the code as it was
+        import lora
+        import sft
+
+        sys.path.insert(0, str(ROOT / "bench"))
+        import gpu_bench
+
+        lora.LoRALinear.forward, sft.sft_loss = gpu_bench.lora_forward_before, gpu_bench.sft_loss_before
+    seconds, growth = (run_trl if args.side == "trl" else run_ours)(args, rows, device)
     Path(args.result).write_text(json.dumps({"seconds": seconds, "peak_bytes": growth, "device": str(device)}))
 
 
@@ -180,11 +190,6 @@ def main():
     args = parse_args()
     if args.side:
         return child(args)
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        print("TRL is not installed: `pip install -r requirements-bench.txt` (trl) to run this benchmark.")
-        return
     tmp = Path(tempfile.mkdtemp(prefix="sft_bench_"))
     try:
         compare(args, tmp)
@@ -207,8 +212,13 @@ def compare(args, tmp):
     _, processor = common.load_model(args.model)
     usable = len(rows) // args.micro_batch_size * args.micro_batch_size
     tokens = sum(len(sft.encode_chat(processor, r["messages"], args.max_length)["input_ids"]) for r in rows[:usable])
-    results = {}
-    for side in ("ours", "trl"):
+    results, sides = {}, ["before", "ours"]
+    try:
+        import trl  # noqa: F401
+        sides.append("trl")
+    except ImportError:
+        print("TRL is not installed (`pip install -r requirements-bench.txt`): no TRL column")
+    for side in sides:
         out = tmp / f"{side}.json"
         cmd = [sys.executable, __file__, "--side", side, "--result", str(out), "--model", args.model, "--data", args.data,
                "--rows", str(usable), "--micro-batch-size", str(args.micro_batch_size), "--max-length", str(args.max_length),
@@ -217,15 +227,16 @@ def compare(args, tmp):
         if proc.returncode != 0:
             sys.exit(f"error: the {side} run failed:\n{proc.stderr[-3000:]}")
         results[side] = json.loads(out.read_text())
-    ours, theirs = results["ours"], results["trl"]
+    ours = results["ours"]
     print(f"SFT step, LoRA r8, {usable} rows x 1 epoch, micro-batch {args.micro_batch_size}, {tokens} tokens, "
           f"grad checkpointing {'on' if args.grad_checkpointing else 'off'}, device {ours['device']}")
-    print(f"| {'':22} | {'ours':>10} | {'TRL+PEFT':>10} | {'ours/TRL':>8} |")
-    print(f"|{'-' * 24}|{'-' * 12}|{'-' * 12}|{'-' * 10}|")
-    tps = [tokens / r["seconds"] for r in (ours, theirs)]
-    mem = [r["peak_bytes"] / 2 ** 20 for r in (ours, theirs)]
-    print(f"| {'tokens/s':22} | {tps[0]:10.0f} | {tps[1]:10.0f} | {tps[0] / tps[1]:7.2f}x |")
-    print(f"| {'peak memory growth MiB':22} | {mem[0]:10.1f} | {mem[1]:10.1f} | {mem[0] / max(mem[1], 1e-9):7.2f}x |")
+    names = {"before": "before", "ours": "ours", "trl": "TRL+PEFT"}
+    print("| | " + " | ".join(names[side] for side in results) + " | ours/before |" + (" ours/TRL |" if "trl" in results else ""))
+    print("|---|" + "---|" * (len(results) + 1 + ("trl" in results)))
+    for label, value in (("tokens/s", lambda r: tokens / r["seconds"]), ("peak memory growth MiB", lambda r: r["peak_bytes"] / 2**20)):
+        cells = [value(r) for r in results.values()]
+        ratios = [value(ours) / max(value(results[side]), 1e-9) for side in ("before", "trl") if side in results]
+        print(f"| {label} | " + " | ".join(f"{c:.1f}" for c in cells) + " | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
 
 
 if __name__ == "__main__":

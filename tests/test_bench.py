@@ -1,0 +1,55 @@
+"""Every bench/*.py runs as shipped, on a thin slice (tiny model, a few rows, a few tokens), so that an interface
+change breaks a test and not a user; each prints its table, whose numbers are checked to be there and positive.
+(bench/gpu_bench.py and gpu_check.sh: tests/test_gpu_bench.py. The peers' columns appear where TRL is installed.)"""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(script, *args, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *map(str, args)], cwd=tmp_path, text=True,
+                          capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def numbers(line):
+    return [float(x) for x in re.findall(r"-?\d+\.?\d*(?:e[+-]?\d+)?", line.split("|", 2)[-1] if "|" in line else line)]
+
+
+def test_envs_bench(tmp_path):
+    out = bench("envs_bench.py", "--per-level", 2, "--workers", 2, "--image-size", 128, "--dir", tmp_path, tmp_path=tmp_path)
+    rows = [line for line in out.splitlines() if line.startswith("| ") and any(t in line for t in ("frozenlake", "maze"))]
+    assert rows and all(numbers(r) and min(numbers(r)) > 0 for r in rows), out
+
+
+def test_eval_bench(tmp_path):
+    out = bench("eval_bench.py", "--per-level", 1, "--max-new-tokens", 4, "--limit", 4, "--backends", "oracle", "hf",
+                tmp_path=tmp_path)
+    assert "oracle" in out and "hf" in out, out
+
+
+def test_opcd_bench(tmp_path):
+    out = bench("opcd_bench.py", "--size", "tiny", "--batch-size", 2, "--micro-batch-size", 2, "--max-new-tokens", 4,
+                "--backends", "hf,vllm", tmp_path=tmp_path)
+    row = next(line for line in out.splitlines() if line.startswith("samples_per_second"))
+    assert len(numbers(row)) == 2 and min(numbers(row)) > 0, out
+    assert "vllm / hf: rollout" in out
+
+
+def test_sft_bench_prints_ours_beside_the_code_as_it_was(tmp_path):
+    out = bench("sft_bench.py", "--rows", 8, "--micro-batch-size", 4, tmp_path=tmp_path)
+    row = next(line for line in out.splitlines() if line.startswith("| tokens/s"))
+    assert min(numbers(row)) > 0 and len(numbers(row)) >= 3, out  # before, ours, ours/before (and TRL where installed)
+
+
+@pytest.mark.parametrize("args", [[], ["--check", "--check-size", "tiny", "--check-tokens", 8]])
+def test_memory_plan(args, tmp_path):
+    out = bench("memory_plan.py", *args, tmp_path=tmp_path)
+    assert ("| full, --master stochastic | 76 fits |" in out) if not args else "measured growth" in out, out
