@@ -35,14 +35,15 @@ class Parser(argparse.ArgumentParser):
         fail(f"{self.prog}: {message}")
 
 
-def _number(kind, low, low_open, text, high=math.inf):
+def _number(kind, low, low_open, text, high=math.inf, high_open=False):
     try:
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+    if not math.isfinite(value) or value < low or (low_open and value == low) or value > high or (high_open and value == high):
         raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}"
-                                         + (f" and <= {high}" if high < math.inf else "") + f", got {text}")
+                                         + (f" and {'<' if high_open else '<='} {high}" if high < math.inf else "")
+                                         + f", got {text}")
     return value
 
 
@@ -51,6 +52,19 @@ nonneg_int = lambda text: _number(int, 0, False, text)  # noqa: E731
 positive_float = lambda text: _number(float, 0.0, True, text)  # noqa: E731
 nonneg_float = lambda text: _number(float, 0.0, False, text)  # noqa: E731
 fraction = lambda text: _number(float, 0.0, False, text, high=1)  # noqa: E731
+probability = lambda text: _number(float, 0.0, True, text, high=1)  # noqa: E731  (0, 1]: top-p
+beta = lambda text: _number(float, 0.0, False, text, high=1, high_open=True)  # noqa: E731  [0, 1): Adam's betas
+epochs = lambda text: _number(float, 0.0, True, text, high=1e6)  # noqa: E731
+rank = lambda text: _number(int, 0, False, text, high=4096)  # noqa: E731  LoRA ranks past any model's width fail
+positive_rank = lambda text: _number(int, 0, True, text, high=4096)  # noqa: E731
+
+
+def names(text):
+    """A comma-separated list ("perception,planning"): items stripped, none empty or repeated; returned joined."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items) or len(set(items)) < len(items):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated names, got {text!r}")
+    return ",".join(items)
 
 
 # What marks a folder as a run of each script: the file it writes first, and a key that file holds.
@@ -99,7 +113,13 @@ def check_out(out, resume=False, overwrite=False, inputs=(), script=None):
 def check_resume(saved_args, args, safe, what="--resume"):
     """Fail when a resumed run's settings differ from the saved ones, except the `safe` ones."""
     now = json.loads(json.dumps(vars(args)))  # tuples -> lists, as saved
-    changed = sorted(k for k in set(saved_args) | set(now) if k not in safe and saved_args.get(k) != now.get(k))
+
+    def same(a, b):  # a path given as data/ or data is the same setting
+        if isinstance(a, list) and isinstance(b, list):
+            return len(a) == len(b) and all(map(same, a, b))
+        return a == b or (isinstance(a, str) and isinstance(b, str) and a and b and os.path.normpath(a) == os.path.normpath(b))
+
+    changed = sorted(k for k in set(saved_args) | set(now) if k not in safe and not same(saved_args.get(k), now.get(k)))
     if changed:
         fail(f"{what} with other settings than the saved run: " + ", ".join(
             f"--{k.replace('_', '-')} {saved_args.get(k)} -> {now.get(k)}" for k in changed)

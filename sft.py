@@ -39,20 +39,20 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, nargs="+", help="training split directories (data.jsonl + images), concatenated")
     p.add_argument("--val-data", default=None, nargs="+", help="validation split directories (optional)")
     p.add_argument("--out", required=True, help="output directory (adapter/ or model/, checkpoint/, log.jsonl)")
-    p.add_argument("--kinds", default="perception",
+    p.add_argument("--kinds", default="perception", type=cli.names,
                    help="comma-separated row kinds to train on: perception, planning, text-planning, teacher, dynamics, vision "
                         "(stage 1 never trains on plans)")
     p.add_argument("--full", action="store_true", help="train every language-model weight instead of a LoRA")
     p.add_argument("--train-vision", action="store_true",
                    help="also train the vision tower and merger in full (frozen by default, as in the reference)")
-    p.add_argument("--lora-rank", type=cli.positive_int, default=8, help="LoRA rank r")
+    p.add_argument("--lora-rank", type=cli.positive_rank, default=8, help="LoRA rank r")
     p.add_argument("--lora-alpha", type=cli.positive_float, default=16, help="LoRA alpha (scaling alpha/r)")
     p.add_argument("--lora-dropout", type=cli.nonneg_float, default=0.0, help="dropout on the LoRA input")
     p.add_argument("--lr", type=cli.positive_float, default=1e-4, help="peak learning rate")
     p.add_argument("--warmup-ratio", type=cli.nonneg_float, default=0.1, help="fraction of steps of linear warm-up")
     p.add_argument("--weight-decay", type=cli.nonneg_float, default=0.0, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=cli.nonneg_float, default=1.0, help="gradient-norm clip (0 = off)")
-    p.add_argument("--epochs", type=cli.positive_float, default=3, help="number of passes over the training rows")
+    p.add_argument("--epochs", type=cli.epochs, default=3, help="number of passes over the training rows")
     p.add_argument("--batch-size", type=cli.positive_int, default=64, help="effective (global) batch in rows per optimiser step")
     p.add_argument("--micro-batch-size", type=cli.positive_int, default=4, help="rows per forward on each device (accumulation fills the rest)")
     p.add_argument("--max-length", type=cli.positive_int, default=2048, help="maximum tokens per row (cut on the right)")

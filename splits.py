@@ -126,7 +126,11 @@ def _rows_chunk(job):
 
 
 def check_request(tasks, levels, kinds, image_size, cell_size=None, style="plain"):
-    """One-line ValueError on an unknown task / kind or a level / image size out of range."""
+    """One-line ValueError on an unknown task / kind, a task or kind named twice, or a level / image size out
+    of range."""
+    for what, names in (("task", tasks), ("kind", kinds)):
+        if len(set(names)) < len(names):
+            raise ValueError(f"a {what} is named twice: {' '.join(names)} (the rows' ids would repeat)")
     for task in tasks:
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
@@ -156,10 +160,12 @@ def level_table(tasks, levels=None):
 
 
 def make_split(out_dir, split, per_level, tasks=None, levels=None, kinds=("planning", "perception"), workers=1,
-               image_size=256, cell_size=None, style="plain"):
-    """Write out_dir/data.jsonl and out_dir/images/ for one split, atomically (cli.atomic_dir).
-    levels: a list applied to every task, or {task: levels}; default DEFAULT_LEVELS."""
+               image_size=256, cell_size=None, style="plain", overwrite=False):
+    """Write out_dir/data.jsonl and out_dir/images/ for one split, atomically (cli.atomic_dir); an existing split
+    is replaced only with overwrite. levels: a list applied to every task, or {task: levels}; default DEFAULT_LEVELS."""
     tasks = list(tasks or TASKS)
+    if isinstance(levels, dict) and set(levels) - set(tasks):
+        raise ValueError(f"--levels names {', '.join(sorted(set(levels) - set(tasks)))}, which --tasks leaves out")
     levels = level_table(tasks, levels)
     check_request(tasks, levels, kinds, image_size, cell_size, style)
     if split not in SPLITS:
@@ -169,6 +175,8 @@ def make_split(out_dir, split, per_level, tasks=None, levels=None, kinds=("plann
     out = Path(out_dir).absolute()
     if out.exists() and not (out / "data.jsonl").exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not a data directory; refusing to overwrite it")
+    if (out / "data.jsonl").exists() and not overwrite:
+        raise ValueError(f"{out} already holds a split; --overwrite replaces it")
     anchor = next(p for p in out.parents if p.exists())
     if not anchor.is_dir() or not os.access(anchor, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write into {anchor}")
@@ -291,9 +299,13 @@ def parse_levels(tokens):
         if all("=" not in t for t in tokens):
             return [int(t) for t in tokens]
         pairs = [t.split("=", 1) for t in tokens]
-        return {task: [int(level) for level in levels.split(",")] for task, levels in pairs}
+        table = {task: [int(level) for level in levels.split(",")] for task, levels in pairs}
     except ValueError:
         raise ValueError(f"--levels: expected integers or task=l1,l2 pairs, got {' '.join(tokens)!r}") from None
+    named = [task for task, _ in pairs]
+    if len(set(named)) < len(named) or any(len(set(v)) < len(v) for v in table.values()):
+        raise ValueError(f"--levels names a task or a level twice: {' '.join(tokens)!r}")
+    return table
 
 
 def _show(args):
@@ -327,13 +339,14 @@ def main(argv=None):
     parser = cli.Parser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=cli.Parser)
     data = sub.add_parser("data", help="write one split: DIR/data.jsonl and DIR/images/")
-    data.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    data.add_argument("--out", required=True, help="output directory (written atomically)")
+    data.add_argument("--overwrite", action="store_true", help="replace an --out that already holds a split")
     data.add_argument("--split", required=True, choices=tuple(SPLITS), help="which split (disjoint seeds and states)")
     data.add_argument("--per-level", type=int, required=True, help="instances per (task, level)")
     data.add_argument("--tasks", nargs="+", default=list(TASKS), help="tasks to include (default: all three)")
     data.add_argument("--levels", nargs="+",
                       help="levels for every task (3 4), or per task (frozenlake=3,4 maze=3); default DEFAULT_LEVELS")
-    data.add_argument("--kinds", default="planning,perception", help=f"comma-separated row kinds from {','.join(KINDS)}")
+    data.add_argument("--kinds", default="planning,perception", type=cli.names, help=f"comma-separated row kinds from {','.join(KINDS)}")
     data.add_argument("--workers", type=cli.positive_int, default=1, help="processes rendering and writing rows")
     data.add_argument("--image-size", type=int, default=256, help="picture side in pixels (tiny models: 160)")
     data.add_argument("--cell-size", type=int, default=None,
@@ -355,7 +368,7 @@ def main(argv=None):
         if args.command == "data":
             kinds = [k for k in args.kinds.split(",") if k]
             out = make_split(args.out, args.split, args.per_level, args.tasks, parse_levels(args.levels), kinds,
-                             args.workers, args.image_size, args.cell_size, args.frozenlake_style)
+                             args.workers, args.image_size, args.cell_size, args.frozenlake_style, args.overwrite)
             print(f"wrote {out / 'data.jsonl'}")
         else:
             check_request([args.task], {args.task: [args.level]}, [], args.image_size, args.cell_size,

@@ -269,8 +269,8 @@ def build_model(out_dir, size="tiny", seed=0, image_size=128, tokenizer=None):
         raise ValueError(f"{out_dir} exists; remove it first")
     if size not in MODEL_SIZES:
         raise ValueError(f"unknown size {size!r}; choose from {sorted(MODEL_SIZES)}")
-    if image_size % 32:
-        raise ValueError(f"image_size must be a multiple of 32 (one token per 32x32 pixels), got {image_size}")
+    if image_size < 32 or image_size % 32:
+        raise ValueError(f"image_size must be a positive multiple of 32 (one token per 32x32 pixels), got {image_size}")
     tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(tokenizer_corpus())
     hidden, layers, heads, kv_heads, head_dim, mlp = MODEL_SIZES[size]["text"]
     v_hidden, v_depth, v_heads, v_mlp, deepstack = MODEL_SIZES[size]["vision"]

@@ -106,6 +106,7 @@ CASES = (
         ("envs", ["data", "--out", "{out}", "--split", "train", "--per-level", "0"], "at least 1"),
         ("envs", ["data", "--out", "{out}", "--split", "train", "--per-level", "1", "--tasks", "sokoban"], "'sokoban'"),
         ("envs", ["data", "--out", "{out}", "--split", "dev", "--per-level", "1"], "'dev'"),
+        ("envs", ["data", "--out", "{data}", "--split", "test", "--per-level", "1"], "already holds a split"),
         ("envs", ["data", "--out", "{out}", "--split", "train", "--per-level", "1", "--levels", "maze=6",
                   "--image-size", "160", "--cell-size", "32"], "does not fit"),
         ("envs", ["show", "maze", "--level", "3", "--seed", "1", "--out", "{tmp}/view.txt"], "cannot write the picture"),
@@ -125,6 +126,28 @@ CASES = (
         ("pipeline", ["--out", "{out}", "--levels", "frozenlake=3 maze=3"], "does not fit"),
         ("pipeline", ["--aggregate", "{tmp}/nowhere"], "no results.json"),
         ("pipeline", ["--out", "{out}", "--base", "{tmp}"], "no model in"),
+        ("opcd", ["--top-p", "5"], "--top-p"),
+        ("opcd", ["--val-top-p", "0"], "--val-top-p"),
+        ("opcd", ["--betas", "2", "2"], "--betas"),
+        ("opcd", ["--betas", "0.9", "1"], "--betas"),
+        ("opcd", ["--epochs", "1e308"], "--epochs"),
+        ("sft", ["--epochs", "1e308"], "--epochs"),
+        ("opcd", ["--lora-rank", "1000000000"], "--lora-rank"),
+        ("sft", ["--lora-rank", "1000000000"], "--lora-rank"),
+        ("sft", ["--kinds", "perception,perception"], "distinct comma-separated"),
+        ("sft", ["--kinds", ","], "distinct comma-separated"),
+        ("tiny", ["model", "--out", "{out}", "--image-size", "0"], "positive multiple of 32"),
+        ("tiny", ["model", "--out", "{out}", "--image-size", "-32"], "positive multiple of 32"),
+        ("envs", ["data", "--out", "{out}", "--split", "train", "--per-level", "1", "--levels", "frozenlake=3,3"], "twice"),
+        ("envs", ["data", "--out", "{out}", "--split", "train", "--per-level", "1", "--levels", "frozenlake=3",
+                  "frozenlake=4"], "twice"),
+        ("envs", ["data", "--out", "{out}", "--split", "train", "--per-level", "1", "--tasks", "frozenlake", "frozenlake"],
+         "named twice"),
+        ("envs", ["data", "--out", "{out}", "--split", "train", "--per-level", "1", "--kinds", "planning,planning"],
+         "distinct comma-separated"),
+        ("envs", ["data", "--out", "{out}", "--split", "train", "--per-level", "1", "--kinds", ","], "distinct comma-separated"),
+        ("envs", ["data", "--out", "{out}", "--split", "train", "--per-level", "1", "--levels", "maze=3", "--tasks",
+                  "frozenlake"], "which --tasks leaves out"),
         ("benchmarks", ["vsp", "{tmp}/nowhere", "--out", "{out}"], "no levelN folders"),
         ("benchmarks", ["visualplanning", "{tmp}/nowhere.jsonl", "--out", "{out}"], "unreadable"),
     ])
@@ -256,6 +279,9 @@ def test_resume_refuses_other_settings_and_names_them(tiny_model, world, tmp_pat
     sft.main(args + ["--max-steps", 2, "--resume"])  # --max-steps is safe to change
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+    moved = [str(world["data"]) + "/" if a == world["data"] else a for a in args]  # the same folder, with a slash
+    sft.main(moved + ["--max-steps", 3, "--resume"])
+    assert json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])["step"] == 3
 
 
 def test_a_kill_between_the_two_renames_of_a_checkpoint_is_recovered(tiny_model, world, tmp_path):
