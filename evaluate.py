@@ -316,17 +316,26 @@ def evaluate(args):
         run = backend(args, todo) if todo else (lambda emit: None)
     except (OSError, ValueError) as e:
         cli.fail(str(e))
-    if args.overwrite and not args.resume:
-        shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "run.json", json.dumps(settings))
-    write_jsonl(episodes_path, finished.values())  # drops errored and torn lines of the previous run
-    load_seconds, t0, log = time.time() - t0, time.time(), open(episodes_path, "a")
+    log = None
+
+    def open_log():
+        """OUT is written once the first answer is in: an endpoint that can serve nothing leaves no folder behind."""
+        nonlocal log
+        if log is None:
+            if args.overwrite and not args.resume:
+                shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write(out / "run.json", json.dumps(settings))
+            write_jsonl(episodes_path, finished.values())  # drops errored and torn lines of the previous run
+            log = open(episodes_path, "a")
+        return log
+
+    load_seconds, t0 = time.time() - t0, time.time()
 
     def emit(i, response, error):
         record = score_episode(todo[i], response, error)
         finished[key(record)] = record
-        log.write(json.dumps(record) + "\n")
+        open_log().write(json.dumps(record) + "\n")
         log.flush()
         done = len(finished)
         if done % 50 == 0 or done == len(episodes):
@@ -335,9 +344,11 @@ def evaluate(args):
     try:
         run(emit)
     except chat_api.EndpointError as e:
+        if log is None:
+            cli.fail(f"{e}; nothing written")
         log.close()
         cli.fail(f"{e}; {len(finished)} finished episodes kept in {episodes_path} (use --resume)")
-    log.close()
+    open_log().close()
     generate_seconds = time.time() - t0
 
     records = [finished[(ep["row"]["id"], ep["condition"])] for ep in episodes]

@@ -250,13 +250,19 @@ def load_split(data_dir, kinds=None):
     if not path.is_file():
         raise FileNotFoundError(f"no data.jsonl in {root}")
 
-    resolved = {}
+    resolved, inside = {}, root.resolve()
 
     def resolve(rel, where):
+        """The picture's absolute path: a PNG file inside the split folder (no ../, no absolute path elsewhere)."""
         if rel not in resolved:
             full = (root / rel).resolve()
+            if inside not in full.parents:
+                raise ValueError(f"{where}: image {rel!r} lies outside the split folder {root}")
             if not full.is_file():
                 raise FileNotFoundError(f"{where}: image not found: {full}")
+            with open(full, "rb") as picture:
+                if picture.read(8) != b"\x89PNG\r\n\x1a\n":
+                    raise ValueError(f"{where}: image {rel} is not a PNG file")
             resolved[rel] = str(full)
         return resolved[rel]
 

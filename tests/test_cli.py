@@ -66,6 +66,12 @@ CASES = (
         ("sft", ["--data", "{bad:not_object}"], "a row must be a JSON object"),
         ("sft", ["--data", "{bad:plan_string}"], "plan must be a list"),
         ("sft", ["--val-data", "{bad:no_assistant}"], "no assistant turn"),
+        ("sft", ["--data", "{bad:image_outside}"], "lies outside the split folder"),
+        ("sft", ["--data", "{bad:image_absolute}"], "lies outside the split folder"),
+        ("sft", ["--data", "{bad:image_not_png}"], "is not a PNG file"),
+        ("opcd", ["--data", "{bad:image_outside}"], "lies outside the split folder"),
+        ("evaluate", ["--data", "{bad:image_outside}"], "lies outside the split folder"),
+        ("evaluate", ["--data", "{bad:image_not_png}"], "is not a PNG file"),
         ("opcd", ["--teacher", "{tmp}/no-teacher"], "no-teacher"),
         ("opcd", ["--loss", "full", "--reward-coef", "0.5"], "need --loss sampled"),
         ("opcd", ["--fsdp", "--loss", "full"], "--fsdp supports neither"),
@@ -161,6 +167,9 @@ BAD_ROWS = {
     "unknown_task": lambda r: r.update(task="sokoban"),
     "image_item": lambda r: r["messages"][0]["content"].append({"type": "image", "image": 5}),
     "plan_string": lambda r: r.update(plan="RRD"),
+    "image_outside": lambda r: r.update(image="../../../../etc/passwd"),
+    "image_absolute": lambda r: r.update(image="/etc/hostname"),
+    "image_not_png": lambda r: r.update(image="data.jsonl"),
 }
 
 
