@@ -11,10 +11,11 @@ import http.client
 import io
 import json
 import os
+import queue
+import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 
@@ -30,6 +31,46 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 _OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def read_json(request, timeout):
+    """POST `request` and read its JSON answer against a wall-clock deadline of `timeout` seconds (a server that
+    trickles its bytes is cut off: the deadline is checked between reads, so a request ends within 2 x timeout)."""
+    deadline = time.monotonic() + timeout
+    with _OPENER.open(request, timeout=timeout) as resp:
+        chunks = []
+        while chunk := resp.read1(1 << 16):
+            chunks.append(chunk)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no whole answer within {timeout:g} s")
+    return json.loads(b"".join(chunks))
+
+
+def run_concurrently(fn, items, workers):
+    """Yield (index, fn(item)) as each finishes, from `workers` daemon threads: Ctrl-C in the caller ends the process
+    at once, not after the requests in flight and the back-off sleeps; an exception of fn is raised here."""
+    jobs, done = queue.Queue(), queue.Queue()
+    for job in enumerate(items):
+        jobs.put(job)
+
+    def work():
+        while True:
+            try:
+                i, item = jobs.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((i, fn(item), None))
+            except Exception as e:  # noqa: BLE001  handed to the caller's thread
+                done.put((i, None, e))
+
+    for _ in range(max(1, min(workers, len(items)))):
+        threading.Thread(target=work, daemon=True).start()
+    for _ in range(len(items)):
+        i, result, error = done.get()
+        if error is not None:
+            raise error
+        yield i, result
 
 
 def png_data_url(image):
@@ -70,11 +111,10 @@ def chat_completion(args, api_key, messages):
     error, unreachable = None, False
     for attempt in range(args.retries + 1):
         if attempt:
-            time.sleep(args.backoff_seconds * 2 ** (attempt - 1))
+            time.sleep(min(60.0, args.backoff_seconds * 2 ** (attempt - 1)))
         try:
             request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-            with _OPENER.open(request, timeout=args.timeout_seconds) as resp:
-                content = json.loads(resp.read())["choices"][0]["message"]["content"]
+            content = read_json(request, args.timeout_seconds)["choices"][0]["message"]["content"]
             if content is None:
                 return None, "response without content"
             return content, None
@@ -101,13 +141,9 @@ def openai_backend(args, episodes):
     print(f"openai: {args.base_url}, key {'from $' + args.api_key_env if api_key else 'not set'}, "
           f"{args.concurrency} concurrent requests", flush=True)
     def run(emit):
-        pool = ThreadPoolExecutor(max_workers=args.concurrency)
-        futures = {pool.submit(chat_completion, args, api_key, ep["messages"]): i for i, ep in enumerate(episodes)}
-        try:
-            for future in as_completed(futures):
-                emit(futures[future], *future.result())
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        for i, (text, error) in run_concurrently(lambda ep: chat_completion(args, api_key, ep["messages"]), episodes,
+                                                 args.concurrency):
+            emit(i, text, error)
     return run
 
 
@@ -131,8 +167,7 @@ class ServedTeacher:
             try:
                 request = urllib.request.Request(self.url + path, data=body, method="POST",
                                                  headers={"Content-Type": "application/json"})
-                with _OPENER.open(request, timeout=self.timeout) as resp:
-                    return json.loads(resp.read())
+                return read_json(request, self.timeout)
             except urllib.error.HTTPError as e:
                 detail = e.read()[:300].decode("utf-8", "replace").replace("\n", " ") if e.code < 500 else ""
                 error = f"HTTP {e.code} {e.reason}" + (f": {detail}" if detail else "")
@@ -169,5 +204,7 @@ class ServedTeacher:
                 raise EndpointError(f"the teacher at {self.url}: {len(picked)} prompt log-probs for {len(ids) - start} tokens")
             return picked, tops
 
-        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(sequences)))) as pool:
-            return list(pool.map(one, sequences, starts))
+        scored = [None] * len(sequences)
+        for i, result in run_concurrently(lambda job: one(*job), list(zip(sequences, starts)), self.concurrency):
+            scored[i] = result
+        return scored

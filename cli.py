@@ -56,6 +56,7 @@ probability = lambda text: _number(float, 0.0, True, text, high=1)  # noqa: E731
 beta = lambda text: _number(float, 0.0, False, text, high=1, high_open=True)  # noqa: E731  [0, 1): Adam's betas
 epochs = lambda text: _number(float, 0.0, True, text, high=1e6)  # noqa: E731
 rank = lambda text: _number(int, 0, False, text, high=4096)  # noqa: E731  LoRA ranks past any model's width fail
+backoff_seconds = lambda text: _number(float, 0.0, False, text, high=600)  # noqa: E731
 positive_rank = lambda text: _number(int, 0, True, text, high=4096)  # noqa: E731
 
 

@@ -92,6 +92,21 @@ def check_model_dir(path):
         raise FileNotFoundError(f"no model at {path} (missing config.json)")
     if local.is_dir() and not any((local / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer.model")):
         raise ValueError(f"{path}: no tokenizer files for its processor (tokenizer.json or vocab.json)")
+    if not local.exists():  # a hub id: in the cache, or a hub that answers (not two minutes of retries offline)
+        import socket
+        import urllib.parse
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(path, "config.json"), str):
+            return
+        host = urllib.parse.urlsplit(constants.ENDPOINT).hostname
+        try:
+            if constants.HF_HUB_OFFLINE:
+                raise OSError("offline mode")
+            socket.create_connection((host, 443), timeout=5).close()
+        except OSError as e:
+            raise FileNotFoundError(f"no model at {path}: not a local folder, not in the Hugging Face cache, and "
+                                    f"{host} cannot be reached ({e})") from None
 
 
 def load_model(path, device="cpu", dtype=None):

@@ -46,7 +46,8 @@ def get_parser():
     p.add_argument("--concurrency", type=cli.positive_int, default=8, help="openai: requests in flight")
     p.add_argument("--timeout-seconds", type=cli.positive_float, default=600.0, help="openai: per-request timeout")
     p.add_argument("--retries", type=cli.nonneg_int, default=3, help="openai: retries per request after the first attempt")
-    p.add_argument("--backoff-seconds", type=cli.nonneg_float, default=2.0, help="openai: first retry delay, doubled on each retry")
+    p.add_argument("--backoff-seconds", type=cli.backoff_seconds, default=2.0,
+                   help="openai: first retry delay, doubled on each retry (at most 60 s a wait), <= 600")
     p.add_argument("--resume", action="store_true", help="keep finished episodes of OUT/episodes.jsonl, request only the rest")
     p.add_argument("--overwrite", action="store_true", help="replace an --out that already holds a run")
     p.add_argument("--limit", type=cli.positive_int, default=None,
@@ -284,6 +285,12 @@ def evaluate(args):
             cli.fail("--base-url must be an http:// or https:// URL (e.g. http://localhost:8000/v1)")
         if "@" in url.netloc or url.query or url.fragment or (api_key and api_key in args.base_url):
             cli.fail("--base-url must not carry credentials or a query; put the key in the variable named by --api-key-env")
+    config = Path(args.model) / "config.json"
+    if args.backend in ("hf", "vllm") and config.is_file():  # a budget past the context would run for nothing
+        text = json.loads(config.read_text()).get("text_config") or json.loads(config.read_text())
+        limit = text.get("max_position_embeddings")
+        if limit and args.max_new_tokens > limit:
+            cli.fail(f"--max-new-tokens {args.max_new_tokens} exceeds the model's context of {limit} tokens")
     try:
         rows = splits.load_split(args.data, kinds=[args.kind])
     except (OSError, ValueError) as e:

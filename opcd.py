@@ -437,6 +437,9 @@ def main(argv=None):
             common.check_model_dir(path)
         dtype = getattr(torch, args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32")
         model, processor = common.load_model(args.model, device, dtype)
+        context = model.config.get_text_config().max_position_embeddings
+        if args.max_new_tokens > context:  # a budget past the context would run for nothing
+            raise ValueError(f"--max-new-tokens {args.max_new_tokens} exceeds the model's context of {context} tokens")
         if args.teacher_url:  # checked now: a server that cannot serve this student's tokens stops the run here
             teacher = chat_api.ServedTeacher(args.teacher_url, args.teacher, retries=args.teacher_retries)
             probe = processor.apply_chat_template(envs.teacher_messages(train_rows[0]["state"]), tokenize=False,

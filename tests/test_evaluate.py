@@ -375,3 +375,59 @@ def test_ctrl_c_is_one_line_and_keeps_the_finished_episodes(data, tmp_path):
     assert err.strip().splitlines() == ["error: interrupted; finished episodes are kept in episodes.jsonl "
                                         "(--resume continues)"]
     assert len(read_episodes(tmp_path / "out")) >= 1
+
+
+def test_ctrl_c_during_a_slow_request_or_a_back_off_ends_within_seconds(data, tmp_path):
+    """Ctrl-C used to wait for the requests in flight (27 s here) or for a back-off sleep (never, at 1e6 s)."""
+    import signal
+
+    for answer, extra in (((200, "<answer>R</answer>", 60), []), ((500, None, 0), ["--backoff-seconds", "600"])):
+        with Server(lambda payload: answer) as server:
+            proc = subprocess.Popen([PY, str(ROOT / "evaluate.py"), "--model", "m", "--data", str(data), "--backend",
+                                     "openai", "--base-url", server.url, "--concurrency", "2", *extra, "--out",
+                                     str(tmp_path / f"out{len(extra)}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            deadline = time.time() + 60
+            while time.time() < deadline and not server.requests:
+                time.sleep(0.1)
+            time.sleep(0.5)
+            interrupted = time.time()
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+            assert time.time() - interrupted < 3 and proc.returncode == 130, err
+            assert err.strip().splitlines()[-1].startswith("error: interrupted")
+
+
+def test_a_server_that_trickles_its_answer_is_cut_off_at_the_request_deadline(data, tmp_path):
+    """--timeout-seconds is a wall-clock deadline per request, not per read (a byte every 0.2 s took 23 s)."""
+    class Trickle(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            for _ in range(100):
+                try:
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    start = time.time()
+    try:
+        summary = run("--model", "m", "--data", data, "--backend", "openai", "--base-url",
+                      f"http://127.0.0.1:{httpd.server_address[1]}/v1", "--timeout-seconds", 1, "--retries", 0,
+                      "--limit", 2, "--concurrency", 2, "--out", tmp_path / "out", "--max-error-share", 1)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert time.time() - start < 10
+    assert summary["conditions"]["image"]["errors"] == 2
