@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 import cli
-from envs import (DEFAULT_LEVELS, LEVEL_RANGE, TASKS, _text, _user, draft, generate, perception_answer,
+from envs import (DEFAULT_LEVELS, LEVEL_RANGE, TASKS, _text, _user, draft, generate, perception_answer, simulate,
                   perception_messages, perception_prompt, reference_response, solve, student_messages, teacher_context,
                   teacher_messages, text_state, text_student_messages)
 from pictures import STYLES, render, sprite_folder
@@ -221,6 +221,10 @@ def row_problem(row):
         return f"state misses {', '.join(absent)}"
     if not isinstance(row["plan"], list) or not all(isinstance(a, str) for a in row["plan"]):
         return f"plan must be a list of actions, got {row['plan']!r}"
+    if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):
+        return f"id must be a string or an integer, got {row['id']!r}"
+    if row.get("image") is not None and not isinstance(row["image"], str):
+        return f"image must be a path, got {row['image']!r}"
     messages = row["messages"]
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         return "messages must be a list of {role, content} objects"
@@ -237,6 +241,38 @@ def row_problem(row):
                 return f"message item must be {{type: text, text: str}} or {{type: image, image: path}}, got {item!r}"
     if not any(m["role"] == "assistant" for m in messages):
         return "messages hold no assistant turn"
+    return None
+
+
+def _cell(value, n):
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                and 0 <= x < n for x in value)
+
+
+def state_problem(state, plan):
+    """What is wrong with a task row's recorded facts, or None: the level is the grid's side and in range, every
+    position lies on the grid, and the stored plan reaches the goal in the fewest actions (simulated, and checked
+    against breadth-first search)."""
+    task, n = state["task"], state["level"]
+    lo, hi = LEVEL_RANGE[task]
+    if not lo <= n <= hi:
+        return f"{task} level {n} is out of range {lo}..{hi}"
+    points = {"frozenlake": ("start", "goal"), "maze": ("start", "target"), "minibehaviour": ("agent", "printer")}[task]
+    lists = {"frozenlake": "holes", "maze": None, "minibehaviour": "table"}[task]
+    for key in points:
+        if not _cell(state[key], n):
+            return f"state {key} {state[key]!r} is not a cell of the {n}x{n} grid"
+    if lists and (not isinstance(state[lists], list) or not all(_cell(c, n) for c in state[lists])):
+        return f"state {lists} {state[lists]!r} must be a list of cells of the {n}x{n} grid"
+    if task == "maze" and not (isinstance(state["open"], list) and len(state["open"]) == n and all(
+            isinstance(r, list) and len(r) == n and all(isinstance(c, str) and set(c) <= set("URDL") for c in r)
+            for r in state["open"])):
+        return f"state open must be {n} rows of {n} strings of U/R/D/L"
+    if not simulate(state, plan)["success"]:
+        return f"the stored plan {''.join(plan)!r} does not reach the goal"
+    shortest = solve(state)
+    if len(plan) != len(shortest):
+        return f"the stored plan has {len(plan)} actions; the shortest has {len(shortest)}"
     return None
 
 
@@ -266,7 +302,7 @@ def load_split(data_dir, kinds=None):
             resolved[rel] = str(full)
         return resolved[rel]
 
-    rows = []
+    rows, checked, seen = [], {}, set()  # checked: instance id -> its state and plan; seen: the rows' keys
     with open(path) as f:
         for number, line in enumerate(f, 1):
             where = f"{path}:{number}"
@@ -284,8 +320,20 @@ def load_split(data_dir, kinds=None):
             except json.JSONDecodeError:
                 raise ValueError(f"{where}: state or query is not JSON") from None
             problem = row_problem(row)
+            seen_key = None if problem else (row["id"], row["kind"], row.get("subkind"), json.dumps(row.get("query")))
+            if not problem and row["task"] in TASKS:
+                facts = json.dumps([row["state"], row["plan"]], sort_keys=True)  # one check per instance
+                if facts != checked.get(row["id"]):
+                    if row["id"] in checked:
+                        problem = f"id {row['id']!r} is used by two different instances"
+                    else:
+                        problem = state_problem(row["state"], row["plan"])
+                        checked[row["id"]] = facts
+            if not problem and seen_key in seen:
+                problem = f"a second {row['kind']} row of id {row['id']!r} (a row is counted once)"
             if problem:
                 raise ValueError(f"{where}: {problem}")
+            seen.add(seen_key)
             if row.get("image"):
                 row["image"] = resolve(row["image"], where)
             for message in row["messages"]:

@@ -68,6 +68,19 @@ CASES = (
         ("sft", ["--data", "{bad:not_object}"], "a row must be a JSON object"),
         ("sft", ["--data", "{bad:plan_string}"], "plan must be a list"),
         ("sft", ["--val-data", "{bad:no_assistant}"], "no assistant turn"),
+        ("sft", ["--data", "{bad:plan_not_shortest}"], "the shortest has"),
+        ("sft", ["--data", "{bad:plan_misses_goal}"], "does not reach the goal"),
+        ("sft", ["--data", "{bad:start_off_grid}"], "is not a cell of the 3x3 grid"),
+        ("sft", ["--data", "{bad:hole_off_grid}"], "must be a list of cells"),
+        ("sft", ["--data", "{bad:holes_number}"], "must be a list of cells"),
+        ("sft", ["--data", "{bad:no_plan}"], "row misses plan"),
+        ("sft", ["--data", "{bad:image_number}"], "image must be a path"),
+        ("sft", ["--data", "{bad:id_list}"], "id must be a string or an integer"),
+        ("sft", ["--data", "{bad:id_shared}"], "two different instances"),
+        ("sft", ["--data", "{bad:row_twice}"], "a second perception row"),
+        ("opcd", ["--data", "{bad:plan_not_shortest}"], "the shortest has"),
+        ("evaluate", ["--data", "{bad:plan_misses_goal}"], "does not reach the goal"),
+        ("evaluate", ["--data", "{bad:id_shared}"], "two different instances"),
         ("sft", ["--data", "{bad:image_outside}"], "lies outside the split folder"),
         ("sft", ["--data", "{bad:image_absolute}"], "lies outside the split folder"),
         ("sft", ["--data", "{bad:image_not_png}"], "is not a PNG file"),
@@ -163,6 +176,11 @@ CASES = (
         ("benchmarks", ["visualplanning", "{tmp}/nowhere.jsonl", "--out", "{out}"], "unreadable"),
     ])
 
+def _state(row, **changes):
+    """The row's on-disk state (a JSON string) with `changes`."""
+    return json.dumps({**json.loads(row["state"]), **changes})
+
+
 BAD_ROWS = {
     "messages_string": lambda r: r.update(messages="hello"),
     "content_int": lambda r: r["messages"][0].update(content=7),
@@ -172,6 +190,14 @@ BAD_ROWS = {
     "unknown_task": lambda r: r.update(task="sokoban"),
     "image_item": lambda r: r["messages"][0]["content"].append({"type": "image", "image": 5}),
     "plan_string": lambda r: r.update(plan="RRD"),
+    "plan_not_shortest": lambda r: r.update(plan=r["plan"] + ["U", "D"]),
+    "plan_misses_goal": lambda r: r.update(plan=r["plan"][:-1]),
+    "start_off_grid": lambda r: r.update(state=_state(r, start=[0, 9])),
+    "hole_off_grid": lambda r: r.update(state=_state(r, holes=[[7, 7]])),
+    "holes_number": lambda r: r.update(state=_state(r, holes=5)),
+    "no_plan": lambda r: r.pop("plan"),
+    "image_number": lambda r: r.update(image=5),
+    "id_list": lambda r: r.update(id=[1, 2]),
     "image_outside": lambda r: r.update(image="../../../../etc/passwd"),
     "image_absolute": lambda r: r.update(image="/etc/hostname"),
     "image_not_png": lambda r: r.update(image="data.jsonl"),
@@ -203,7 +229,9 @@ def world(tmp_path_factory, tiny_model, make_data):
     save_file(tensors, str(missing_tensor / "model.safetensors"), metadata={"format": "pt"})
     lines = (data / "data.jsonl").read_text().splitlines()
     bad = {}
-    for name, edit in list(BAD_ROWS.items()) + [("not_json", None), ("not_object", None)]:
+    last = {json.loads(line)["kind"]: json.loads(line)["id"] for line in lines}  # the last instance's id of each kind
+    edits = {**BAD_ROWS, "id_shared": lambda r: r.update(id=last[r["kind"]])}
+    for name, edit in list(edits.items()) + [("not_json", None), ("not_object", None)]:
         folder = root / f"bad-{name}"
         shutil.copytree(data, folder)
         broken = []
@@ -216,6 +244,9 @@ def world(tmp_path_factory, tiny_model, make_data):
                 broken.append(json.dumps(row))
         (folder / "data.jsonl").write_text("\n".join(lines[:1] + broken + lines[3:]) + "\n")
         bad[name] = folder
+    bad["row_twice"] = root / "bad-row_twice"  # one perception row written twice
+    shutil.copytree(data, bad["row_twice"])
+    (bad["row_twice"] / "data.jsonl").write_text("\n".join(lines[:3] + lines[2:]) + "\n")
     return {"tmp": root, "model": tiny_model, "data": data, "run": run, "file": root / "a-file", "no_tokenizer": no_tok,
             "truncated": truncated, "missing_tensor": missing_tensor, "bad": bad}
 
