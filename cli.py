@@ -16,6 +16,19 @@ def fail(message):
     sys.exit(2)
 
 
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def interruptible(main, hint):
+    """Run a script's main; Ctrl-C is one line and exit code 130, not a traceback."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"\nerror: interrupted; {hint}", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
 class _ShowDefaults(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""

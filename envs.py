@@ -595,4 +595,6 @@ def score_row(row, response):
 if __name__ == "__main__":  # `python envs.py data / show`: the command line lives with the data writer
     import splits
 
-    splits.main()
+    import cli
+
+    cli.interruptible(splits.main, "nothing written (a split is written whole or not at all)")

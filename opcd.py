@@ -455,6 +455,8 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, chat_api.EndpointError) as e:
         cli.fail(str(e).splitlines()[0])
     val_rows = val_rows[:args.val_size] if args.val_size else val_rows
+    if args.val_data and Path(args.val_data).resolve() == Path(args.data).resolve() and rank == 0:
+        cli.warn("--val-data is --data: the best checkpoint is chosen on training instances")
     steps_per_epoch = len(train_rows) // args.batch_size  # >= 1: checked above
     total_steps = max(1, int(args.epochs * steps_per_epoch))
     total_steps = min(args.max_steps, total_steps) if args.max_steps else total_steps
@@ -538,4 +540,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.interruptible(main, "--resume continues from the last checkpoint (OUT/last)")

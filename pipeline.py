@@ -85,6 +85,14 @@ def parse_args(argv=None):
     missing = [run for run in args.aggregate or () if not (Path(run) / "results.json").is_file()]
     if missing:
         p.error(f"--aggregate: no results.json in {missing[0]}")
+    settings = [(run, json.loads((Path(run) / "settings.json").read_text())) for run in args.aggregate or ()
+                if (Path(run) / "settings.json").is_file()]
+    for run, theirs in settings[1:]:  # a mean over unlike runs would mean nothing
+        differ = sorted(k for k in set(theirs) | set(settings[0][1]) if k not in ("seed", "out", "rows", "aggregate")
+                        and theirs.get(k) != settings[0][1].get(k))
+        if differ:
+            p.error(f"--aggregate: {run} was made with other settings than {settings[0][0]} ("
+                    + ", ".join(f"--{k.replace('_', '-')} {settings[0][1].get(k)} -> {theirs.get(k)}" for k in differ) + ")")
     try:  # the levels as envs.py data reads them, checked before any stage runs
         levels = splits.level_table(TASKS, splits.parse_levels(args.levels.split()))
         splits.check_request(TASKS, levels, [], IMAGE_SIZE, CELL_SIZE)

@@ -271,6 +271,8 @@ def main(argv=None):
         val_rows = val_rows[::max(1, len(val_rows) // max(1, args.val_size))][:args.val_size]  # spread over tasks
         if not rows:
             raise ValueError(f"{' '.join(args.data)}: no rows with messages of kinds {kinds}")
+        if any(r.get("split") == "test" for r in rows) and rank == 0:
+            cli.warn("--data holds rows of the test split: a model trained on them cannot be evaluated on it")
         if args.batch_size % world or args.batch_size > len(rows):
             raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {world} ranks and at most "
                              f"the {len(rows)} training rows")
@@ -380,4 +382,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.interruptible(main, "--resume continues from the last checkpoint (OUT/checkpoint)")

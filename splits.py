@@ -13,6 +13,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 from pathlib import Path
 
 import cli
@@ -159,6 +160,11 @@ def level_table(tasks, levels=None):
             for t in tasks if t in TASKS}
 
 
+def _ignore_sigint():
+    """In a worker: Ctrl-C is the parent's to handle (one line), not a traceback from every worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_split(out_dir, split, per_level, tasks=None, levels=None, kinds=("planning", "perception"), workers=1,
                image_size=256, cell_size=None, style="plain", overwrite=False):
     """Write out_dir/data.jsonl and out_dir/images/ for one split, atomically (cli.atomic_dir); an existing split
@@ -188,7 +194,7 @@ def make_split(out_dir, split, per_level, tasks=None, levels=None, kinds=("plann
                 for items in instances for i in range(0, len(items), chunk)]
         with open(tmp / "data.jsonl", "w") as f:
             if workers > 1:
-                with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                with multiprocessing.get_context("spawn").Pool(workers, initializer=_ignore_sigint) as pool:
                     for lines in pool.imap(_rows_chunk, jobs):
                         f.writelines(line + "\n" for line in lines)
             else:
@@ -433,4 +439,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.interruptible(main, "nothing written (a split is written whole or not at all)")

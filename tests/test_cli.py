@@ -146,6 +146,7 @@ CASES = (
         ("pipeline", ["--out", "{out}", "--levels", "maze=30"], "out of range"),
         ("pipeline", ["--out", "{out}", "--levels", "frozenlake=3 maze=3"], "does not fit"),
         ("pipeline", ["--aggregate", "{tmp}/nowhere"], "no results.json"),
+        ("pipeline", ["--aggregate", "{tmp}/agg-a", "{tmp}/agg-b"], "--opcd-steps 40 -> 2"),
         ("pipeline", ["--out", "{out}", "--base", "{tmp}"], "no model in"),
         ("opcd", ["--top-p", "5"], "--top-p"),
         ("opcd", ["--max-new-tokens", "1000000000000"], "exceeds the model's context"),
@@ -213,6 +214,10 @@ def world(tmp_path_factory, tiny_model, make_data):
     run.mkdir()
     (run / "log.jsonl").write_text('{"step": 1}\n')
     (root / "a-file").write_text("x")
+    for name, steps in (("agg-a", 40), ("agg-b", 2)):  # two finished-looking main jobs made with other settings
+        (root / name).mkdir()
+        (root / name / "results.json").write_text("{}")
+        (root / name / "settings.json").write_text(json.dumps({"seed": len(name), "opcd_steps": steps}))
     no_tok = root / "no-tokenizer"
     shutil.copytree(tiny_model, no_tok)
     for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
@@ -417,3 +422,39 @@ def test_a_trailing_blank_line_does_not_fail_a_split(world, tmp_path):
     with open(tmp_path / "d" / "data.jsonl", "a") as f:
         f.write("\n\n")
     assert len(splits.load_split(tmp_path / "d")) == len(splits.load_split(world["data"]))
+
+
+def test_a_validation_split_that_is_the_training_split_is_warned_about(tiny_model, world, tmp_path, capsys):
+    opcd.main([str(a) for a in ["--model", tiny_model, "--teacher", tiny_model, "--data", world["data"], "--val-data",
+                                world["data"], "--val-size", 2, "--out", tmp_path / "run", "--rollout", "hf", "--batch-size",
+                                2, "--max-new-tokens", 4, "--max-steps", 1]])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: --val-data is --data: the best checkpoint is chosen on training instances"]
+
+
+@pytest.mark.parametrize("script", ["sft", "envs"])
+def test_ctrl_c_is_one_line_and_exit_130(script, tiny_model, world, tmp_path):
+    """Ctrl-C in a training run, and in a data writer with worker processes, printed tracebacks."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    argv = {"sft": ["sft.py", "--model", tiny_model, "--data", world["data"], "--out", out, "--batch-size", 2,
+                    "--micro-batch-size", 1, "--epochs", 1000],
+            "envs": ["envs.py", "data", "--out", out, "--split", "train", "--per-level", 400, "--workers", 2]}[script]
+    proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + (120 if script == "sft" else 4)  # sft: once it trains; the writer: after a few seconds
+    while time.time() < deadline and not (out / "log.jsonl").is_file():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("sft:")]  # but the progress bar
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted"), lines
+    if script == "envs":
+        assert not out.exists()
