@@ -271,6 +271,8 @@ def main(argv=None):
         val_rows = val_rows[::max(1, len(val_rows) // max(1, args.val_size))][:args.val_size]  # spread over tasks
         if not rows:
             raise ValueError(f"{' '.join(args.data)}: no rows with messages of kinds {kinds}")
+        if len({splits.row_key(r) for r in rows}) < len(rows):  # e.g. a folder given twice: rows would count twice
+            raise ValueError(f"--data {' '.join(args.data)}: a row (id and kind) appears twice across the folders")
         if any(r.get("split") == "test" for r in rows) and rank == 0:
             cli.warn("--data holds rows of the test split: a model trained on them cannot be evaluated on it")
         if args.batch_size % world or args.batch_size > len(rows):

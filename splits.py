@@ -250,6 +250,11 @@ def row_problem(row):
     return None
 
 
+def row_key(row):
+    """What identifies a row: its id and kind, and for dynamics rows the question."""
+    return row["id"], row["kind"], row.get("subkind"), json.dumps(row.get("query"), sort_keys=True)
+
+
 def _cell(value, n):
     return isinstance(value, list) and len(value) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
                                                                 and 0 <= x < n for x in value)
@@ -326,7 +331,7 @@ def load_split(data_dir, kinds=None):
             except json.JSONDecodeError:
                 raise ValueError(f"{where}: state or query is not JSON") from None
             problem = row_problem(row)
-            seen_key = None if problem else (row["id"], row["kind"], row.get("subkind"), json.dumps(row.get("query")))
+            seen_key = None if problem else row_key(row)
             if not problem and row["task"] in TASKS:
                 facts = json.dumps([row["state"], row["plan"]], sort_keys=True)  # one check per instance
                 if facts != checked.get(row["id"]):

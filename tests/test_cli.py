@@ -23,12 +23,14 @@ SFT_NUMBERS = {"--batch-size": "positive", "--micro-batch-size": "positive", "--
                "--max-length": "positive", "--max-new-tokens": "positive", "--val-size": "positive",
                "--lr": "positive", "--epochs": "positive", "--lora-alpha": "positive", "--warmup-ratio": "nonneg",
                "--weight-decay": "nonneg", "--max-grad-norm": "nonneg", "--lora-dropout": "nonneg",
-               "--val-every": "nonneg", "--save-every": "nonneg", "--max-steps": "nonneg"}
+               "--val-every": "nonneg", "--save-every": "nonneg", "--max-steps": "nonneg", "--checkpoint-every": "positive",
+               "--loss-chunk": "positive", "--loader-workers": "nonneg"}
 OPCD_NUMBERS = {"--batch-size": "positive", "--micro-batch-size": "positive", "--max-new-tokens": "positive",
                 "--kl-chunk": "positive", "--val-every": "positive", "--updates-per-batch": "positive",
                 "--max-model-len": "positive", "--lr": "positive", "--temperature": "positive", "--top-p": "positive",
                 "--val-temperature": "positive", "--epochs": "positive", "--max-steps": "nonneg",
-                "--reward-coef": "nonneg", "--weight-decay": "nonneg", "--max-grad-norm": "nonneg"}
+                "--reward-coef": "nonneg", "--weight-decay": "nonneg", "--max-grad-norm": "nonneg", "--topk": "positive",
+                "--teacher-retries": "nonneg"}
 EVAL_NUMBERS = {"--limit": "positive", "--max-new-tokens": "positive", "--batch-size": "positive",
                 "--concurrency": "positive", "--timeout-seconds": "positive", "--retries": "nonneg",
                 "--backoff-seconds": "nonneg", "--max-error-share": "nonneg"}
@@ -149,6 +151,20 @@ CASES = (
         ("pipeline", ["--aggregate", "{tmp}/agg-a", "{tmp}/agg-b"], "--opcd-steps 40 -> 2"),
         ("pipeline", ["--out", "{out}", "--base", "{tmp}"], "no model in"),
         ("opcd", ["--top-p", "5"], "--top-p"),
+        ("evaluate", ["--backend", "openai", "--base-url", "ftp://127.0.0.1/v1"], "must be an http"),
+        ("evaluate", ["--backend", "openai", "--base-url", "localhost:8000/v1"], "must be an http"),
+        ("evaluate", ["--model", "{model}", "--backend", "hf", "--out", "{model}", "--overwrite"], "is the input"),
+        ("merge", ["--probe-data", "{data}", "--out", "{data}"], "is the input"),
+        ("opcd", ["--out", "{model}", "--overwrite"], "is the input"),
+        ("opcd", ["--out", "{data}/inside"], "lies inside the input"),
+        ("sft", ["--val-data", "{data}", "--out", "{data}", "--overwrite"], "is the input"),
+        ("sft", ["--data", "{data}", "{data}"], "appears twice across the folders"),
+        ("opcd", ["--teacher-url", "http://127.0.0.1:1/v1", "--loss", "full"], "--teacher-url"),
+        ("opcd", ["--teacher-url", "http://127.0.0.1:1/v1", "--temperature", "0.7"], "--temperature 1"),
+        ("opcd", ["--teacher-url", "http://127.0.0.1:1/v1", "--teacher", "live"], "a named --teacher"),
+        ("opcd", ["--teacher-url", "http://127.0.0.1:1/v1", "--teacher-retries", "0"], "cannot reach"),
+        ("opcd", ["--loss", "topk", "--fsdp"], "--fsdp supports neither"),
+        ("opcd", ["--loss", "topk", "--reward-coef", "0.5"], "need --loss sampled"),
         ("opcd", ["--max-new-tokens", "1000000000000"], "exceeds the model's context"),
         ("evaluate", ["--model", "{model}", "--backend", "hf", "--max-new-tokens", "1000000000000"],
          "exceeds the model's context"),
