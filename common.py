@@ -338,6 +338,9 @@ def make_llm(path, seed=0, max_model_len=4096, dtype="float32", kv_cache_bytes=2
     (external_launcher), and all ranks must call generate equally often. The KV cache is sized in bytes on CPU,
     by gpu_memory_utilization on GPU (with sleep mode, see llm_sleep). The caller's torch RNG state is kept."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights can be handed over directly
+    # errors only (export VLLM_LOGGING_LEVEL=INFO for more): on CPU vLLM warns once a step that it cannot set the
+    # thread count, 4,920 of the main job's 5,425 lines
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     from vllm import LLM
 
     cuda = torch.cuda.is_available()
@@ -471,7 +474,7 @@ def start_server(path, name, max_model_len=4096, max_logprobs=20, kv_cache_bytes
         cmd += ["--dtype", "float32", "--enforce-eager", "--no-enable-chunked-prefill", "--max-num-batched-tokens",
                 str(max(4096, max_model_len)), "--kv-cache-memory-bytes", str(kv_cache_bytes)]
     log = tempfile.TemporaryFile("w+")  # not a pipe: a server that logs much would block on a full one
-    proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}, stdout=log, stderr=log, text=True)
+    proc = subprocess.Popen(cmd, env={"VLLM_LOGGING_LEVEL": "ERROR", **os.environ}, stdout=log, stderr=log, text=True)
     url, deadline = f"http://127.0.0.1:{port}/v1", time.time() + timeout_seconds
     while time.time() < deadline:
         try:

