@@ -460,11 +460,13 @@ def test_ctrl_c_is_one_line_and_exit_130(script, tiny_model, world, tmp_path):
     out = tmp_path / "out"
     argv = {"sft": ["sft.py", "--model", tiny_model, "--data", world["data"], "--out", out, "--batch-size", 2,
                     "--micro-batch-size", 1, "--epochs", 1000],
-            "envs": ["envs.py", "data", "--out", out, "--split", "train", "--per-level", 400, "--workers", 2]}[script]
+            "envs": ["envs.py", "data", "--out", out, "--split", "train", "--tasks", "maze", "--levels", 8, "--per-level",
+                     20000, "--workers", 2]}[script]  # a minute of work at least
     proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + (120 if script == "sft" else 4)  # sft: once it trains; the writer: after a few seconds
-    while time.time() < deadline and not (out / "log.jsonl").is_file():
+    started = (lambda: (out / "log.jsonl").is_file()) if script == "sft" else (lambda: any(tmp_path.glob(".out.tmp-*")))
+    deadline = time.time() + 120  # interrupted once it trains / writes
+    while time.time() < deadline and not started():
         time.sleep(0.2)
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
