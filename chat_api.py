@@ -158,8 +158,9 @@ class ServedTeacher:
         self.timeout, self.retries, self.backoff, self.concurrency = timeout_seconds, retries, backoff_seconds, concurrency
 
     def post(self, path, payload):
-        """One JSON POST to the server's `path` (/tokenize, /v1/completions) with retries (connection errors, 429, 5xx); raises EndpointError once they are spent,
-        or at once for an answer that a retry cannot change (4xx, a redirect, a malformed body)."""
+        """One JSON POST to the server's `path` (/tokenize, /v1/completions) with retries (connection errors, 429,
+        5xx); raises EndpointError once they are spent, or at once for an answer that a retry cannot change (4xx, a
+        redirect, a malformed body)."""
         body, error = json.dumps(payload).encode(), None
         for attempt in range(self.retries + 1):
             if attempt:
