@@ -245,6 +245,26 @@ def response_logprobs(model, prompt_batch, response_ids, response_mask, temperat
     return torch.zeros(keep.shape, dtype=picked.dtype, device=picked.device).masked_scatter(keep, picked)
 
 
+def served_teacher_scores(teacher, prompt_batch, response_ids, response_mask, topk):
+    """A served teacher's ℓ_T [B, R] (and, with topk, its top-k ids and log-probs [B, R, k]) of the student's exact
+    response ids after the exact prompt ids that the in-process teacher would read."""
+    prompts = [row[m.bool()].tolist() for row, m in zip(prompt_batch["input_ids"], prompt_batch["attention_mask"])]
+    responses = [row[m.bool()].tolist() for row, m in zip(response_ids, response_mask)]
+    scored = teacher.score([p + r for p, r in zip(prompts, responses)], [len(p) for p in prompts], topk)
+    device, keep = response_ids.device, response_mask.bool()
+    picked = torch.zeros(response_mask.shape, device=device)
+    picked[keep] = torch.tensor([x for lps, _ in scored for x in lps], device=device)
+    if not topk:
+        return picked
+    K = min(len(top) for _, tops in scored for top in tops)
+    top_ids = torch.zeros(*response_mask.shape, K, dtype=torch.long, device=device)
+    top_lp = torch.zeros(*response_mask.shape, K, device=device)
+    rows = [sorted(top.items(), key=lambda kv: -kv[1])[:K] for _, tops in scored for top in tops]
+    top_ids[keep] = torch.tensor([[t for t, _ in r] for r in rows], dtype=torch.long, device=device).reshape(-1, K)
+    top_lp[keep] = torch.tensor([[lp for _, lp in r] for r in rows], device=device).reshape(-1, K)
+    return picked, top_ids, top_lp
+
+
 @torch.no_grad()
 def generate_responses(model, processor, messages_list, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None,
                        cache="dynamic"):

@@ -287,7 +287,8 @@ def evaluate(args):
             cli.fail("--base-url must not carry credentials or a query; put the key in the variable named by --api-key-env")
     config = Path(args.model) / "config.json"
     if args.backend in ("hf", "vllm") and config.is_file():  # a budget past the context would run for nothing
-        text = json.loads(config.read_text()).get("text_config") or json.loads(config.read_text())
+        settings_of_model = json.loads(config.read_text())
+        text = settings_of_model.get("text_config") or settings_of_model
         limit = text.get("max_position_embeddings")
         if limit and args.max_new_tokens > limit:
             cli.fail(f"--max-new-tokens {args.max_new_tokens} exceeds the model's context of {limit} tokens")
