@@ -370,14 +370,23 @@ def reference_response(state):
     return f"{recap}\n{route}\n<answer>{plan_text(plan, task)}</answer>"
 
 
+def direct_response(state):
+    """The plan alone, the target of the paper's direct-SFT baseline (the answer-only format of `_instructions`)."""
+    return f"<answer>{plan_text(state['plan'], state['task'])}</answer>"
+
+
 @lru_cache(maxsize=None)
-def _instructions(task):
+def _instructions(task, direct=False):
+    """The shared instructions. direct: the answer-only format of the paper's direct-SFT baseline, whose
+    instructions ask for the final plan only, without restating the map or explaining the route."""
+    answer = (f"give only the shortest plan as exactly one <answer>...</answer> holding only the actions, "
+              f"{ANSWER_STYLE[task]}. Do not restate the map and do not explain your reasoning." if direct else
+              f"first briefly restate {RECAP[task]}; then write exactly one sentence describing the route; then give "
+              f"the shortest plan as exactly one <answer>...</answer> holding only the actions, {ANSWER_STYLE[task]}. "
+              f"No step-by-step narration.")
+    example = (direct_response if direct else reference_response)(EXAMPLES[task])
     return (f"Goal: {GOAL[task]}.\nCoordinates are (row, col), 0-based, (0,0) at the top-left; rows grow downward.\n"
-            f"Rules: {RULES[task]}\n"
-            f"Answer format: first briefly restate {RECAP[task]}; then write exactly one sentence describing the "
-            f"route; then give the shortest plan as exactly one <answer>...</answer> holding only the actions, "
-            f"{ANSWER_STYLE[task]}. No step-by-step narration.\n"
-            f"Example answer for another map:\n{reference_response(EXAMPLES[task])}")
+            f"Rules: {RULES[task]}\nAnswer format: {answer}\nExample answer for another map:\n{example}")
 
 
 @lru_cache(maxsize=None)
@@ -393,15 +402,16 @@ def _text(text):
     return {"type": "text", "text": text}
 
 
-def student_prompt(state):
+def student_prompt(state, direct=False):
     task = state["task"]
     return (f"You are a planning agent. The image shows a {NAMES[task]} map.\n{picture_legend(task)}\n"
-            f"{_instructions(task)}\nNow plan for the map in the image.")
+            f"{_instructions(task, direct)}\nNow plan for the map in the image.")
 
 
-def student_messages(state, image):
-    """One user turn: instructions, then the image (a path or a PIL image) last. No system turn."""
-    return _user(_text(student_prompt(state)), {"type": "image", "image": image})
+def student_messages(state, image, direct=False):
+    """One user turn: instructions, then the image (a path or a PIL image) last. No system turn.
+    direct: the answer-only instructions (`_instructions`)."""
+    return _user(_text(student_prompt(state, direct)), {"type": "image", "image": image})
 
 
 def text_student_messages(state):
@@ -577,7 +587,7 @@ def score_perception(state, response):
 
 def score_row(row, response):
     """Score a response to any data row: planning / text-planning / perception / dynamics / vision (tiny.py)."""
-    if row["kind"] in ("planning", "text-planning", "teacher"):
+    if row["kind"] in ("planning", "planning-direct", "text-planning", "teacher"):
         return score_planning(row["state"], response)
     if row["kind"] == "perception":
         return score_perception(row["state"], response)

@@ -37,6 +37,9 @@ def get_parser():
                    help="planning input: the image, the text state, or both (then the gap text - image is reported)")
     p.add_argument("--kind", default="planning", choices=("planning", "perception", "dynamics", "vision"),
                    help="which rows to evaluate (vision: tiny.py's generic grid reading)")
+    p.add_argument("--image-prompt", default="recap", choices=("recap", "direct"),
+                   help="planning from the image: recap, the instructions of the method (recap, route, plan); direct, the "
+                        "answer-only instructions of the paper's direct-SFT baseline (models trained on planning-direct rows)")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=4096, help="greedy decoding budget per response")
     p.add_argument("--out", default=None, help="output directory (default runs/eval/<the model path, / as _>-<backend>-<kind>)")
     p.add_argument("--batch-size", type=cli.positive_int, default=8, help="hf: prompts per generate call")
@@ -71,12 +74,12 @@ def limit_round_robin(rows, limit):
     return [row for _, row in sorted(order, key=lambda x: x[0])[:limit]]
 
 
-def build_episodes(rows, kind, conditions):
+def build_episodes(rows, kind, conditions, direct=False):
     episodes = []
     for row in rows:
         for condition in conditions:
             if kind == "planning":
-                turn = (envs.student_messages(row["state"], row["image"]) if condition == "image"  # a chat
+                turn = (envs.student_messages(row["state"], row["image"], direct) if condition == "image"  # a chat
                         else envs.text_student_messages(row["state"]))
             elif kind == "perception":
                 turn = envs.perception_messages(row["state"], row["image"])
@@ -275,6 +278,8 @@ def read_finished(path):
 def evaluate(args):
     if args.condition != "image" and args.kind != "planning":
         cli.fail(f"--condition {args.condition} applies to planning only (perception and dynamics are visual)")
+    if args.image_prompt != "recap" and args.kind != "planning":
+        cli.fail("--image-prompt applies to planning only")
     if args.backend == "openai" and not args.base_url:
         cli.fail("--backend openai needs --base-url (e.g. http://localhost:8000/v1)")
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", args.api_key_env):  # never echo it: it may be the key itself
@@ -301,12 +306,13 @@ def evaluate(args):
     if args.limit:
         rows = limit_round_robin(rows, args.limit)
     conditions = ["image", "text"] if args.condition == "both" else [args.condition]
-    episodes = build_episodes(rows, args.kind, conditions)
+    episodes = build_episodes(rows, args.kind, conditions, args.image_prompt == "direct")
 
     out = Path(args.out or Path("runs/eval") / f"{args.model.strip('/').replace('/', '_')}-{args.backend}-{args.kind}")
     cli.check_out(out, args.resume, args.overwrite, [args.model, args.data], "evaluate.py")
     episodes_path = out / "episodes.jsonl"
-    settings = {k: str(getattr(args, k)) for k in ("model", "data", "kind", "max_new_tokens", "backend", "condition")}
+    settings = {k: str(getattr(args, k)) for k in ("model", "data", "kind", "max_new_tokens", "backend", "condition",
+                                                    "image_prompt")}
     saved = json.loads((out / "run.json").read_text()) if args.resume and (out / "run.json").is_file() else settings
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in settings.items() if saved.get(k) != v]
     if changed:  # a summary must not mix episodes of two settings

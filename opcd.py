@@ -44,7 +44,8 @@ def parse_args(argv=None):
     p = cli.Parser(prog="opcd.py", description="MGSD stage 2: on-policy context distillation (OPCD)")
     a = p.add_argument
     a("--model", required=True, help="the student: a model folder or hub id (the merged stage-1 checkpoint)")
-    a("--teacher", required=True, help="the frozen teacher: the base the student started from; 'live': the student itself")
+    a("--teacher", required=True, help="the frozen teacher: the base the student started from; 'live': the student itself; "
+      "'none': no teacher, RL on the success reward alone (--reward-coef > 0, --loss sampled)")
     a("--data", required=True, help="train split folder (envs.py data ... --split train)")
     a("--val-data", default=None, help="val split folder; validation is skipped without it")
     a("--out", required=True, help="run folder: log.jsonl, best/ and last/ checkpoints")
@@ -59,13 +60,18 @@ def parse_args(argv=None):
       "is loaded here; its prompt log-probs are of T 1, so --temperature must be 1; --loss sampled or topk")
     a("--teacher-retries", type=cli.nonneg_int, default=4, help="--teacher-url: retries of a failed request (back-off 1, 2, "
       "4, ... s) before the run stops")
-    a("--reward-coef", type=cli.nonneg_float, default=0.0, help="adds coef*(success − batch mean) to every token's advantage")
+    a("--reward-coef", type=cli.nonneg_float, default=0.0, help="adds coef times the success advantage to every token's "
+      "advantage: success − the batch mean, or, with --samples-per-prompt > 1, normalised within each prompt's samples")
+    a("--samples-per-prompt", type=cli.positive_int, default=1, help="responses sampled per prompt; > 1: each prompt's "
+      "group is the baseline of the success reward (GRPO: (r − group mean) / (group std + 1e-4))")
     a("--updates-per-batch", type=cli.positive_int, default=1, help="optimiser steps per rollout batch (>1: clipped-ratio PPO form)")
     a("--clip-low", type=cli.nonneg_float, default=0.2, help="PPO ratio clip below 1")
     a("--clip-high", type=cli.nonneg_float, default=0.3, help="PPO ratio clip above 1")
     a("--no-teacher-plan", action="store_true", help="drop the reference-plan line from the teacher context")
     a("--teacher-context", default="privileged", choices=["privileged", "image"],
       help="privileged: the teacher reads the state as text (MGSD); image: the student's prompt (ablation)")
+    a("--image-prompt", default="recap", choices=["recap", "direct"], help="the student's image prompt: recap (the "
+      "method's format) or direct (answer-only, for students trained on planning-direct rows)")
     a("--text-share", type=cli.fraction, default=0.0, help="share of each batch's prompts in which the student reads the "
       "state as text, a rehearsal of text planning (0: the method as published)")
     a("--batch-size", type=cli.positive_int, default=32, help="prompts per step, global (divisible by the number of ranks)")
@@ -236,12 +242,19 @@ def pad_responses(responses, pad_id, device):
     return ids.to(device), mask.to(device)
 
 
-def student_turns(rows, text_share=0.0):
+def student_turns(rows, text_share=0.0, direct=False):
     """The student's prompts: the image prompt, or, for the last `text_share` of the rows, the state as text
     (--text-share: the student keeps rehearsing text planning against the same teacher)."""
     first_text = len(rows) - round(text_share * len(rows))
-    return [envs.student_messages(r["state"], r["image"]) if i < first_text else envs.text_student_messages(r["state"])
-            for i, r in enumerate(rows)]
+    return [envs.student_messages(r["state"], r["image"], direct) if i < first_text
+            else envs.text_student_messages(r["state"]) for i, r in enumerate(rows)]
+
+
+def group_advantages(success, group_size):
+    """GRPO's advantage per response [N], groups of `group_size` consecutive samples of one prompt:
+    (r − group mean) / (group std + 1e-4); 0 where every sample of a prompt scored alike."""
+    groups = success.view(-1, group_size)
+    return ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).view(-1)
 
 
 def sample_seed(seed, step, rank, i, salt=0):
@@ -253,11 +266,13 @@ def sample_seed(seed, step, rank, i, salt=0):
 
 
 def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size, device):
+    k = args.samples_per_prompt  # each prompt's samples are consecutive: a group
+    student_msgs = [m for m in student_turns(rows, args.text_share, args.image_prompt == "direct") for _ in range(k)]
+    rows = [r for r in rows for _ in range(k)]
     rank, n, mb = int(os.environ.get("RANK", 0)), len(rows), args.micro_batch_size
     micro = [list(range(i, min(i + mb, n))) for i in range(0, n, mb)]
     times = [time.time()]
-    # 1. Rollout: the student sees the image and samples one response per prompt.
-    student_msgs = student_turns(rows, args.text_share)
+    # 1. Rollout: the student sees the image and samples --samples-per-prompt responses per prompt.
     responses = rollout(args.rollout, model, llm, processor, student_msgs, args.max_new_tokens, args.temperature,
                         args.top_p, [sample_seed(args.seed, step, rank, i) for i in range(n)], args.hf_cache)
     if llm is not None:
@@ -273,7 +288,9 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
     teacher_in = [common.encode_prompts(processor, [teacher_msgs[i] for i in ix], device) for ix in micro]
     T = args.temperature  # log-probs are those of logits / T, the distribution that was sampled
     with torch.no_grad():
-        if args.teacher_url:  # ℓ_T (and the top-k) from the server, for the same prompt and response ids
+        if args.teacher == "none":  # RL on the success reward alone
+            teacher_out = [None] * len(micro)
+        elif args.teacher_url:  # ℓ_T (and the top-k) from the server, for the same prompt and response ids
             teacher_out = [common.served_teacher_scores(teacher, t, ids, mask, args.topk if args.loss == "topk" else 0)
                            for t, (ids, mask) in zip(teacher_in, resp)]
         elif args.loss == "sampled":
@@ -286,8 +303,12 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
     times.append(time.time())
     # 3. Loss: per-token reverse KL on the student's own tokens, token mean over the global batch.
     n_tokens, mean_success = global_sum([sum(m.sum().item() for _, m in resp), sum(s["success"] for s in scores)], device)
-    mean_success /= args.batch_size
-    reward_adv = args.reward_coef * (torch.tensor([float(s["success"]) for s in scores], device=device) - mean_success)
+    mean_success /= args.batch_size * k
+    success = torch.tensor([float(s["success"]) for s in scores], device=device)
+    if k == 1:  # the baseline is the global batch's mean; a group lies within one rank
+        reward_adv = args.reward_coef * (success - mean_success)
+    else:
+        reward_adv = args.reward_coef * group_advantages(success, k)
     old = [None] * len(micro)
     if args.updates_per_batch > 1:  # the PPO form needs ℓ_old of the sampling policy
         with torch.no_grad():
@@ -302,7 +323,8 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
                 # token gives REINFORCE with the *detached* advantage A_t = ℓ_T − ℓ_S; back-propagating ℓ_S − ℓ_T
                 # itself would be wrong (E[∇ℓ_θ(y)] = 0).
                 logprobs = common.response_logprobs(model, student_in[j], ids, mask, T)
-                student_lp, teacher_lp = (logprobs.detach() if old[j] is None else old[j]), teacher_out[j]
+                student_lp = logprobs.detach() if old[j] is None else old[j]
+                teacher_lp = student_lp if teacher_out[j] is None else teacher_out[j]  # no teacher: the reward alone
                 advantages = teacher_lp - student_lp + reward_adv[ix].unsqueeze(1)  # A_t = ℓ_T − ℓ_S (+ reward)
                 loss = sampled_loss(logprobs, advantages, mask, n_tokens, old[j], args.clip_low, args.clip_high)
             elif args.loss == "topk":
@@ -341,7 +363,7 @@ def step_log(args, step, responses, scores, student_lps, stats, times, device):
     sums = global_sum([stats["kl_sum"], stats["loss_sum"], drift, drift_tokens, sum(s["parse_ok"] for s in scores),
                        sum(envs.last_answer_block(o["text"]) is not None for o in responses),
                        sum(len(o["token_ids"]) for o in responses), sum(not o["finished"] for o in responses)], device)
-    seconds, B = [b - a for a, b in zip(times, times[1:])], args.batch_size
+    seconds, B = [b - a for a, b in zip(times, times[1:])], args.batch_size * args.samples_per_prompt
     return {"step": step + 1, "reverse_kl": sums[0] / stats["n_tokens"], "loss": sums[1], "success": stats["success"],
             "parse_rate": sums[4] / B, "format_rate": sums[5] / B, "response_tokens": sums[6] / B,
             "truncated_rate": sums[7] / B, "vllm_logprob_diff": sums[2] / sums[3] if sums[3] else None,
@@ -364,7 +386,8 @@ def validate(args, step, val_rows, model, llm, processor, rank, world_size):
     episodes = []
     for c in range(calls):
         rows = mine[c * chunk:(c + 1) * chunk]
-        outs = rollout(args.rollout, model, llm, processor, [envs.student_messages(r["state"], r["image"]) for r in rows],
+        prompts = [envs.student_messages(r["state"], r["image"], args.image_prompt == "direct") for r in rows]
+        outs = rollout(args.rollout, model, llm, processor, prompts,
                        args.max_new_tokens, args.val_temperature, args.val_top_p,
                        [sample_seed(args.seed, step, rank, c * chunk + i, salt=7_777_777) for i in range(len(rows))],
                        args.hf_cache)
@@ -397,6 +420,9 @@ def main(argv=None):
         cli.check_resume(json.loads((out / "args.json").read_text()), args, RESUMABLE)
     if args.loss != "sampled" and (args.reward_coef or args.updates_per_batch > 1):
         cli.fail("--reward-coef and --updates-per-batch > 1 need --loss sampled")
+    if args.teacher == "none" and (not args.reward_coef or args.teacher_url or args.teacher_context != "privileged"):
+        cli.fail("--teacher none trains on the success reward alone: it needs --reward-coef > 0, no --teacher-url and "
+                 "no --teacher-context")
     if args.fsdp and (args.loss != "sampled" or args.lora_rank):
         cli.fail("--fsdp supports neither --loss full / topk nor --lora-rank")
     if args.teacher_url and (args.loss == "full" or args.teacher == "live" or args.temperature != 1.0
@@ -413,7 +439,7 @@ def main(argv=None):
         val_rows = splits.load_split(args.val_data, kinds=["planning"]) if args.val_data else []
         if len(train_rows) < args.batch_size:
             raise ValueError(f"{args.data}: {len(train_rows)} planning rows, fewer than --batch-size {args.batch_size}")
-        for path in [args.model] + ([] if args.teacher == "live" or args.teacher_url else [args.teacher]):
+        for path in [args.model] + ([] if args.teacher in ("live", "none") or args.teacher_url else [args.teacher]):
             common.check_model_dir(path)
         dtype = getattr(torch, args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32")
         model, processor = common.load_model(args.model, device, dtype)
@@ -425,8 +451,8 @@ def main(argv=None):
             probe = processor.apply_chat_template(envs.teacher_messages(train_rows[0]["state"]), tokenize=False,
                                                   add_generation_prompt=True) + envs.reference_response(train_rows[0]["state"])
             teacher.check_tokenizer(processor.tokenizer, [probe])
-        elif args.teacher == "live":
-            teacher = model
+        elif args.teacher in ("live", "none"):
+            teacher = model if args.teacher == "live" else None
         else:
             teacher, teacher_processor = common.load_model(args.teacher, device, dtype)
             if teacher_processor.tokenizer.get_vocab() != processor.tokenizer.get_vocab():

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent
 SHIPPED_BASE = ROOT / "models" / "mini-base"
 BASE_STEPS = 5722  # the shipped base's second pretraining run: 6.3 passes over its 14,500 rows
 IMAGE_SIZE, CELL_SIZE = 160, 32  # one merged vision token per cell (tiny.py's layout)
+HELDOUT = "frozenlake=5 maze=4 minibehaviour=4"  # a level per task that no stage trains on; its picture fits the canvas
 PICTURE = ["--image-size", IMAGE_SIZE, "--cell-size", CELL_SIZE]
 
 # Settings of the main job and of --quick, chosen on the val split (results/mini/REPORT.md).
@@ -58,8 +59,10 @@ def parse_args(argv=None):
     p = cli.Parser(prog="pipeline.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/mini", help="run folder; stages already there are skipped (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and a freshly built tiny base: a smoke run")
-    p.add_argument("--rows", default="mgsd", choices=("mgsd", "all", "served"),
-                   help="mgsd: base, +perception SFT, +OPCD; all: also the report's ablations; served: also MGSD with the "
+    p.add_argument("--rows", default="mgsd", choices=("mgsd", "baselines", "all", "served"),
+                   help="mgsd: base, +perception SFT, +OPCD; baselines: also the paper's baselines (answer-only visual SFT, "
+                        "visual SFT on reference responses, RL on the success reward, each SFT then OPCD) and every row "
+                        f"on held-out levels ({HELDOUT}); all: also the report's ablations; served: also MGSD with the "
                         "teacher behind vllm serve and --loss topk --topk 20 (default %(default)s)")
     p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of SFT order and OPCD sampling (default %(default)s)")
     p.add_argument("--base", default=None, help=f"base model folder (default: the shipped {SHIPPED_BASE.relative_to(ROOT)})")
@@ -202,14 +205,21 @@ def main(argv=None):
     wanted = [("train", "train", args.train_per_level, "perception,text-planning,planning"),
               ("val", "val", args.val_per_level, "planning,perception"),
               ("test", "test", args.test_per_level, "planning,perception")]
-    if args.rows == "all":  # the dynamics ablation's rows, apart, so that a main-job run can be extended
+    # Rows of the other runs live apart, so that a main-job run can be extended.
+    heldout = args.rows in ("baselines", "all")
+    if heldout:  # the answer-only SFT's rows, and test instances of levels no stage trains on
+        wanted += [("direct", "train", args.train_per_level, "planning-direct", levels),
+                   ("heldout", "test", args.test_per_level, "planning", HELDOUT.split())]
+    if args.rows == "all":
         wanted.append(("dynamics", "train", args.train_per_level, "dynamics"))
-    for folder, split, n, kinds in wanted:
+    for folder, split, n, kinds, *which in wanted:
         run([py, "envs.py", "data", "--out", data / folder, "--split", split, "--per-level", n, "--kinds", kinds,
-             "--levels", *levels, *PICTURE, "--workers", 2], data / folder / "data.jsonl")
+             "--levels", *(which[0] if which else levels), *PICTURE, "--workers", 2], data / folder / "data.jsonl")
 
     rows_of_kind = {}
-    for name in ("train", "dynamics") if args.rows == "all" else ("train",):
+    for name in ("train", "direct", "dynamics"):
+        if not (data / name / "data.jsonl").is_file():
+            continue
         for line in open(data / name / "data.jsonl"):
             kind = json.loads(line)["kind"]
             rows_of_kind[kind] = rows_of_kind.get(kind, 0) + 1
@@ -219,7 +229,8 @@ def main(argv=None):
         vision tower stays frozen and the lr low: trained at 2e-3 the tiny model never learned to read
         positions, and training the tower erased them from it (results/mini/REPORT.md, 2026-11-27)."""
         epochs = epochs_for(args.perception_steps, sum(rows_of_kind[k] for k in kinds.split(",")))
-        folders = [data / "train"] + ([data / "dynamics"] if "dynamics" in kinds else [])
+        folders = [data / "train"] + [data / folder for folder, kind in (("dynamics", "dynamics"), ("direct", "planning-direct"))
+                                      if kind in kinds.split(",")]
         run([py, "sft.py", "--model", student, "--data", *folders, "--val-data", data / "val", "--kinds", kinds,
              "--full", "--lr", args.perception_lr, "--epochs", epochs, "--batch-size", 16,
              "--micro-batch-size", 16, "--no-grad-checkpointing", "--val-size", 64, "--max-new-tokens",
@@ -240,29 +251,42 @@ def main(argv=None):
 
     results = {}
 
-    def evaluate(name, model):
-        """Held-out test planning from the image and from text; perception too for stage-1 models."""
-        summaries = []
-        for suffix, what in (("", ["--condition", "both"]), ("-perception", ["--kind", "perception"])):
-            eval_dir = out / "eval" / f"row{len(results)}{suffix}"  # the row order is fixed: a re-run finds them
-            run([py, "evaluate.py", "--model", model, "--data", data / "test", "--backend", backend, *what,
+    def evaluate(name, model, direct=False):
+        """Test planning from the image and from text, perception, and (--rows baselines / all) planning on the
+        held-out levels. direct: the answer-only image prompt of the models trained on planning-direct rows."""
+        summaries, prompt = {}, ["--image-prompt", "direct"] if direct else []
+        for part, split, what in (("", "test", ["--condition", "both", *prompt]), ("perception", "test", ["--kind", "perception"]),
+                                  ("heldout", "heldout", ["--condition", "both", *prompt]))[:3 if heldout else 2]:
+            eval_dir = out / "eval" / f"row{len(results)}{'-' + part if part else ''}"  # the row order is fixed
+            run([py, "evaluate.py", "--model", model, "--data", data / split, "--backend", backend, *what,
                  "--max-new-tokens", args.max_new_tokens, "--batch-size", 32, "--out", eval_dir, "--overwrite"],
                 eval_dir / "summary.json")
-            summaries.append(json.loads((eval_dir / "summary.json").read_text()))
-        results[name] = {**summaries[0], "perception": summaries[1]}
+            summaries[part] = json.loads((eval_dir / "summary.json").read_text())
+        results[name] = {**summaries.pop(""), **summaries}
         return model
 
     # ALGO: the two stages of MGSD, evaluated after each.
     evaluate("base", base)
     psft = evaluate("+ perception SFT", sft("psft", base, "perception,text-planning"))
     evaluate("+ OPCD (MGSD)", opcd("mgsd", psft))
+    if args.rows in ("baselines", "all"):  # the paper's baselines, from the base or stage 1 as the paper's
+        direct_sft = evaluate("answer-only visual SFT (the paper's direct SFT)",
+                              sft("direct-sft", base, "planning-direct,text-planning"), direct=True)
+        visual_sft = evaluate("visual SFT on reference responses (recap + plan)",
+                              sft("visual-sft", base, "planning,text-planning"))
+        # RL on the success reward alone, from stage 1 as MGSD: 8 prompts x 4 samples = MGSD's 32 rollouts a step.
+        evaluate("RL on the success reward (GRPO, no teacher)",
+                 opcd("grpo", psft, "--teacher", "none", "--loss", "sampled", "--reward-coef", 1,
+                      "--samples-per-prompt", 4, "--batch-size", args.opcd_batch // 4))
+        evaluate("answer-only visual SFT, then OPCD", opcd("direct-sft-opcd", direct_sft, "--image-prompt", "direct"),
+                 direct=True)
+        evaluate("visual SFT on reference responses, then OPCD", opcd("visual-sft-opcd", visual_sft))
     if args.rows == "all":
         evaluate("OPCD as in the paper (16 image prompts, no rehearsal)",
                  opcd("mgsd-paper", psft, "--batch-size", 16, "--text-share", 0))
         evaluate("MGSD, sampled estimator", opcd("mgsd-sampled", psft, "--loss", "sampled"))
         evaluate("OPCD without perception SFT", opcd("opcd-only", base))
         evaluate("OPCD, teacher without privileged state", opcd("mgsd-noprivilege", psft, "--teacher-context", "image"))
-        evaluate("direct visual SFT", sft("visual-sft", base, "planning,text-planning"))
         evaluate("perception+dynamics SFT, then OPCD",
                  opcd("mgsd-dyn", sft("psft-dyn", base, "perception,dynamics,text-planning")))
     if args.rows == "served":  # the teacher in its own process (opcd.py --teacher-url), the top-20 KL
@@ -292,23 +316,28 @@ POSITIONS = {"frozenlake": ("player", "goal"), "maze": ("player", "target"), "mi
 
 def row_cells(summary):
     """The numbers of one table row (fractions): visual success per task, macro image / text success,
-    the gap, and the mean accuracy of the position questions (player/goal/target/agent/printer)."""
+    the gap, the mean accuracy of the position questions (player/goal/target/agent/printer), and where
+    evaluated, macro image / text success on the held-out levels."""
     image, text = summary["conditions"]["image"], summary["conditions"]["text"]
     per_task = summary["perception"]["conditions"]["image"]["per_task"]
     positions = [per_task[t][q] for t in POSITIONS if t in per_task for q in POSITIONS[t]]
+    heldout = [summary["heldout"]["conditions"][c]["macro"]["success"] for c in ("image", "text")] if "heldout" in summary else []
     return ([image["per_task"][t]["success"] if t in image["per_task"] else float("nan") for t in TASKS]
             + [image["macro"]["success"], image["macro"]["optimal"], text["macro"]["success"],
-               text["macro"]["success"] - image["macro"]["success"], sum(positions) / len(positions)])
+               text["macro"]["success"] - image["macro"]["success"], sum(positions) / len(positions)] + heldout)
 
 
 HEADER = ["model"] + [f"{t} img" for t in TASKS] + ["macro img", "optimal img", "macro text", "gap (text − img)",
                                                     "position questions"]
+HELDOUT_HEADER = ["held-out macro img", "held-out macro text"]
 
 
 def markdown(rows):
-    """A markdown table of HEADER over [(model name, [cell text])]."""
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    return "\n".join(lines + ["| " + " | ".join([name] + cells) + " |" for name, cells in rows])
+    """A markdown table over [(model name, [cell text])], with the held-out columns where every row has them."""
+    width = min(len(cells) for _, cells in rows) if rows else 0
+    header = HEADER + HELDOUT_HEADER[:width + 1 - len(HEADER)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join([name] + cells[:len(header) - 1]) + " |" for name, cells in rows])
 
 
 def results_table(results):

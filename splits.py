@@ -2,7 +2,8 @@
 loader, and the command line `python envs.py data / show` (envs.py hands its command line to main here).
 
 Data rows (one JSON line each, pictures as relative paths, see `instance_rows`):
-  planning       student prompt (image) -> reference_response   (direct visual SFT, the oracle)
+  planning       student prompt (image) -> reference_response   (visual SFT on reference responses, the oracle)
+  planning-direct  answer-only student prompt (image) -> the plan alone  (the paper's direct visual SFT)
   text-planning  text-student prompt    -> reference_response   (text-planning pre-training)
   teacher        teacher prompt         -> reference_response   (teaches a tiny base the teacher's prompt)
   perception     numbered questions (image) -> numbered answer  (stage-1 SFT)
@@ -17,12 +18,12 @@ import signal
 from pathlib import Path
 
 import cli
-from envs import (DEFAULT_LEVELS, LEVEL_RANGE, TASKS, _text, _user, draft, generate, perception_answer, simulate,
-                  perception_messages, perception_prompt, reference_response, solve, student_messages, teacher_context,
-                  teacher_messages, text_state, text_student_messages)
+from envs import (DEFAULT_LEVELS, LEVEL_RANGE, TASKS, _text, _user, direct_response, draft, generate, perception_answer,
+                  perception_messages, perception_prompt, reference_response, simulate, solve, student_messages,
+                  teacher_context, teacher_messages, text_state, text_student_messages)
 from pictures import STYLES, render, sprite_folder
 
-KINDS = ("planning", "text-planning", "teacher", "perception", "dynamics")
+KINDS = ("planning", "planning-direct", "text-planning", "teacher", "perception", "dynamics")
 SPLITS = {"train": (0, 0.0, 0.8), "val": (10**8, 0.8, 0.9), "test": (2 * 10**8, 0.9, 1.0)}  # seed base, hash range
 
 
@@ -87,13 +88,17 @@ def instance_rows(seed, state, split, kinds, image_size, cell_size=None, style="
     task, level = state["task"], state["level"]
     name = f"{task}-{level}-{seed:06d}"
     image = f"images/{name}.png"
-    pictures = [(image, render(state, image_size, cell_size, style))] if {"planning", "perception", "dynamics"} & set(kinds) else []
+    visual = {"planning", "planning-direct", "perception", "dynamics"}
+    pictures = [(image, render(state, image_size, cell_size, style))] if visual & set(kinds) else []
     base = {"id": name, "task": task, "level": level, "seed": seed, "split": split, "state": state, "plan": state["plan"]}
     rows = []
     for kind in kinds:
         row_base = {**base, "id": f"{name}-{kind}"}
         if kind == "planning":
             rows.append(_message_row(row_base, kind, student_messages(state, image), reference_response(state), image=image))
+        elif kind == "planning-direct":
+            rows.append(_message_row(row_base, kind, student_messages(state, image, direct=True), direct_response(state),
+                                     image=image))
         elif kind == "text-planning":
             rows.append(_message_row(row_base, kind, text_student_messages(state), reference_response(state), image=None))
         elif kind == "teacher":  # the teacher's prompt (privileged context): for a tiny base that must read it

@@ -719,3 +719,23 @@ def test_written_pictures_read_back_as_the_rendered_picture(tmp_path):
         picture = Image.open(row["image"])
         assert picture.format == "PNG" and picture.size == (129, 129)
         assert np.array_equal(np.asarray(picture.convert("RGB")), np.asarray(pictures.render(row["state"], 129)))
+
+def test_answer_only_rows_hold_the_plan_alone(tmp_path):
+    """planning-direct (the paper's direct-SFT baseline): the answer-only instructions and the same picture as the
+    planning row; the target is the optimal plan in one answer block, nothing else."""
+    out = splits.make_split(tmp_path / "d", "train", 2, kinds=("planning", "planning-direct"), image_size=128,
+                            levels={"frozenlake": [3], "maze": [3], "minibehaviour": [5]})
+    rows = splits.load_split(out)
+    direct = [r for r in rows if r["kind"] == "planning-direct"]
+    assert len(direct) == 6 and len(rows) == 12
+    for row in direct:
+        plan = envs.plan_text(row["plan"], row["task"])
+        assert row["answer"] == f"<answer>{plan}</answer>" and row["answer"].count("\n") == 0
+        assert envs.score_row(row, row["answer"])["optimal"]
+        prompt = row["messages"][0]["content"][0]["text"]
+        assert "Do not restate the map" in prompt and "first briefly restate" not in prompt
+        example = envs.EXAMPLES[row["task"]]  # the worked example is answer-only too
+        assert f"Example answer for another map:\n<answer>{envs.plan_text(example['plan'], row['task'])}</answer>" in prompt
+        twin = next(r for r in rows if r["kind"] == "planning" and r["seed"] == row["seed"] and r["task"] == row["task"])
+        assert twin["image"] == row["image"] and row["messages"][0]["content"][1] == {"type": "image", "image": row["image"]}
+        assert twin["answer"].endswith(row["answer"]) and twin["answer"] != row["answer"]

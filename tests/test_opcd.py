@@ -561,6 +561,37 @@ def test_text_share_gives_the_last_rows_the_text_prompt(train_dir):
     assert not any(has_image(c) for c in opcd.student_turns(rows, 1.0))
 
 
+def test_group_advantage_of_a_hand_made_group():
+    """GRPO: each prompt's samples are its own baseline and scale; a group that scored alike teaches nothing."""
+    success = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    adv = opcd.group_advantages(success, 4)
+    # group 1: mean 1/4, std (n − 1) sqrt((9/16 + 3/16) / 3) = 1/2; group 3: mean 1/2, std sqrt(1/3)
+    s3 = math.sqrt(1 / 3) + 1e-4
+    expected = [0.75 / 0.5001] + [-0.25 / 0.5001] * 3 + [0.0] * 4 + [-0.5 / s3, 0.5 / s3, -0.5 / s3, 0.5 / s3]
+    assert adv.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_teacher_none_loads_no_teacher_and_samples_groups(opcd_base, tmp_path, monkeypatch):
+    """--teacher none: RL on the success reward. Only the student is loaded, the KL term is zero, every prompt gets
+    --samples-per-prompt rollouts, and a group that scored alike gives no gradient."""
+    loaded = []
+    load = common.load_model
+    monkeypatch.setattr(common, "load_model", lambda path, *a, **k: loaded.append(str(path)) or load(path, *a, **k))
+    args = [str(a) for a in opcd_base] + ["--rollout", "hf", "--max-steps", "1", "--val-every", "1000",
+                                          "--teacher", "none", "--reward-coef", "1", "--samples-per-prompt", "3"]
+    opcd.main(args + ["--out", str(tmp_path / "grpo")])
+    student = opcd_base[opcd_base.index("--model") + 1]
+    assert loaded == [student]
+    log = read_log(tmp_path / "grpo")[-1]
+    assert log["reverse_kl"] == 0 and log["response_tokens"] > 0
+    assert log["success"] == 0 and log["loss"] == 0 and log["grad_norm"] == 0  # a random student fails every prompt
+    assert json.loads((tmp_path / "grpo" / "args.json").read_text())["samples_per_prompt"] == 3
+    for bad in (["--reward-coef", "0"], ["--loss", "full"], ["--teacher-context", "image"]):
+        proc = subprocess.run([sys.executable, str(ROOT / "opcd.py"), *args, *bad, "--out", str(tmp_path / "bad")],
+                              capture_output=True, text=True, env=CLEAN_ENV, cwd=ROOT)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and not (tmp_path / "bad").exists(), bad
+
+
 def test_teacher_must_be_named(tmp_path, tiny_model, train_dir):
     """The reference's teacher is always the base model; no silent default to a copy of the student."""
     proc = subprocess.run([sys.executable, str(ROOT / "opcd.py"), "--model", tiny_model, "--data", train_dir,
