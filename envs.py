@@ -8,9 +8,10 @@ Every instance is a pure function of (task, level, seed) and carries its shortes
 breadth-first search over the simulator's own `step`, so the planner, the simulator and the scorer
 can never disagree. One parser (`parse_plan`) and one simulator (`simulate`) serve the training
 reward, validation and every evaluation. Pictures are PIL tiles (no assets); a cell's centre shows
-one flat colour per cell type (pictures.py's `LEGEND`, the table the prompts describe).
+one flat colour per cell type (mgsd/pictures.py's `LEGEND`, the table the prompts describe).
 
-Data splits on disk (the row kinds, the writer, the loader, the command line): splits.py.
+Data splits on disk (the row kinds, the writer, the loader, the scorer of any row, the command line):
+mgsd/splits.py.
 Commands: README.md, "Data".
 """
 import random
@@ -18,7 +19,7 @@ import re
 from collections import deque
 from functools import lru_cache
 
-from pictures import LEGEND
+from mgsd.pictures import LEGEND
 
 TASKS = ("frozenlake", "maze", "minibehaviour")
 DEFAULT_LEVELS = {"frozenlake": (3, 4, 5, 6, 7, 8), "maze": (3, 4, 5, 6), "minibehaviour": (5, 6)}
@@ -486,7 +487,7 @@ def aggregate(episodes):
 
     def summarise(eps):
         keys = sorted({k for e in eps for k, v in e.items() if k not in skip and isinstance(v, (bool, int, float))})
-        # a key only some rows have (tiny.py's question types) is a mean over those rows; an errored row counts 0
+        # a key only some rows have (the grids' question types) is a mean over those rows; an errored row counts 0
         has = {k: [e for e in eps if k in e or e.get("error")] for k in keys}
         out = {k: sum(float(e.get(k) or 0) for e in has[k]) / len(has[k]) for k in keys}
         return {**out, "n": len(eps), "errors": sum(bool(e.get("error")) for e in eps)}
@@ -585,26 +586,7 @@ def score_perception(state, response):
     return {**result, "all_correct": all(result.values())}
 
 
-def score_row(row, response):
-    """Score a response to any data row: planning / text-planning / perception / dynamics / vision (tiny.py)."""
-    if row["kind"] in ("planning", "planning-direct", "text-planning", "teacher"):
-        return score_planning(row["state"], response)
-    if row["kind"] == "perception":
-        return score_perception(row["state"], response)
-    if row["kind"] == "dynamics":
-        import dynamics
-
-        return dynamics.score(row, response)
-    if row["kind"] == "vision":
-        import tiny
-
-        return tiny.score_grid(tiny.state_to_grid(row["state"]), response)
-    raise ValueError(f"unknown row kind {row['kind']!r}")
-
-
-if __name__ == "__main__":  # `python envs.py data / show`: the command line lives with the data writer
-    import splits
-
-    import cli
+if __name__ == "__main__":  # `python envs.py data / show`: the data stage's command line lives with the writer
+    from mgsd import cli, splits
 
     cli.interruptible(splits.main, "nothing written (a split is written whole or not at all)")

@@ -1,10 +1,10 @@
 """Evaluate a vision-language model on visual planning, perception and the modality gap (docs/method.md §9).
 
 Kinds: planning from the task picture (condition `image`) or the same state as text (`text`; `both` also
-reports text − image, the gap MGSD aims to close), scored by envs.score_row, the parser and simulator that
-training uses; perception (numbered questions about one picture); dynamics; vision (tiny.py's grids).
+reports text − image, the gap MGSD aims to close), scored by splits.score_row, the parser and simulator that
+training uses; perception (numbered questions about one picture); dynamics; vision (generic grids, mgsd/grids.py).
 Greedy, one sample, vision special tokens never generated. Backends: hf, vllm, openai (any OpenAI-compatible
-endpoint, chat_api.py; the key is read from the variable --api-key-env names and never written) and oracle
+endpoint, mgsd/chat_api.py; the key is read from the variable --api-key-env names and never written) and oracle
 (the reference answers: the 100 % upper bound). A request that fails after its retries counts as a failure;
 an endpoint that serves nothing stops the run (exit 2). Episodes are appended to OUT/episodes.jsonl as they
 finish (--resume asks only for the missing ones); OUT also gets summary.json, report.md and a plot.
@@ -19,10 +19,8 @@ import time
 import urllib.parse
 from pathlib import Path
 
-import chat_api
-import cli
 import envs
-import splits
+from mgsd import chat_api, cli, splits
 
 BACKENDS = ("hf", "vllm", "openai", "oracle")
 PLANNING_METRICS = ("success", "optimal", "parse_ok", "illegal")
@@ -36,7 +34,7 @@ def get_parser():
     p.add_argument("--condition", default="image", choices=("image", "text", "both"),
                    help="planning input: the image, the text state, or both (then the gap text - image is reported)")
     p.add_argument("--kind", default="planning", choices=("planning", "perception", "dynamics", "vision"),
-                   help="which rows to evaluate (vision: tiny.py's generic grid reading)")
+                   help="which rows to evaluate (vision: the generic grids of mgsd/grids.py)")
     p.add_argument("--image-prompt", default="recap", choices=("recap", "direct"),
                    help="planning from the image: recap, the instructions of the method (recap, route, plan); direct, the "
                         "answer-only instructions of the paper's direct-SFT baseline (models trained on planning-direct rows)")
@@ -91,7 +89,7 @@ def build_episodes(rows, kind, conditions, direct=False):
 
 def score_episode(ep, response, error):
     row = ep["row"]
-    scores = envs.score_row(row, None if error else response)
+    scores = splits.score_row(row, None if error else response)
     plan = scores.pop("plan", None)
     metrics = {k: v for k, v in scores.items() if isinstance(v, (bool, int, float))}
     return {"id": row["id"], "task": row["task"], "level": row["level"], "seed": row.get("seed"),
@@ -117,7 +115,7 @@ def oracle_backend(args, episodes):
 def hf_backend(args, episodes):
     """Batched greedy `generate` (common.generate_responses: left padding, vision tokens forbidden)."""
     import torch
-    from common import generate_responses, load_model
+    from mgsd.common import generate_responses, load_model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = load_model(args.model, device, dtype=torch.bfloat16 if device == "cuda" else None)
     def run(emit):
@@ -132,7 +130,7 @@ def vllm_backend(args, episodes):
     """The vLLM engine of common.make_llm (in-process), greedy, vision tokens never sampled."""
     import torch
     from transformers import AutoProcessor
-    from common import make_llm, message_images, vllm_generate
+    from mgsd.common import make_llm, message_images, vllm_generate
     processor = AutoProcessor.from_pretrained(args.model)
     messages = [ep["messages"] for ep in episodes]
     n_images = [sum(c.get("type") == "image" for m in chat if isinstance(m["content"], list) for c in m["content"])

@@ -14,9 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import cli
-import common
-import lora
+from mgsd import cli, common, lora
 
 
 def parse_args(argv=None):
@@ -35,7 +33,7 @@ def parse_args(argv=None):
 
 def probe_chats(probe_data=None, n=2):
     if probe_data:
-        import splits
+        from mgsd import splits
 
         return [r["messages"][:-1] for r in splits.load_split(probe_data)[:n]]
     pixels = (np.add.outer(np.arange(256), np.arange(256)) % 256).astype(np.uint8)

@@ -31,13 +31,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import chat_api
-import cli
-import common
 import envs
-import lora
-from optim import MasterAdamW, all_reduce_grads, full_tensor, global_sum, shard_model
-import splits
+from mgsd import chat_api, cli, common, lora, splits
+from mgsd.optim import MasterAdamW, all_reduce_grads, global_sum, rank_checksums, shard_model
 
 
 def parse_args(argv=None):
@@ -185,27 +181,6 @@ def topk_reverse_kl(student_hidden, student_head, top_ids, top_logprobs, tokens,
     return total / n_tokens, student_lp
 
 
-@torch.no_grad()
-def teacher_topk(hidden, head, tokens, mask, k, chunk=256, temperature=1.0):
-    """The in-process teacher's (ℓ_T of each response token [B, R], its top-k ids and log-probs [B, R, k]), from
-    its last hidden states, `chunk` positions at a time."""
-    keep = mask.bool()
-    h, ids = hidden[keep], tokens[keep]
-    picked, top_lp, top_ids = [], [], []
-    for i in range(0, len(ids), chunk):
-        log_q = F.log_softmax(head(h[i:i + chunk]).float() / temperature, -1)
-        values, indices = log_q.topk(min(k, log_q.shape[-1]), -1)
-        picked, top_lp, top_ids = picked + [log_q.gather(-1, ids[i:i + chunk, None]).squeeze(-1)], top_lp + [values], \
-            top_ids + [indices]
-    K = min(k, head.out_features)
-    out = [torch.zeros(mask.shape, device=mask.device), torch.zeros(*mask.shape, K, dtype=torch.long, device=mask.device),
-           torch.zeros(*mask.shape, K, device=mask.device)]
-    for full, parts in zip(out, (picked, top_ids, top_lp)):
-        if parts:
-            full[keep] = torch.cat(parts)
-    return tuple(out)
-
-
 # ------------------------------------------------------------------------------------------
 # Data, rollouts, batches
 
@@ -219,27 +194,6 @@ def batch_rows(rows, step, batch_size, seed, rank, world_size):
     random.Random(seed * 100_003 + epoch).shuffle(order)
     chosen = order[i * batch_size:(i + 1) * batch_size]
     return [rows[j] for j in chosen[rank::world_size]]
-
-
-@torch.no_grad()
-def rollout(backend, model, llm, processor, messages_list, max_new_tokens, temperature, top_p, seeds, hf_cache="dynamic"):
-    """One sampled response per chat: dicts with token_ids (up to and including the first end-of-turn token),
-    text, finished, logprobs (vLLM's log-prob of each sampled token; None from HF)."""
-    if backend == "vllm":
-        return common.vllm_generate(llm, processor, messages_list, max_new_tokens, temperature, top_p, seeds, logprobs=True)
-    return common.generate_responses(model, processor, messages_list, max_new_tokens, temperature, top_p,
-                                     seeds[0] if seeds else None, hf_cache)
-
-
-def pad_responses(responses, pad_id, device):
-    """Right-padded [B, R] response ids and mask (1 on every kept token, end-of-turn included)."""
-    R = max([len(r["token_ids"]) for r in responses] + [1])
-    ids = torch.full((len(responses), R), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(responses), R)
-    for i, r in enumerate(responses):
-        ids[i, :len(r["token_ids"])] = torch.tensor(r["token_ids"], dtype=torch.long)
-        mask[i, :len(r["token_ids"])] = 1
-    return ids.to(device), mask.to(device)
 
 
 def student_turns(rows, text_share=0.0, direct=False):
@@ -261,6 +215,53 @@ def sample_seed(seed, step, rank, i, salt=0):
     return (seed * 1_000_003 + step * 10_007 + rank * 101 + i + salt) % (2**31)
 
 
+@torch.no_grad()
+def teacher_scores(args, teacher, processor, rows, student_msgs, resp, micro, device):
+    """What the loss needs of the frozen teacher, per micro-batch. The teacher reads the privileged state as text
+    (and the reference plan), then the student's exact response ids: ℓ_T [B, R] (--loss sampled), its last hidden
+    states (full), or ℓ_T and its top-k ids and log-probs [B, R, K] (topk); None with --teacher none."""
+    if args.teacher == "none":  # RL on the success reward alone
+        return [None] * len(micro)
+    teacher_msgs = [envs.teacher_messages(r["state"], with_plan=not args.no_teacher_plan) for r in rows]
+    if args.teacher_context == "image":  # ablation: the teacher knows no more than the student
+        teacher_msgs = student_msgs
+    T, out = args.temperature, []  # log-probs are those of logits / T, the distribution that was sampled
+    for ix, (ids, mask) in zip(micro, resp):
+        prompts = common.encode_prompts(processor, [teacher_msgs[i] for i in ix], device)
+        if args.teacher_url:  # from the server, for the same prompt and response ids
+            out.append(common.served_teacher_scores(teacher, prompts, ids, mask, args.topk if args.loss == "topk" else 0))
+        elif args.loss == "sampled":
+            out.append(common.response_logprobs(teacher, prompts, ids, mask, T))
+        else:
+            hidden = common.response_hidden(teacher, prompts, ids, mask)
+            out.append(hidden if args.loss == "full" else
+                       common.teacher_topk(hidden, teacher.lm_head, ids, mask, args.topk, args.kl_chunk, T))
+    return out
+
+
+def micro_loss(args, model, teacher, student_in, ids, mask, teacher_out, reward_adv, n_tokens, old=None):
+    """One micro-batch's share of the loss: (loss, ℓ_S and ℓ_T of the sampled tokens [B, R], detached)."""
+    T = args.temperature
+    if args.loss == "sampled":
+        # The reverse KL at t on the student's own prefix, KL_t = Σ_v p_θ(v)(log p_θ(v) − log p_T(v)), has
+        # ∇KL_t = E_{y~p_θ}[(ℓ_θ(y) − ℓ_T(y)) ∇ℓ_θ(y)] (score function: Σ_v p_θ ∇log p_θ = 0). So one sampled
+        # token gives REINFORCE with the *detached* advantage A_t = ℓ_T − ℓ_S; back-propagating ℓ_S − ℓ_T
+        # itself would be wrong (E[∇ℓ_θ(y)] = 0).
+        logprobs = common.response_logprobs(model, student_in, ids, mask, T)
+        student_lp = logprobs.detach() if old is None else old
+        teacher_lp = student_lp if teacher_out is None else teacher_out  # no teacher: the reward alone
+        advantages = teacher_lp - student_lp + reward_adv.unsqueeze(1)  # A_t = ℓ_T − ℓ_S (+ reward)
+        loss = sampled_loss(logprobs, advantages, mask, n_tokens, old, args.clip_low, args.clip_high)
+        return loss, student_lp, teacher_lp
+    hidden = common.response_hidden(model, student_in, ids, mask)
+    if args.loss == "topk":  # the KL over the teacher's top K + one bucket
+        teacher_lp, top_ids, top_logprobs = teacher_out
+        loss, student_lp = topk_reverse_kl(hidden, model.lm_head, top_ids, top_logprobs, ids, mask, n_tokens,
+                                           args.kl_chunk, T)
+        return loss, student_lp, teacher_lp
+    return full_reverse_kl(hidden, model.lm_head, teacher_out, teacher.lm_head, ids, mask, n_tokens, args.kl_chunk, T)
+
+
 # ------------------------------------------------------------------------------------------
 # One OPCD step: rollout -> teacher -> loss -> optimiser step (ALGO LOGIC)
 
@@ -273,33 +274,17 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
     micro = [list(range(i, min(i + mb, n))) for i in range(0, n, mb)]
     times = [time.time()]
     # 1. Rollout: the student sees the image and samples --samples-per-prompt responses per prompt.
-    responses = rollout(args.rollout, model, llm, processor, student_msgs, args.max_new_tokens, args.temperature,
-                        args.top_p, [sample_seed(args.seed, step, rank, i) for i in range(n)], args.hf_cache)
+    responses = common.sample_responses(args.rollout, model, llm, processor, student_msgs, args.max_new_tokens,
+                                        args.temperature, args.top_p, [sample_seed(args.seed, step, rank, i) for i in range(n)],
+                                        args.hf_cache)
     if llm is not None:
         common.llm_sleep(llm)  # GPU: the KV cache and the engine's weights make room for training
     scores = [envs.score_planning(r["state"], o["text"]) for r, o in zip(rows, responses)]
-    resp = [pad_responses([responses[i] for i in ix], processor.tokenizer.pad_token_id, device) for ix in micro]
+    resp = [common.pad_responses([responses[i] for i in ix], processor.tokenizer.pad_token_id, device) for ix in micro]
     student_in = [common.encode_prompts(processor, [student_msgs[i] for i in ix], device) for ix in micro]
     times.append(time.time())
-    # 2. Teacher: text prompt (privileged state) + the student's exact response ids; frozen.
-    teacher_msgs = [envs.teacher_messages(r["state"], with_plan=not args.no_teacher_plan) for r in rows]
-    if args.teacher_context == "image":  # ablation: the teacher knows no more than the student
-        teacher_msgs = student_msgs
-    teacher_in = [common.encode_prompts(processor, [teacher_msgs[i] for i in ix], device) for ix in micro]
-    T = args.temperature  # log-probs are those of logits / T, the distribution that was sampled
-    with torch.no_grad():
-        if args.teacher == "none":  # RL on the success reward alone
-            teacher_out = [None] * len(micro)
-        elif args.teacher_url:  # ℓ_T (and the top-k) from the server, for the same prompt and response ids
-            teacher_out = [common.served_teacher_scores(teacher, t, ids, mask, args.topk if args.loss == "topk" else 0)
-                           for t, (ids, mask) in zip(teacher_in, resp)]
-        elif args.loss == "sampled":
-            teacher_out = [common.response_logprobs(teacher, t, ids, mask, T) for t, (ids, mask) in zip(teacher_in, resp)]
-        else:  # full: its last hidden states; topk: ℓ_T and its top-k, [B, R, K]
-            teacher_out = [common.response_hidden(teacher, t, ids, mask) for t, (ids, mask) in zip(teacher_in, resp)]
-            if args.loss == "topk":
-                teacher_out = [teacher_topk(h, teacher.lm_head, ids, mask, args.topk, args.kl_chunk, T)
-                               for h, (ids, mask) in zip(teacher_out, resp)]
+    # 2. Teacher: the privileged state as text + the student's exact response ids; frozen.
+    teacher_out = teacher_scores(args, teacher, processor, rows, student_msgs, resp, micro, device)
     times.append(time.time())
     # 3. Loss: per-token reverse KL on the student's own tokens, token mean over the global batch.
     n_tokens, mean_success = global_sum([sum(m.sum().item() for _, m in resp), sum(s["success"] for s in scores)], device)
@@ -312,31 +297,14 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
     old = [None] * len(micro)
     if args.updates_per_batch > 1:  # the PPO form needs ℓ_old of the sampling policy
         with torch.no_grad():
-            old = [common.response_logprobs(model, s, ids, mask, T) for s, (ids, mask) in zip(student_in, resp)]
+            old = [common.response_logprobs(model, s, ids, mask, args.temperature)
+                   for s, (ids, mask) in zip(student_in, resp)]
     kl_sum, loss_sum, student_lps, grad_norms = 0.0, 0.0, [], []
     for update in range(args.updates_per_batch):
         for j, ix in enumerate(micro):
             ids, mask = resp[j]
-            if args.loss == "sampled":
-                # The reverse KL at t on the student's own prefix, KL_t = Σ_v p_θ(v)(log p_θ(v) − log p_T(v)), has
-                # ∇KL_t = E_{y~p_θ}[(ℓ_θ(y) − ℓ_T(y)) ∇ℓ_θ(y)] (score function: Σ_v p_θ ∇log p_θ = 0). So one sampled
-                # token gives REINFORCE with the *detached* advantage A_t = ℓ_T − ℓ_S; back-propagating ℓ_S − ℓ_T
-                # itself would be wrong (E[∇ℓ_θ(y)] = 0).
-                logprobs = common.response_logprobs(model, student_in[j], ids, mask, T)
-                student_lp = logprobs.detach() if old[j] is None else old[j]
-                teacher_lp = student_lp if teacher_out[j] is None else teacher_out[j]  # no teacher: the reward alone
-                advantages = teacher_lp - student_lp + reward_adv[ix].unsqueeze(1)  # A_t = ℓ_T − ℓ_S (+ reward)
-                loss = sampled_loss(logprobs, advantages, mask, n_tokens, old[j], args.clip_low, args.clip_high)
-            elif args.loss == "topk":
-                teacher_lp, top_ids, top_logprobs = teacher_out[j]
-                hidden = common.response_hidden(model, student_in[j], ids, mask)
-                loss, student_lp = topk_reverse_kl(hidden, model.lm_head, top_ids, top_logprobs, ids, mask, n_tokens,
-                                                   args.kl_chunk, T)
-            else:
-                hidden = common.response_hidden(model, student_in[j], ids, mask)
-                loss, student_lp, teacher_lp = full_reverse_kl(hidden, model.lm_head, teacher_out[j],
-                                                               teacher.lm_head, ids, mask, n_tokens,
-                                                               args.kl_chunk, T)
+            loss, student_lp, teacher_lp = micro_loss(args, model, teacher, student_in[j], ids, mask, teacher_out[j],
+                                                      reward_adv[ix], n_tokens, old[j])
             loss.backward()
             if update == 0:
                 kl_sum, loss_sum = kl_sum + ((student_lp - teacher_lp) * mask).sum().item(), loss_sum + loss.item()
@@ -387,7 +355,7 @@ def validate(args, step, val_rows, model, llm, processor, rank, world_size):
     for c in range(calls):
         rows = mine[c * chunk:(c + 1) * chunk]
         prompts = [envs.student_messages(r["state"], r["image"], args.image_prompt == "direct") for r in rows]
-        outs = rollout(args.rollout, model, llm, processor, prompts,
+        outs = common.sample_responses(args.rollout, model, llm, processor, prompts,
                        args.max_new_tokens, args.val_temperature, args.val_top_p,
                        [sample_seed(args.seed, step, rank, c * chunk + i, salt=7_777_777) for i in range(len(rows))],
                        args.hf_cache)
@@ -446,18 +414,10 @@ def main(argv=None):
         context = model.config.get_text_config().max_position_embeddings
         if args.max_new_tokens > context:  # a budget past the context would run for nothing
             raise ValueError(f"--max-new-tokens {args.max_new_tokens} exceeds the model's context of {context} tokens")
-        if args.teacher_url:  # checked now: a server that cannot serve this student's tokens stops the run here
-            teacher = chat_api.ServedTeacher(args.teacher_url, args.teacher, retries=args.teacher_retries)
-            probe = processor.apply_chat_template(envs.teacher_messages(train_rows[0]["state"]), tokenize=False,
-                                                  add_generation_prompt=True) + envs.reference_response(train_rows[0]["state"])
-            teacher.check_tokenizer(processor.tokenizer, [probe])
-        elif args.teacher in ("live", "none"):
-            teacher = model if args.teacher == "live" else None
-        else:
-            teacher, teacher_processor = common.load_model(args.teacher, device, dtype)
-            if teacher_processor.tokenizer.get_vocab() != processor.tokenizer.get_vocab():
-                cli.fail(f"teacher {args.teacher} has a different tokenizer from the student")
-            teacher.requires_grad_(False).eval()
+        teacher = model if args.teacher == "live" else None if args.teacher == "none" else common.load_teacher(
+            args.teacher, processor, device, dtype, args.teacher_url, args.teacher_retries,
+            probe=processor.apply_chat_template(envs.teacher_messages(train_rows[0]["state"]), tokenize=False,
+                                                add_generation_prompt=True) + envs.reference_response(train_rows[0]["state"]))
     except (ValueError, FileNotFoundError, chat_api.EndpointError) as e:
         cli.fail(str(e).splitlines()[0])
     val_rows = val_rows[:args.val_size] if args.val_size else val_rows
@@ -519,12 +479,7 @@ def main(argv=None):
                 common.save_model(model, processor, out / "best", rank=rank)
         save_now = validate_now or (args.save_every and (step + 1) % args.save_every == 0)
         if save_now:  # the ranks must hold identical weights
-            checksums = [sum(full_tensor(p.detach()).double().sum().item() for p in opt.params)] * world_size
-            if world_size > 1:
-                dist.all_gather_object(checksums, checksums[0])
-            if len(set(checksums)) > 1:
-                raise RuntimeError(f"ranks diverged: weight checksums {checksums}")
-            log["rank_weight_checksums"] = checksums
+            log["rank_weight_checksums"] = rank_checksums(opt.params, world_size)
         write_log(log)  # before last/: a kill in between leaves a line past the checkpoint, which --resume drops
         if save_now:
             common.save_model(model, processor, out / "last", {"step": step + 1, "optimizer": opt.state_dict(),

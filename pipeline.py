@@ -4,12 +4,15 @@ It runs the project's own command lines, printing each first: `envs.py data` (tr
 on 160-px pictures); stage 1, `sft.py --full` (perception SFT with replayed text planning); stage 2,
 `opcd.py --loss full` (teacher: the base reading the state as text; 32 prompts a step, the paper's 16 image
 prompts and 16 in which the student reads the text state, --text-share 0.5, chosen on val); `evaluate.py`
-after every stage, image and text. Out: OUT/results.md, results.json and results.png. Every stage is skipped
-when its output exists, so an interrupted run resumes. The shipped base (models/mini-base, 3.5M) was trained
-from random weights by sft.py (pretrain_commands): first to read generic grid pictures (tiny.py), then to plan
-from the text state; it never saw a task picture. --pretrain rebuilds it (~75 min on 2 cores); --rows all adds
-the report's ablations (OPCD as in the paper, the sampled estimator, no perception SFT, a teacher without the
-state, direct visual SFT, + dynamics SFT).
+after every stage, image and text. The console shows each command, a bar and its wall time; what a stage prints
+goes to a log beside its output (e.g. OUT/logs/mgsd.log, OUT/eval/logs/row2.log), named if it fails. Out:
+OUT/results.md, results.json and results.png. Every stage is skipped when its output exists, so an interrupted
+run resumes. The shipped base (models/mini-base, 3.5M) was trained from random weights by sft.py
+(pretrain_commands): first to read generic grid pictures (mgsd/grids.py), then to plan from the text state; it
+never saw a task picture. --pretrain rebuilds it (~75 min on 2 cores). --rows baselines adds the paper's
+baselines (answer-only visual SFT, RL on the success reward, each visual SFT then OPCD) and held-out levels;
+--rows all also the report's ablations (OPCD as in the paper, the sampled estimator, no perception SFT, a
+teacher without the state, + dynamics SFT).
 
     python pipeline.py                          # the main job, from the shipped base
     python pipeline.py --quick                  # every stage, tiny sizes (CI runs it)
@@ -19,6 +22,7 @@ state, direct visual SFT, + dynamics SFT).
 import importlib.util
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -26,15 +30,17 @@ import sys
 import time
 from pathlib import Path
 
-import cli
+from tqdm import tqdm
+
 from envs import TASKS
-import splits
+from mgsd import cli, splits
 
 ROOT = Path(__file__).resolve().parent
 SHIPPED_BASE = ROOT / "models" / "mini-base"
 BASE_STEPS = 5722  # the shipped base's second pretraining run: 6.3 passes over its 14,500 rows
-IMAGE_SIZE, CELL_SIZE = 160, 32  # one merged vision token per cell (tiny.py's layout)
+IMAGE_SIZE, CELL_SIZE = 160, 32  # one merged vision token per cell (mgsd/tiny.py's layout)
 HELDOUT = "frozenlake=5 maze=4 minibehaviour=4"  # a level per task that no stage trains on; its picture fits the canvas
+HELDOUT_PER_LEVEL = 40  # MiniBehaviour 4 (a 2x3 table in a 4x4 room) has 44 distinct test instances
 PICTURE = ["--image-size", IMAGE_SIZE, "--cell-size", CELL_SIZE]
 
 # Settings of the main job and of --quick, chosen on the val split (results/mini/REPORT.md).
@@ -106,15 +112,34 @@ def parse_args(argv=None):
     return args
 
 
+PROGRESS = re.compile(rb"(\d+)/(\d+) (?:\[|episodes)")  # a stage's tqdm bar, or evaluate.py's episode count
+
+
 def run(cmd, done_marker):
-    """Run one stage's command unless its output exists; the command is printed first."""
+    """Run one stage's command unless its output exists. The command is printed; everything the stage prints
+    (transformers, vLLM, its own bars) goes to a log beside its --out folder, LOGS/<name>.log, named if the stage
+    fails; here a bar follows the stage's progress, then its wall time is printed."""
     if Path(done_marker).exists():
         print(f"[skip] {done_marker} exists")
         return
-    print("$ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
+    cmd = [str(c) for c in cmd]
+    out = Path(cmd[cmd.index("--out") + 1])
+    log = out.parent / "logs" / f"{out.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("$ " + shlex.join(cmd), flush=True)
     start = time.time()
-    if subprocess.run([str(c) for c in cmd], cwd=ROOT).returncode != 0:
-        sys.exit(f"error: stage failed: {' '.join(map(str, cmd))}")
+    with open(log, "wb") as f, tqdm(desc=f"  {out.name}", leave=False, dynamic_ncols=True) as bar:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
+            f.write(chunk)
+            f.flush()
+            if found := PROGRESS.findall(chunk):
+                bar.total, bar.n = int(found[-1][1]), int(found[-1][0])
+                bar.refresh()
+        code = proc.wait()
+    if code:
+        last = next((line for line in reversed(log.read_text(errors="replace").splitlines()) if line.strip()), "")
+        sys.exit(f"error: stage failed: {shlex.join(cmd)}: {last.strip()} (its output: {log})")
     print(f"  ({time.time() - start:.0f} s)", flush=True)
 
 
@@ -126,19 +151,19 @@ def epochs_for(steps, rows):
 def pretrain_commands(out, steps, quick=False):
     """[(command, done marker)] that build the base from random weights, in two SFT runs of the language
     model at lr 5e-4 with the random vision tower frozen (see sft() in main): `see`, 1,500 steps of generic
-    grid pictures only (tiny.py; learned in ~1,000 steps alone, never when mixed in from the start), then
+    grid pictures only (mgsd/grids.py; learned in ~1,000 steps alone, never when mixed in from the start), then
     `plan`, `steps` steps of text planning and teacher-prompt rows with a sixth of grid rows kept in."""
     py, d = sys.executable, out / "data"
     grids, text_per_level, teacher_per_level, see_steps = (64, 8, 8, 4) if quick else (12000, 3000, 700, 1500)
     # The shipped base's BPE was trained on the prompts of its day (MiniBehaviour's picture legend has changed
     # since); keeping it makes the rebuild the shipped base.
     keep = [] if quick or not (SHIPPED_BASE / "tokenizer.json").is_file() else ["--tokenizer", SHIPPED_BASE]
-    cmds = [([py, "tiny.py", "model", "--out", out / "init", "--size", "tiny" if quick else "small", "--image-size", 160,
+    cmds = [([py, "-m", "mgsd.tiny", "model", "--out", out / "init", "--size", "tiny" if quick else "small", "--image-size", 160,
               "--seed", 0, *keep], out / "init" / "config.json"),
-            ([py, "tiny.py", "grids", "--out", d / "grids-train", "--split", "train", "--count", grids], d / "grids-train"),
-            ([py, "tiny.py", "grids", "--out", d / "grids-replay", "--split", "train", "--count", grids // 6],
+            ([py, "-m", "mgsd.tiny", "grids", "--out", d / "grids-train", "--split", "train", "--count", grids], d / "grids-train"),
+            ([py, "-m", "mgsd.tiny", "grids", "--out", d / "grids-replay", "--split", "train", "--count", grids // 6],
              d / "grids-replay"),
-            ([py, "tiny.py", "grids", "--out", d / "grids-val", "--split", "val", "--count", 8 if quick else 150],
+            ([py, "-m", "mgsd.tiny", "grids", "--out", d / "grids-val", "--split", "val", "--count", 8 if quick else 150],
              d / "grids-val")]
     # FrozenLake 3x3 has only ~770 distinct train maps, so it gets its own, smaller split.
     # The teacher rows (the teacher's prompt, state and reference plan as text) teach the base to read the
@@ -209,7 +234,7 @@ def main(argv=None):
     heldout = args.rows in ("baselines", "all")
     if heldout:  # the answer-only SFT's rows, and test instances of levels no stage trains on
         wanted += [("direct", "train", args.train_per_level, "planning-direct", levels),
-                   ("heldout", "test", args.test_per_level, "planning", HELDOUT.split())]
+                   ("heldout", "test", min(HELDOUT_PER_LEVEL, args.test_per_level), "planning", HELDOUT.split())]
     if args.rows == "all":
         wanted.append(("dynamics", "train", args.train_per_level, "dynamics"))
     for folder, split, n, kinds, *which in wanted:
@@ -292,7 +317,7 @@ def main(argv=None):
     if args.rows == "served":  # the teacher in its own process (opcd.py --teacher-url), the top-20 KL
         name, server = "mgsd-served", None
         if not (out / name / "done.json").is_file():
-            import common  # torch: only here, so that the main job's own process stays light
+            from mgsd import common  # torch: only here, so that the main job's own process stays light
 
             print(f"+ vllm serve {base} (the teacher)", flush=True)
             server, url = common.start_server(base, str(base), max_model_len=4096, max_logprobs=20)

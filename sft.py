@@ -7,7 +7,7 @@ a LoRA (rank 8, alpha 16) on the language model's q/k/v/o/gate/up/down, or with 
 weight; the vision tower runs frozen under no_grad unless --train-vision. Every epoch is a seeded
 permutation (the last partial batch dropped), so --resume repeats an uninterrupted run exactly. Rows longer
 than --max-length are cut on the right (an error if the cut hits an image). Validation: the loss and greedy
-answers scored by envs.score_row.
+answers scored by splits.score_row.
 Out: adapter/ (PEFT format, for merge.py) or model/ (--full), checkpoint/ (--resume), log.jsonl, args.json,
 tb/. Commands: README.md, "Stage 1".
 """
@@ -24,13 +24,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import cli
-import common
-from common import print0
-import envs
-import lora
-from optim import all_reduce_grads, global_sum
-import splits
+from mgsd import cli, common, lora, splits
+from mgsd.common import print0
+from mgsd.optim import all_reduce_grads, global_sum
 
 
 def parse_args(argv=None):
@@ -206,7 +202,7 @@ def validate(model, processor, rows, args, rank, world, device, autocast):
             responses = [o["text"] for o in common.generate_responses(model, processor, [r["messages"][:-1] for r in chunk],
                                                                        args.max_new_tokens)]
         scores += [(f"val/{row['kind']}/{key}", float(value)) for row, response in zip(chunk, responses)
-                   for key, value in envs.score_row(row, response).items() if isinstance(value, (bool, float))]
+                   for key, value in splits.score_row(row, response).items() if isinstance(value, (bool, float))]
     if dist.is_initialized():
         gathered = [None] * world
         dist.all_gather_object(gathered, scores)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import envs  # noqa: E402
-import splits  # noqa: E402
+from mgsd import splits  # noqa: E402
 
 
 def cpu_seconds():

@@ -41,10 +41,10 @@ def main():
 
 def bench(args, work):
     if args.model is None:
-        import tiny
+        from mgsd import tiny
         args.model = str(tiny.build_model(work / "model", size=args.size, seed=0, image_size=128))
     if args.data is None:
-        import splits
+        from mgsd import splits
         args.data = str(splits.make_split(work / "data", "test", args.per_level, kinds=("planning",), image_size=128))
 
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TORCH_COMPILE_DISABLE="1")

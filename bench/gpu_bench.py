@@ -39,14 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import common  # noqa: E402
-import lora  # noqa: E402
 import memory_plan  # noqa: E402
 import opcd  # noqa: E402
-import optim  # noqa: E402
 import sft  # noqa: E402
-import splits  # noqa: E402
-import tiny  # noqa: E402
+from mgsd import common, lora, optim, splits, tiny  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s of the SXM cards (datasheets)
 
@@ -241,7 +237,7 @@ def bench_opcd(cfg, processor, rows, args, device, loss, before):
     stochastic = functools.partialmethod(optim.MasterAdamW.stochastic_step, chunk=1 << 40 if before else 1 << 24)
     reset_peak(device)
     TimedAdamW.seconds = 0.0
-    with patched(opcd, "rollout", fixed_rollout), patched(optim.MasterAdamW, "stochastic_step", stochastic), \
+    with patched(common, "sample_responses", fixed_rollout), patched(optim.MasterAdamW, "stochastic_step", stochastic), \
             patched(common, "response_logprobs", response_logprobs_before if before else common.response_logprobs):
         log = opcd.opcd_step(run_args, 0, rows[:args.batch], model, teacher, None, processor, opt, 1, device)
     return {"teacher s": log["seconds_teacher"], "student fwd/bwd s": log["seconds_train"] - TimedAdamW.seconds,

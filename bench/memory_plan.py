@@ -137,10 +137,10 @@ def check(size="medium", new_tokens=256):
         tmp = Path(tmp)
         py = sys.executable
         run = lambda *a: subprocess.run([py, *map(str, a)], cwd=ROOT, check=True, capture_output=True, text=True)
-        run("tiny.py", "model", "--out", tmp / "m", "--size", size, "--image-size", 128)
+        run("-m", "mgsd.tiny", "model", "--out", tmp / "m", "--size", size, "--image-size", 128)
         run("envs.py", "data", "--out", tmp / "d", "--split", "train", "--per-level", 4, "--kinds", "planning",
             "--tasks", "maze", "--levels", "maze=3", "--image-size", 128)
-        probe = ("import resource, sys, opcd, common; from transformers import AutoProcessor; "
+        probe = ("import resource, sys, opcd; from mgsd import common; from transformers import AutoProcessor; "
                  "AutoProcessor.from_pretrained(sys.argv[1]); "
                  "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
         base_kib = int(run("-c", probe, tmp / "m").stdout.split()[-1])

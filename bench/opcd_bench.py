@@ -41,13 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import chat_api  # noqa: E402
-import common  # noqa: E402
 import envs  # noqa: E402
 import opcd  # noqa: E402
-import optim  # noqa: E402
-import splits  # noqa: E402
-import tiny  # noqa: E402
+from mgsd import chat_api, common, optim, splits, tiny  # noqa: E402
 
 
 def main():
@@ -88,7 +84,7 @@ def main():
             common.push_weights(llm, model)
             print(f"vllm engine start: {time.time() - t:.1f} s")
         warm = [envs.student_messages(r["state"], r["image"]) for r in rows[:args.batch_size]]
-        opcd.rollout(o.rollout, model, llm, processor, warm, 8, 1.0, 1.0, list(range(len(warm))))
+        common.sample_responses(o.rollout, model, llm, processor, warm, 8, 1.0, 1.0, list(range(len(warm))))
         logs = [opcd.opcd_step(o, step, opcd.batch_rows(rows, step, args.batch_size, 0, 0, 1), model, scorer, llm,
                                processor, opt, 1, torch.device("cpu")) for step in range(args.steps)]
         mean = {k: sum(log[k] for log in logs) / len(logs) for k in

@@ -94,8 +94,7 @@ def run_ours(args, rows, device):
     import torch
     from contextlib import nullcontext
 
-    import common
-    import lora
+    from mgsd import common, lora
     import sft
 
     model, processor = common.load_model(args.model, device)
@@ -135,8 +134,7 @@ def run_trl(args, rows, device):
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    import common
-    import lora
+    from mgsd import common, lora
 
     model, processor = common.load_model(args.model, device)
 
@@ -170,12 +168,12 @@ def run_trl(args, rows, device):
 def child(args):
     import torch
 
-    import splits
+    from mgsd import splits
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = [r for r in splits.load_split(args.data) if r.get("messages")][:args.rows]
     if args.side == "before":  # the same loop on the code as it was
-        import lora
+        from mgsd import lora
         import sft
 
         sys.path.insert(0, str(ROOT / "bench"))
@@ -198,10 +196,9 @@ def main():
 
 
 def compare(args, tmp):
-    import common
+    from mgsd import common
     import sft
-    import splits
-    import tiny
+    from mgsd import splits, tiny
 
     if args.model is None:
         args.model = str(tiny.build_model(tmp / "model", size="tiny"))

@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """Path of a tiny random Qwen3-VL folder (model, tokenizer, processor), built offline."""
-    import tiny
+    from mgsd import tiny
 
     return str(tiny.build_model(tmp_path_factory.mktemp("tiny") / "model", size="tiny", seed=0))
 
@@ -25,7 +25,7 @@ def make_data(tmp_path_factory):
     """make_data(split, per_level, tasks=None, levels=None, kinds=(...), image_size=128) -> data dir.
 
     Cached per argument set, so tests that ask for the same split share one directory."""
-    import splits
+    from mgsd import splits
 
     cache = {}
 

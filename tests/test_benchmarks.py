@@ -1,4 +1,4 @@
-"""benchmarks.py: the paper's VSP and VisualPlanning files, as small fixtures written here in their formats,
+"""mgsd/benchmarks.py: the paper's VSP and VisualPlanning files, as small fixtures written here in their formats,
 import into split folders that the evaluator reads, with every plan length checked."""
 import json
 import subprocess
@@ -7,11 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import benchmarks
 import envs
-import pictures
 import evaluate
-import splits
+from mgsd import benchmarks, pictures, splits
 
 ROOT = Path(__file__).resolve().parents[1]
 SYMBOL = {"frozen": "_", "hole": "#", "player": "@", "goal": "*"}
@@ -111,8 +109,8 @@ def test_visualplanning_mismatch_is_one_error_naming_the_row(tmp_path):
     records[1]["meta"]["distance_map"] = {str(records[1]["meta"]["start_pos"]): 99}
     path = tmp_path / "maze-test.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks.py"), "visualplanning", str(path), "--out",
-                           str(tmp_path / "out")], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "mgsd.benchmarks", "visualplanning", str(path), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert f"{path}:2: our shortest plan has" in proc.stderr and "benchmark says 99" in proc.stderr
     assert not (tmp_path / "out").exists()
@@ -120,8 +118,8 @@ def test_visualplanning_mismatch_is_one_error_naming_the_row(tmp_path):
 
 def test_a_level_too_large_for_the_cell_size_is_one_error_and_writes_nothing(tmp_path):
     path = vp_files(tmp_path, {"frozenlake": states("frozenlake", 4, 1) + states("frozenlake", 6, 1)})[0]
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks.py"), "visualplanning", str(path), "--out",
-                           str(tmp_path / "out"), "--image-size", "160", "--cell-size", "32"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "mgsd.benchmarks", "visualplanning", str(path), "--out",
+                           str(tmp_path / "out"), "--image-size", "160", "--cell-size", "32"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "level 6 does not fit 32-px cells into 160 px" in proc.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
@@ -130,8 +128,8 @@ def test_a_level_too_large_for_the_cell_size_is_one_error_and_writes_nothing(tmp
 def test_oracle_scores_100_percent_and_the_hf_backend_runs_on_imported_benchmarks(tmp_path, tiny_model):
     given = {"frozenlake": states("frozenlake", 3, 2), "maze": states("maze", 3, 2), "minibehaviour": states("minibehaviour", 5, 2)}
     out = tmp_path / "vp"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks.py"), "visualplanning", *map(str, vp_files(tmp_path, given)),
-                           "--out", str(out), "--image-size", "128"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "mgsd.benchmarks", "visualplanning", *map(str, vp_files(tmp_path, given)),
+                           "--out", str(out), "--image-size", "128"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "6 instances" in proc.stdout
     summary = evaluate.main(["--model", "oracle", "--data", str(out), "--backend", "oracle", "--condition", "both",

@@ -7,16 +7,12 @@ from pathlib import Path
 
 import pytest
 
-import benchmarks
-import cli
-import common
 import evaluate
 import merge
 import opcd
 import pipeline
 import sft
-import splits
-import tiny
+from mgsd import benchmarks, cli, common, splits, tiny
 
 NUMBERS = {"positive": ["0", "-4", "x", "nan", "inf"], "nonneg": ["-1", "nan", "x"]}
 SFT_NUMBERS = {"--batch-size": "positive", "--micro-batch-size": "positive", "--lora-rank": "positive",

@@ -1,4 +1,4 @@
-"""envs.py and splits.py against method.md §1-§6: parser, optimal plans, rules, prompts, pictures, data on disk, CLI.
+"""envs.py and mgsd/splits.py against method.md §1-§6: parser, optimal plans, rules, prompts, pictures, data on disk, CLI.
 
 The references here are written independently of envs.py: an exhaustive search over action
 sequences, the rules of method.md §1 restated, and a pixel decoder that reads cell-centre colours."""
@@ -15,10 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import dynamics
 import envs
-import pictures
-import splits
+from mgsd import dynamics, pictures, splits
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_LEVELS = {"frozenlake": (3, 4), "maze": (3, 4), "minibehaviour": (4, 5)}
@@ -498,21 +496,21 @@ def test_dynamics_labels_come_from_the_simulator(task):
         for seed, state in enumerate(instances(task, level, 5)):
             for sub, question, answer, query in dynamics.questions(state, seed):
                 row = {"kind": "dynamics", "subkind": sub, "state": state, "answer": answer, "query": query}
-                assert envs.score_row(row, answer) == {"correct": True}
+                assert splits.score_row(row, answer) == {"correct": True}
                 if sub == "forward":
                     outcome = reference_outcome(state, query["actions"])
                     word = {"ok": "ok", "illegal": "illegal", "fell": "fell into hole",
                             "success": "dropped" if task == "minibehaviour" else "goal reached"}[outcome]
                     assert answer.endswith(word)
-                    assert not envs.score_row(row, answer.replace(word, "illegal" if word != "illegal" else "ok"))["correct"]
+                    assert not splits.score_row(row, answer.replace(word, "illegal" if word != "illegal" else "ok"))["correct"]
                 elif sub == "verify":
                     expected = reference_outcome(state, query["candidate"]) == "success"
                     assert answer == ("yes" if expected else "no")
-                    assert not envs.score_row(row, "no" if expected else "yes")["correct"]
+                    assert not splits.score_row(row, "no" if expected else "yes")["correct"]
                 else:
                     walk = envs.parse_plan(answer, task)
                     assert len(walk) == query["length"] == walking_distance(state, query["after"]) >= 1
-                    assert not envs.score_row(row, f"<answer>{envs.plan_text(walk + walk[-1:], task)}</answer>")["correct"]
+                    assert not splits.score_row(row, f"<answer>{envs.plan_text(walk + walk[-1:], task)}</answer>")["correct"]
 
 
 def walking_distance(state, target):
@@ -613,7 +611,7 @@ def test_load_split_resolves_images_and_rejects_broken_dirs(make_data, tmp_path)
             decoded = decode(picture, row["task"], row["level"])
             assert decoded == {k: (sorted(v) if k in ("holes", "table") else v) for k, v in row["state"].items()
                                if k in decoded}
-        score = envs.score_row(row, row["answer"])
+        score = splits.score_row(row, row["answer"])
         assert score[{"planning": "optimal", "text-planning": "optimal", "teacher": "optimal", "perception": "all_correct",
                       "dynamics": "correct"}[row["kind"]]]
     assert {r["kind"] for r in splits.load_split(data, kinds=["perception"])} == {"perception"}
@@ -731,7 +729,7 @@ def test_answer_only_rows_hold_the_plan_alone(tmp_path):
     for row in direct:
         plan = envs.plan_text(row["plan"], row["task"])
         assert row["answer"] == f"<answer>{plan}</answer>" and row["answer"].count("\n") == 0
-        assert envs.score_row(row, row["answer"])["optimal"]
+        assert splits.score_row(row, row["answer"])["optimal"]
         prompt = row["messages"][0]["content"][0]["text"]
         assert "Do not restate the map" in prompt and "first briefly restate" not in prompt
         example = envs.EXAMPLES[row["task"]]  # the worked example is answer-only too

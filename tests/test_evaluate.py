@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 
-import chat_api
 import envs
 import evaluate
-import splits
+from mgsd import chat_api, splits
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -108,6 +107,21 @@ def test_oracle_scores_100_percent_success_and_optimal_on_every_task(data, tmp_p
     assert all(ep["plan"] == plans[ep["id"]] for ep in episodes)
 
 
+def test_image_prompt_direct_asks_the_picture_for_the_plan_alone_and_text_stays(data):
+    """--image-prompt direct: the answer-only instructions the planning-direct rows train on, for the image
+    condition; the text condition keeps the text-student prompt that every model rehearses."""
+    rows = splits.load_split(data, kinds=["planning"])[:3]
+    recap = evaluate.build_episodes(rows, "planning", ["image", "text"])
+    direct = evaluate.build_episodes(rows, "planning", ["image", "text"], direct=True)
+    for a, b, row in zip(recap[::2], direct[::2], rows):
+        assert b["messages"] == envs.student_messages(row["state"], row["image"], direct=True) != a["messages"]
+        assert "Do not restate the map" in b["messages"][0]["content"][0]["text"]
+    assert [e["messages"] for e in recap[1::2]] == [e["messages"] for e in direct[1::2]]
+    proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model", "oracle", "--backend", "oracle", "--data",
+                           data, "--kind", "perception", "--image-prompt", "direct"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr == "error: --image-prompt applies to planning only\n"
+
+
 @pytest.mark.parametrize("kind", ["perception", "dynamics"])
 def test_oracle_scores_100_percent_on_every_perception_and_dynamics_question(kind, make_data, tmp_path):
     data = make_data("test", 2, kinds=("planning", "perception", "dynamics"))
@@ -169,7 +183,7 @@ def test_another_instances_plan_is_scored_exactly_as_the_simulator_says(data, tm
 
 def test_openai_backend_over_http_matches_hf_backend_on_the_tiny_model(tiny_model, data, tmp_path, monkeypatch):
     from PIL import Image
-    import common
+    from mgsd import common
 
     model, processor = common.load_model(tiny_model, "cpu")
     lock = threading.Lock()

@@ -39,7 +39,7 @@ def test_the_honest_count_of_a_lora_step_of_the_4b_model():
     heads, 8 x 128 key/value heads, MLP 9728, vocabulary 151,936)."""
     import torch
     import gpu_bench
-    import lora
+    from mgsd import lora
     from transformers import Qwen3VLForConditionalGeneration
 
     with torch.device("meta"):

@@ -1,15 +1,12 @@
-"""The shared model layer (common.py): tiny models, loading, log-prob gather, hand-rolled LoRA."""
+"""The shared model layer (mgsd/common.py): tiny models, loading, log-prob gather, hand-rolled LoRA."""
 import json
 
 import pytest
 import torch
 from PIL import Image
 
-import cli
-import common
 import envs
-import lora
-import tiny
+from mgsd import cli, common, lora, tiny
 
 
 def _batch(processor):

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import torch
 
-import common
-import lora
 import merge
+from mgsd import common, lora
 
 ROOT = Path(__file__).resolve().parents[1]
 

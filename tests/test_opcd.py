@@ -11,11 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
 import envs
 import opcd
-import optim
-import splits
+from mgsd import common, optim, splits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,7 +146,7 @@ def test_stochastic_master_moves_weights_as_fp32_masters_do_and_resumes_exactly(
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
-    import common
+    from mgsd import common
 
     model, processor = common.load_model(tiny_model)
     return model.eval(), processor
@@ -175,14 +173,14 @@ def plain_logprobs(model, input_ids, prompt_len, **extra):
 
 
 def test_teacher_input_has_no_image_tokens_and_scores_the_students_exact_token_ids(tiny, train_dir):
-    import common
+    from mgsd import common
     import envs
 
     model, processor = tiny
     rows = rows_of(train_dir, 3)
     msgs = [envs.student_messages(r["state"], r["image"]) for r in rows]
-    responses = opcd.rollout("hf", model, None, processor, msgs, 12, 1.0, 1.0, [0, 1, 2])
-    ids, mask = opcd.pad_responses(responses, processor.tokenizer.pad_token_id, "cpu")
+    responses = common.sample_responses("hf", model, None, processor, msgs, 12, 1.0, 1.0, [0, 1, 2])
+    ids, mask = common.pad_responses(responses, processor.tokenizer.pad_token_id, "cpu")
     student = common.encode_prompts(processor, msgs)
     teacher = common.encode_prompts(processor, [envs.teacher_messages(r["state"]) for r in rows])
     vision = set(common.vision_token_ids(processor))
@@ -199,14 +197,14 @@ def test_teacher_input_has_no_image_tokens_and_scores_the_students_exact_token_i
 
 
 def test_batched_logprobs_equal_single_row_logprobs(tiny, train_dir):
-    import common
+    from mgsd import common
     import envs
 
     model, processor = tiny
     rows = rows_of(train_dir, 3)
     responses = [dict(token_ids=list(range(40, 40 + k)) + [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")])
                  for k in (3, 9, 6)]
-    ids, mask = opcd.pad_responses(responses, processor.tokenizer.pad_token_id, "cpu")
+    ids, mask = common.pad_responses(responses, processor.tokenizer.pad_token_id, "cpu")
     for make in (lambda r: envs.student_messages(r["state"], r["image"]), lambda r: envs.teacher_messages(r["state"])):
         chats = [make(r) for r in rows]
         with torch.no_grad():
@@ -227,7 +225,7 @@ def test_sampled_loss_averaged_over_the_students_distribution_has_the_exact_kl_g
     its student probability gives ∇KL(p_S ‖ p_T) at that position, the gradient of --loss full.
     Checks the sign and the alignment of response_logprobs against response_hidden."""
     import copy
-    import common
+    from mgsd import common
     import envs
 
     model, processor = tiny
@@ -351,7 +349,7 @@ def test_resume_is_exact(opcd_base, tmp_path):
 
 def test_saved_checkpoint_loads_with_from_pretrained_and_holds_the_trained_weights(e2e, tiny_model):
     from transformers import AutoModelForImageTextToText
-    import common
+    from mgsd import common
 
     out, _ = e2e["hf"]
     loaded = AutoModelForImageTextToText.from_pretrained(out / "last")
@@ -370,7 +368,7 @@ def test_saved_checkpoint_loads_with_from_pretrained_and_holds_the_trained_weigh
 @pytest.fixture(scope="module")
 def vllm_engine(e2e):
     """An in-process engine on the checkpoint the torchrun run saved (so: it loads in vLLM)."""
-    import common
+    from mgsd import common
 
     path = e2e["hf"][0] / "last"
     llm = common.make_llm(path, seed=0, max_model_len=2048, kv_cache_bytes=64 << 20)
@@ -380,23 +378,23 @@ def vllm_engine(e2e):
 
 
 def trainer_logprobs(model, processor, msgs, responses):
-    import common
+    from mgsd import common
 
-    ids, mask = opcd.pad_responses(responses, processor.tokenizer.pad_token_id, "cpu")
+    ids, mask = common.pad_responses(responses, processor.tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
         return common.response_logprobs(model, common.encode_prompts(processor, msgs), ids, mask), mask
 
 
 def test_vllm_rollout_logprobs_match_the_trainers_recomputation(vllm_engine, train_dir):
-    import common
+    from mgsd import common
     import envs
 
     llm, model, processor = vllm_engine
     msgs = [envs.student_messages(r["state"], r["image"]) for r in rows_of(train_dir, 4)]
-    responses = opcd.rollout("vllm", model, llm, processor, msgs, 16, 1.0, 1.0, [11, 12, 13, 14])
+    responses = common.sample_responses("vllm", model, llm, processor, msgs, 16, 1.0, 1.0, [11, 12, 13, 14])
     assert all(len(r["token_ids"]) > 0 for r in responses)
     assert not set(common.vision_token_ids(processor)) & {t for r in responses for t in r["token_ids"]}
-    again = opcd.rollout("vllm", model, llm, processor, msgs, 16, 1.0, 1.0, [11, 12, 13, 14])
+    again = common.sample_responses("vllm", model, llm, processor, msgs, 16, 1.0, 1.0, [11, 12, 13, 14])
     assert [r["token_ids"] for r in again] == [r["token_ids"] for r in responses]  # seeded per request
     recomputed, mask = trainer_logprobs(model, processor, msgs, responses)
     for i, r in enumerate(responses):
@@ -411,8 +409,8 @@ def test_vllm_seeded_rollout_longer_than_one_scheduler_step(vllm_engine):
     msgs = [[{"role": "user", "content": [{"type": "text", "text": " ".join(str((j * 7 + i) % 10) for j in range(300))}]}]
             for i in range(32)]
     assert sum(len(processor.tokenizer(m[0]["content"][0]["text"])["input_ids"]) for m in msgs) > 4096
-    responses = opcd.rollout("vllm", model, llm, processor, msgs, 4, 1.0, 1.0, list(range(32)))
-    again = opcd.rollout("vllm", model, llm, processor, msgs, 4, 1.0, 1.0, list(range(32)))
+    responses = common.sample_responses("vllm", model, llm, processor, msgs, 4, 1.0, 1.0, list(range(32)))
+    again = common.sample_responses("vllm", model, llm, processor, msgs, 4, 1.0, 1.0, list(range(32)))
     assert len(responses) == 32 and all(len(r["token_ids"]) > 0 for r in responses)
     assert [r["token_ids"] for r in again] == [r["token_ids"] for r in responses]
 
@@ -421,7 +419,7 @@ def vllm_score(llm, processor, messages_list, response_ids_list):
     """vLLM's log-prob of each given response token after its chat prompt: prompt_logprobs of
     [prompt ids | response ids]. The prompt goes in un-expanded (one image placeholder per
     image); vLLM expands it as it does for text prompts. Returns a list of lists of floats."""
-    import common
+    from mgsd import common
     from vllm import SamplingParams
 
     prompts = []
@@ -439,9 +437,9 @@ def vllm_score(llm, processor, messages_list, response_ids_list):
 
 def test_vllm_follows_pushed_weights_including_merged_lora(vllm_engine, train_dir):
     import copy
-    import common
+    from mgsd import common
     import envs
-    import lora
+    from mgsd import lora
 
     llm, model, processor = vllm_engine
     msgs = [envs.student_messages(r["state"], r["image"]) for r in rows_of(train_dir, 3)]
@@ -470,7 +468,7 @@ def test_student_reverse_kl_to_an_opinionated_teacher_falls_by_half(tiny_model, 
     """The teacher is the tiny model briefly fine-tuned, on teacher prompts, to answer with one
     fixed token repeated. The student (the untouched tiny model) is trained by opcd.main with
     the exact loss at a high lr; the logged reverse-KL estimate mean(ℓS − ℓT) must halve."""
-    import common
+    from mgsd import common
     import envs
 
     model, processor = common.load_model(tiny_model)
@@ -500,8 +498,7 @@ def test_student_reverse_kl_to_an_opinionated_teacher_falls_by_half(tiny_model, 
 
 
 def test_options_full_loss_ppo_reward_live_teacher_and_lora(opcd_base, tiny_model, tmp_path):
-    import common
-    import lora
+    from mgsd import common, lora
     from safetensors.torch import load_file
 
     args = [str(a) for a in opcd_base] + ["--rollout", "hf", "--max-steps", "1", "--val-every", "1000"]
@@ -685,7 +682,7 @@ def _toy_heads(vocab=11, hidden=6, positions=9):
 
 def test_topk_kl_with_k_the_whole_vocabulary_is_the_full_kl():
     student_head, teacher_head, hs, ht, tokens, mask = _toy_heads()
-    ell_t, top_ids, top_lp = opcd.teacher_topk(ht, teacher_head, tokens, mask, k=11, chunk=4)
+    ell_t, top_ids, top_lp = common.teacher_topk(ht, teacher_head, tokens, mask, k=11, chunk=4)
     topk, lp_s = opcd.topk_reverse_kl(hs, student_head, top_ids, top_lp, tokens, mask, n_tokens=7, chunk=4)
     full, lp_s_full, lp_t_full = opcd.full_reverse_kl(hs, student_head, ht, teacher_head, tokens, mask, n_tokens=7, chunk=4)
     torch.testing.assert_close(topk, full, atol=1e-5, rtol=1e-5)
@@ -698,7 +695,7 @@ def test_topk_kl_and_its_gradient_match_a_brute_force_sum_over_the_coarsened_voc
     """K 3 of 11: the loss and its gradient against the definition written out token by token in float64 (to 1e-4
     relative: the tails 1 − Σ_top are fp32 differences, and the toy's smallest teacher tail is 2.4e-4)."""
     student_head, teacher_head, hs, ht, tokens, mask = _toy_heads()
-    _, top_ids, top_lp = opcd.teacher_topk(ht, teacher_head, tokens, mask, k=3, chunk=4)
+    _, top_ids, top_lp = common.teacher_topk(ht, teacher_head, tokens, mask, k=3, chunk=4)
     loss, _ = opcd.topk_reverse_kl(hs, student_head, top_ids, top_lp, tokens, mask, n_tokens=7, chunk=4)
     got = torch.autograd.grad(loss, hs)[0]
     h = hs.detach().double().requires_grad_()
@@ -721,7 +718,7 @@ def test_topk_kl_and_its_gradient_match_a_brute_force_sum_over_the_coarsened_voc
 def test_a_wider_teacher_with_the_students_tokenizer_teaches_with_every_loss(tiny_model, make_data, tmp_path):
     """A teacher of another size (hidden 192, 4 layers; the student: 128, 2) needs only the same tokenizer: its
     own output head scores the student's tokens."""
-    import tiny
+    from mgsd import tiny
 
     bigger = tiny.build_model(tmp_path / "bigger", size="small", seed=1, tokenizer=tiny_model)
     data = make_data("train", 2, tasks=["frozenlake", "maze"], kinds=("planning",))

@@ -4,6 +4,7 @@ is done and resumes an interrupted OPCD. (Smoke test: the numbers are not judged
 checks the shipped base's answers.)"""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quick_pipeline_runs_every_stage_and_fills_the_table(tmp_path):
     out = tmp_path / "mini"
     proc = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
+                          capture_output=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    proc.stdout, proc.stderr = proc.stdout.decode(), proc.stderr.decode()  # bytes: a bar's \r stays a \r
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # A quiet console: each stage's command, a bar redrawn in place, its wall time, then the table; the stages'
+    # own output is in logs.
+    console = proc.stdout + proc.stderr
+    stages = proc.stdout.count("\n$ ")
+    assert stages >= 20 and console.count("\n") <= 2 * stages + 20, console[-3000:]
+    noise = [line for line in console.splitlines() if re.match(r"(INFO|WARNING|\[W|Loading|.*Warning:)", line.strip())]
+    assert not noise, noise[:5]
+    assert "Loading safetensors" in (out / "logs" / "mgsd.log").read_text()  # the OPCD stage's vLLM engine
+    assert "episodes" in (out / "eval" / "logs" / "row2.log").read_text()
     for split in ("train", "val", "test"):
         assert (out / "data" / split / "data.jsonl").stat().st_size > 0
     for model in (out / "base" / "init", out / "base" / "see" / "model", out / "base" / "plan" / "model",
@@ -57,7 +68,7 @@ def test_quick_pipeline_runs_every_stage_and_fills_the_table(tmp_path):
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert resumed.stdout.count("$ ") == 1 and "opcd.py" in resumed.stdout and "--resume" in resumed.stdout
-    assert "steps 2->2" in resumed.stdout + resumed.stderr and (out / "mgsd" / "done.json").is_file()
+    assert "steps 2->2" in (out / "logs" / "mgsd.log").read_text() and (out / "mgsd" / "done.json").is_file()
     assert (out / "mgsd" / "best" / "model.safetensors").read_bytes() == best
 
 
@@ -68,3 +79,23 @@ def test_a_base_without_a_model_is_one_error_line_and_writes_nothing(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: no model in ")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_table_shows_held_out_columns_only_where_every_row_has_them():
+    import pipeline
+
+    def summary(image, text, heldout=None):
+        cell = lambda s: {"macro": {"success": s, "optimal": s}, "per_task": {t: {"success": s} for t in pipeline.TASKS}}  # noqa: E731
+        out = {"conditions": {"image": cell(image), "text": cell(text)},
+               "perception": {"conditions": {"image": {"per_task": {"maze": {"player": 1.0, "target": 0.5}}}}}}
+        if heldout:
+            out["heldout"] = {"conditions": {"image": cell(heldout[0]), "text": cell(heldout[1])}}
+        return out
+
+    both = pipeline.results_table({"a": summary(0.25, 0.5, (0.125, 0.375)), "b": summary(0.5, 0.75, (0.0, 1.0))})
+    header, _, a, b = both.splitlines()
+    assert header.endswith("| position questions | held-out macro img | held-out macro text |")
+    assert a == "| a | 25.0 | 25.0 | 25.0 | 25.0 | 25.0 | 50.0 | 25.0 | 75.0 | 12.5 | 37.5 |"
+    assert b.endswith("| 75.0 | 0.0 | 100.0 |")
+    one = pipeline.results_table({"a": summary(0.25, 0.5, (0.125, 0.375)), "b": summary(0.5, 0.75)}).splitlines()
+    assert one[0].endswith("| position questions |") and all(row.count("|") == one[0].count("|") for row in one)

@@ -9,18 +9,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-import chat_api
-import common
 import envs
 import opcd
-import splits
+from mgsd import chat_api, common, splits
 
 pytestmark = pytest.mark.skipif(not common.vllm_available(), reason="vllm is not installed")
 
 
 @pytest.fixture(scope="module")
 def wide_teacher(tiny_model, tmp_path_factory):
-    import tiny
+    from mgsd import tiny
 
     return str(tiny.build_model(tmp_path_factory.mktemp("wide") / "model", size="small", seed=1, tokenizer=tiny_model))
 
@@ -42,7 +40,7 @@ def batch(tiny_model, wide_teacher, make_data):
     rows = splits.load_split(make_data("train", 2, tasks=["frozenlake", "maze"], kinds=("planning",)), kinds=["planning"])
     rows = [rows[0], rows[-1]]
     responses = common.generate_responses(model, processor, opcd.student_turns(rows), 12, temperature=1.0, seed=0)
-    ids, mask = opcd.pad_responses(responses, processor.tokenizer.pad_token_id, "cpu")
+    ids, mask = common.pad_responses(responses, processor.tokenizer.pad_token_id, "cpu")
     mask[1, 8:] = 0  # the second one shorter
     teacher_in = common.encode_prompts(processor, [envs.teacher_messages(r["state"]) for r in rows])
     return common.load_model(wide_teacher)[0], processor, teacher_in, ids * mask.long(), mask
@@ -54,7 +52,7 @@ def test_the_served_teachers_log_probs_and_top_k_are_the_in_process_teachers(ser
     with torch.no_grad():
         local = common.response_logprobs(model, teacher_in, ids, mask)
         hidden = common.response_hidden(model, teacher_in, ids, mask)
-        local_lp, local_ids, local_top = opcd.teacher_topk(hidden, model.lm_head, ids, mask, k=5)
+        local_lp, local_ids, local_top = common.teacher_topk(hidden, model.lm_head, ids, mask, k=5)
     served = common.served_teacher_scores(teacher, teacher_in, ids, mask, 0)
     served_lp, served_ids, served_top = common.served_teacher_scores(teacher, teacher_in, ids, mask, 5)
     keep = mask.bool()

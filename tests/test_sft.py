@@ -11,10 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
-import lora
 import sft
-import splits
+from mgsd import common, lora, splits
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

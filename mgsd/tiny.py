@@ -1,124 +1,28 @@
-"""The tiny stand-in for an instruct VLM, built offline: the model factory and its generic picture data.
+"""The tiny stand-in for an instruct VLM, built offline: the model factory, and the writer of its generic picture
+splits (mgsd/grids.py).
 
 `build_model` writes a random Qwen3VLForConditionalGeneration of a configurable size with a byte-level BPE
 trained on the project's own text (TOKENIZER_SPLIT) and a Qwen-style chat template: an ordinary HF folder
 that transformers and vLLM load. Images have one fixed size (min = max pixels: never resized, so HF and vLLM
 agree on the image tokens, one per 32x32 pixels); text head_dim >= 32 (vLLM's CPU attention); the vision
 position table gets std 0.5, not HF's 0.02, so that a frozen random tower still says *where* things are.
-Generic picture data (docs/method.md §5.3): a K x K grid (K = 3..5) of 32-px cells at the top-left, about a
-third of them holding one of five objects, and one question a picture (the map; where are the <objects>;
-what is at (r, c)). No task object, picture or plan is ever shown.
 
-    python tiny.py model --out models/tiny --size tiny      # tests, < 1M parameters
-    python tiny.py model --out models/small --size small    # 3.5M; the miniature's base: --image-size 160
-    python tiny.py grids --out data/grids/train --split train --count 20000
+    python -m mgsd.tiny model --out models/tiny --size tiny      # tests, < 1M parameters
+    python -m mgsd.tiny model --out models/small --size small    # 3.5M; the miniature's base: --image-size 160
+    python -m mgsd.tiny grids --out data/grids/train --split train --count 20000
 """
 import json
 import math
-import random
-import re
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from PIL import Image, ImageDraw
 
-import cli
-import common
 import envs
-import splits
+from mgsd import cli, common, splits
+from mgsd.grids import GRID_SIZES, draw_grid, grid_answer, grid_prompt, make_grid
 
-OBJECTS = {"C": ("red circle", (220, 30, 30)), "S": ("blue square", (30, 90, 230)),
-           "T": ("green triangle", (40, 170, 60)), "X": ("orange cross", (240, 140, 20)),
-           "O": ("purple ring", (130, 60, 190))}
-QUESTIONS = ("map", "where", "what")
-PAD, FLOOR, LINE = (128, 128, 128), (255, 255, 255), (90, 90, 90)
-GRID_SIZES = (3, 4, 5)
 SEED_BASE = {split: base for split, (base, _, _) in splits.SPLITS.items()}  # disjoint seed ranges, as the tasks
-
-
-def make_grid(seed, sizes=GRID_SIZES):
-    """A random grid: {"size": K, "objects": {(r, c): letter}, "question": [type, argument], "seed"}."""
-    rng = random.Random(f"grid/{seed}")
-    k = rng.choice(sizes)
-    cells = [(r, c) for r in range(k) for c in range(k)]
-    placed = [p for p in cells if rng.random() < 0.3] or [rng.choice(cells)]
-    objects = {p: rng.choice(sorted(OBJECTS)) for p in placed}
-    kind = QUESTIONS[seed % len(QUESTIONS)]
-    if kind == "where":  # mostly an object that is there; sometimes one that is not
-        argument = rng.choice(sorted(set(objects.values()))) if rng.random() < 0.8 else rng.choice(sorted(OBJECTS))
-    elif kind == "what":  # an occupied cell half of the time
-        argument = list(rng.choice(placed) if rng.random() < 0.5 else rng.choice(cells))
-    else:
-        argument = None
-    return {"size": k, "objects": objects, "question": [kind, argument], "seed": seed}
-
-
-def draw_grid(grid, canvas=160, cell=32):
-    """The picture: cell (r, c) spans [c*cell, (c+1)*cell) x [r*cell, (r+1)*cell); grey outside."""
-    img = Image.new("RGB", (canvas, canvas), PAD)
-    d = ImageDraw.Draw(img)
-    k, half = grid["size"], cell * 0.32
-    for r in range(k):
-        for c in range(k):
-            d.rectangle([c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1], fill=FLOOR, outline=LINE)
-    for (r, c), letter in grid["objects"].items():
-        cx, cy = (c + 0.5) * cell, (r + 0.5) * cell
-        box, ink = [cx - half, cy - half, cx + half, cy + half], OBJECTS[letter][1]
-        if letter == "C":
-            d.ellipse(box, fill=ink)
-        elif letter == "S":
-            d.rectangle(box, fill=ink)
-        elif letter == "T":
-            d.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=ink)
-        elif letter == "X":
-            d.line(box, fill=ink, width=round(cell / 8))
-            d.line([box[0], box[3], box[2], box[1]], fill=ink, width=round(cell / 8))
-        else:
-            d.ellipse(box, outline=ink, width=round(cell / 8))
-    return img
-
-
-def grid_prompt(grid):
-    kind, argument = grid["question"]
-    legend = ", ".join(f"{letter} {name}" for letter, (name, _) in OBJECTS.items())
-    if kind == "map":
-        question = f"Write the map: one line per row, one letter per cell ({legend}, . empty)."
-    elif kind == "where":
-        question = f"Where are the {OBJECTS[argument][0]}s? List them as (r, c) in row-major order, or none."
-    else:
-        question = f"What is at ({argument[0]}, {argument[1]})? Name the object, or nothing."
-    return (f"The image shows a grid of white cells; some cells hold an object. Coordinates are (row, col), "
-            f"0-based, (0,0) at the top-left.\n{question}")
-
-
-def grid_answer(grid):
-    kind, argument = grid["question"]
-    k, objects = grid["size"], grid["objects"]
-    if kind == "map":
-        return "\n".join("".join(objects.get((r, c), ".") for c in range(k)) for r in range(k))
-    if kind == "where":
-        return envs.fmt_list(sorted(p for p, letter in objects.items() if letter == argument), True)
-    letter = objects.get(tuple(argument))
-    return OBJECTS[letter][0] if letter else "nothing"
-
-
-def score_grid(grid, response):
-    """{"all_correct": the answer is right, <question type>: the same, and for the map question "cells": the
-    share of cells read right}. Positions are compared as sets, names and map letters case-blind."""
-    kind, argument = grid["question"]
-    want = grid_answer(grid)
-    if kind == "where":
-        right = envs._answer_matches(sorted(p for p, letter in grid["objects"].items() if letter == argument), response)
-        return {"all_correct": right, kind: right}
-    if kind == "what":
-        right = " ".join(response.split()).lower() == want
-        return {"all_correct": right, kind: right}
-    got = [re.sub(r"\s", "", line).upper() for line in response.strip().splitlines()]
-    rows = want.splitlines()
-    cells = sum(r < len(got) and c < len(got[r]) and got[r][c] == letter
-                for r, row in enumerate(rows) for c, letter in enumerate(row)) / sum(map(len, rows))
-    return {"all_correct": got == rows, kind: got == rows, "cells": cells}
 
 
 def grid_row(seed, split, canvas=160, cell=32):
@@ -132,12 +36,6 @@ def grid_row(seed, split, canvas=160, cell=32):
     row = splits._message_row(base, "vision", envs._user(envs._text(grid_prompt(grid)), {"type": "image", "image": image}),
                             grid_answer(grid), image=image)
     return row, image, draw_grid(grid, canvas, cell)
-
-
-def state_to_grid(state):
-    """The grid of a row's state (rows store objects as [r, c, letter] lists)."""
-    return {"size": state["level"], "seed": state["seed"], "question": state["question"],
-            "objects": {(r, c): letter for r, c, letter in state["objects"]}}
 
 
 def write_grids(out_dir, split, count, canvas=160, cell=32):
@@ -188,7 +86,7 @@ TOKENIZER_VOCAB = 2048
 
 def tokenizer_corpus(n_per_level=4):
     """The project's own text: prompts, reference responses, perception answers, teacher
-    contexts and text states of a few instances of every task and level, and tiny.py's grid rows."""
+    contexts and text states of a few instances of every task and level, and the generic grid rows (grids.py)."""
     texts = []
     for task in envs.TASKS:
         for level in envs.DEFAULT_LEVELS[task]:
@@ -206,7 +104,7 @@ def tokenizer_corpus(n_per_level=4):
                         content = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
                         texts += [c["text"] for c in content if c.get("type") == "text"]
                 texts += [envs.reference_response(state), envs.perception_answer(state), envs.text_state(state)]
-    for seed in range(8 * n_per_level):  # the generic grid-reading rows of tiny.py
+    for seed in range(8 * n_per_level):  # the generic grid-reading rows
         grid = make_grid(seed)
         texts += [grid_prompt(grid), grid_answer(grid)]
     return texts
@@ -316,7 +214,7 @@ def build_model(out_dir, size="tiny", seed=0, image_size=128, tokenizer=None):
 
 
 def main(argv=None):
-    parser = cli.Parser(description=__doc__.split("\n\n")[0])
+    parser = cli.Parser(prog="python -m mgsd.tiny", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=cli.Parser)
     g = sub.add_parser("grids", help="write a split of generic grid-reading rows (kind vision)")
     g.add_argument("--out", required=True, help="output directory (must not exist)")

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-import cli
-from lora import LoRALinear
+from mgsd import chat_api, cli
+from mgsd.lora import LoRALinear
 
 # ------------------------------------------------------------------------------------------
 # Distributed set-up and logging
@@ -138,6 +138,20 @@ def load_model(path, device="cpu", dtype=None):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, processor
+
+
+def load_teacher(path, processor, device, dtype, url=None, retries=4, probe=""):
+    """The frozen teacher: a model loaded here, or with `url` a vLLM server's client (chat_api.ServedTeacher),
+    checked now to tokenize the text `probe` as the student's tokenizer does. The teacher must share the student's
+    tokenizer (its size and depth are free). ValueError / EndpointError with one line on a mismatch."""
+    if url:
+        teacher = chat_api.ServedTeacher(url, path, retries=retries)
+        teacher.check_tokenizer(processor.tokenizer, [probe])
+        return teacher
+    teacher, teacher_processor = load_model(path, device, dtype)
+    if teacher_processor.tokenizer.get_vocab() != processor.tokenizer.get_vocab():
+        raise ValueError(f"teacher {path} has a different tokenizer from the student")
+    return teacher.requires_grad_(False).eval()
 
 
 def load_image(image):
@@ -266,6 +280,27 @@ def served_teacher_scores(teacher, prompt_batch, response_ids, response_mask, to
 
 
 @torch.no_grad()
+@torch.no_grad()
+def teacher_topk(hidden, head, tokens, mask, k, chunk=256, temperature=1.0):
+    """The in-process teacher's (ℓ_T of each response token [B, R], its top-k ids and log-probs [B, R, k]), from
+    its last hidden states, `chunk` positions at a time."""
+    keep = mask.bool()
+    h, ids = hidden[keep], tokens[keep]
+    picked, top_lp, top_ids = [], [], []
+    for i in range(0, len(ids), chunk):
+        log_q = torch.log_softmax(head(h[i:i + chunk]).float() / temperature, -1)
+        values, indices = log_q.topk(min(k, log_q.shape[-1]), -1)
+        picked, top_lp, top_ids = picked + [log_q.gather(-1, ids[i:i + chunk, None]).squeeze(-1)], top_lp + [values], \
+            top_ids + [indices]
+    K = min(k, head.out_features)
+    out = [torch.zeros(mask.shape, device=mask.device), torch.zeros(*mask.shape, K, dtype=torch.long, device=mask.device),
+           torch.zeros(*mask.shape, K, device=mask.device)]
+    for full, parts in zip(out, (picked, top_ids, top_lp)):
+        if parts:
+            full[keep] = torch.cat(parts)
+    return tuple(out)
+
+
 def generate_responses(model, processor, messages_list, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None,
                        cache="dynamic"):
     """One response per chat with HF generate (greedy at temperature 0), vision tokens never sampled, as
@@ -346,6 +381,28 @@ class RunLog:
 #   llm = make_llm(path, seed=0, max_model_len=4096)          # under torchrun: one engine per rank
 #   outs = vllm_generate(llm, processor, messages_list, max_new_tokens=256, temperature=1.0, logprobs=True)
 #   push_weights(llm, model)                                   # after every optimiser step
+
+
+@torch.no_grad()
+def sample_responses(backend, model, llm, processor, messages_list, max_new_tokens, temperature, top_p, seeds,
+                     hf_cache="dynamic"):
+    """One sampled response per chat: dicts with token_ids (up to and including the first end-of-turn token),
+    text, finished, logprobs (vLLM's log-prob of each sampled token; None from HF)."""
+    if backend == "vllm":
+        return vllm_generate(llm, processor, messages_list, max_new_tokens, temperature, top_p, seeds, logprobs=True)
+    return generate_responses(model, processor, messages_list, max_new_tokens, temperature, top_p,
+                              seeds[0] if seeds else None, hf_cache)
+
+
+def pad_responses(responses, pad_id, device):
+    """Right-padded [B, R] response ids and mask (1 on every kept token, end-of-turn included)."""
+    R = max([len(r["token_ids"]) for r in responses] + [1])
+    ids = torch.full((len(responses), R), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(responses), R)
+    for i, r in enumerate(responses):
+        ids[i, :len(r["token_ids"])] = torch.tensor(r["token_ids"], dtype=torch.long)
+        mask[i, :len(r["token_ids"])] = 1
+    return ids.to(device), mask.to(device)
 
 
 def vllm_available():

@@ -145,3 +145,13 @@ def global_sum(values, device):
     if dist.is_initialized():
         dist.all_reduce(sums)
     return sums.tolist()
+
+
+def rank_checksums(params, world_size):
+    """Every rank's sum of its weights (all-gathered); a RuntimeError if the ranks hold different weights."""
+    checksums = [sum(full_tensor(p.detach()).double().sum().item() for p in params)] * world_size
+    if world_size > 1:
+        dist.all_gather_object(checksums, checksums[0])
+    if len(set(checksums)) > 1:
+        raise RuntimeError(f"ranks diverged: weight checksums {checksums}")
+    return checksums

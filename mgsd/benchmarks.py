@@ -4,8 +4,8 @@ docs/method.md §9. VSP's own pictures are used as they are; VisualPlanning's st
 pictures.render, as the reference does. Every instance is checked: our BFS plan has the benchmark's length,
 or the import stops with one error naming the file and line.
 
-    python benchmarks.py vsp SRC/vsp-frozenlake --out data/bench/vsp
-    python benchmarks.py visualplanning SRC/frozenlake-test.jsonl SRC/maze-test.jsonl SRC/minibehaviour-test.jsonl \\
+    python -m mgsd.benchmarks vsp SRC/vsp-frozenlake --out data/bench/vsp
+    python -m mgsd.benchmarks visualplanning SRC/frozenlake-test.jsonl SRC/maze-test.jsonl SRC/minibehaviour-test.jsonl \\
         --out data/bench/visualplanning
     python evaluate.py --model MODEL --data data/bench/vsp --condition both
 """
@@ -14,10 +14,8 @@ import re
 import shutil
 from pathlib import Path
 
-import cli
 import envs
-import pictures
-import splits
+from mgsd import cli, pictures, splits
 
 WALLS = {"north": "U", "east": "R", "south": "D", "west": "L"}
 
@@ -154,7 +152,7 @@ def write_split(items, out_dir, image_size=256, cell_size=None, style="plain"):
 
 
 def main(argv=None):
-    parser = cli.Parser(description=__doc__.split("\n\n")[0])
+    parser = cli.Parser(prog="python -m mgsd.benchmarks", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="benchmark", required=True, parser_class=cli.Parser)
     vsp = sub.add_parser("vsp", help="VSP FrozenLake: a folder of levelN/{table,img,metadata.json}")
     vsp.add_argument("src", help="the vsp-frozenlake folder")

@@ -1,5 +1,5 @@
-"""Data splits on disk (docs/method.md §6): the instances of a split, their rows, the writer and the
-loader, and the command line `python envs.py data / show` (envs.py hands its command line to main here).
+"""Data splits on disk (docs/method.md §6): the instances of a split, their rows, the writer, the loader, the
+scorer of any row (SCORERS), and the command line `python envs.py data / show` (envs.py hands it to main here).
 
 Data rows (one JSON line each, pictures as relative paths, see `instance_rows`):
   planning       student prompt (image) -> reference_response   (visual SFT on reference responses, the oracle)
@@ -8,6 +8,7 @@ Data rows (one JSON line each, pictures as relative paths, see `instance_rows`):
   teacher        teacher prompt         -> reference_response   (teaches a tiny base the teacher's prompt)
   perception     numbered questions (image) -> numbered answer  (stage-1 SFT)
   dynamics       forward / inverse (two images) / verify QA with exact labels (dynamics.py)
+  vision         generic grid pictures (grids.py, written by `python -m mgsd.tiny grids`)
 Commands: README.md, "Data".
 """
 import hashlib
@@ -17,14 +18,27 @@ import os
 import signal
 from pathlib import Path
 
-import cli
 from envs import (DEFAULT_LEVELS, LEVEL_RANGE, TASKS, _text, _user, direct_response, draft, generate, perception_answer,
-                  perception_messages, perception_prompt, reference_response, simulate, solve, student_messages,
-                  teacher_context, teacher_messages, text_state, text_student_messages)
-from pictures import STYLES, render, sprite_folder
+                  perception_messages, perception_prompt, reference_response, score_perception, score_planning,
+                  simulate, solve, student_messages, teacher_context, teacher_messages, text_state,
+                  text_student_messages)
+from mgsd import cli, dynamics, grids
+from mgsd.pictures import STYLES, render, sprite_folder
 
 KINDS = ("planning", "planning-direct", "text-planning", "teacher", "perception", "dynamics")
 SPLITS = {"train": (0, 0.0, 0.8), "val": (10**8, 0.8, 0.9), "test": (2 * 10**8, 0.9, 1.0)}  # seed base, hash range
+# The scorer of each row kind (a new kind: its module and one line here). vision: generic grids (grids.py).
+SCORERS = {"planning": lambda row, response: score_planning(row["state"], response),
+           "perception": lambda row, response: score_perception(row["state"], response),
+           "dynamics": dynamics.score, "vision": grids.score}
+SCORERS.update({kind: SCORERS["planning"] for kind in ("planning-direct", "text-planning", "teacher")})
+
+
+def score_row(row, response):
+    """The scores of a response to any data row, by its kind (SCORERS)."""
+    if row["kind"] not in SCORERS:
+        raise ValueError(f"unknown row kind {row['kind']!r}")
+    return SCORERS[row["kind"]](row, response)
 
 
 def collect(task, level, split, count):
@@ -106,8 +120,6 @@ def instance_rows(seed, state, split, kinds, image_size, cell_size=None, style="
         elif kind == "perception":
             rows.append(_message_row(row_base, kind, perception_messages(state, image), perception_answer(state), image=image))
         elif kind == "dynamics":
-            import dynamics
-
             for sub, question, answer, query in dynamics.questions(state, seed):
                 content = [_text(question), {"type": "image", "image": image}]
                 if sub == "inverse":
@@ -398,15 +410,13 @@ def _show(args):
     section("reference response", reference_response(state))
     section("perception prompt", perception_prompt(state))
     section("perception answer", perception_answer(state))
-    import dynamics
-
     for sub, question, answer, _ in dynamics.questions(state, args.seed):
         section(f"dynamics {sub}", f"{question}\n-> {answer}")
     print(f"picture written to {out}")
 
 
 def main(argv=None):
-    parser = cli.Parser(description=__doc__.split("\n\n")[0])
+    parser = cli.Parser(prog="envs.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=cli.Parser)
     data = sub.add_parser("data", help="write one split: DIR/data.jsonl and DIR/images/")
     data.add_argument("--out", required=True, help="output directory (written atomically)")
