@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import envs  # noqa: E402
-import splits  # noqa: E402
+from mgsd import splits  # noqa: E402
 
 # (task, state key, how the answer names it)
 POSITIONS = (("frozenlake", "start", "Player"), ("frozenlake", "goal", "goal"), ("maze", "start", "Player"),

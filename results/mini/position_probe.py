@@ -16,10 +16,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
 import envs  # noqa: E402
-import pictures  # noqa: E402
-import tiny  # noqa: E402
+from mgsd import common, grids, pictures  # noqa: E402
 
 torch.manual_seed(0)
 model, processor = common.load_model(ROOT / "models" / "mini-base")
@@ -47,8 +45,8 @@ def samples(count, make):
 
 
 def grid_objects(i):
-    grid = tiny.make_grid(i, (5,))
-    return tiny.draw_grid(grid), list(grid["objects"])
+    grid = grids.make_grid(i, (5,))
+    return grids.draw_grid(grid), list(grid["objects"])
 
 
 def task_object(task, level, key):
