@@ -113,8 +113,9 @@ def peer(kind, model_dir, rows, args, tmp):
 
     model, processor = common.load_model(model_dir)
     rows = (rows * (1 + (args.steps + 1) * args.batch_size // len(rows)))[:(args.steps + 1) * args.batch_size]
-    common_config = dict(output_dir=str(tmp / kind), per_device_train_batch_size=args.batch_size, max_steps=args.steps + 1,
-                         gradient_accumulation_steps=1, learning_rate=1e-6, temperature=1.0,
+    common_config = dict(output_dir=str(tmp / kind), per_device_train_batch_size=args.micro_batch_size,
+                         gradient_accumulation_steps=args.batch_size // args.micro_batch_size, max_steps=args.steps + 1,
+                         learning_rate=1e-6, temperature=1.0,
                          max_completion_length=args.max_new_tokens, gradient_checkpointing=args.grad_checkpointing,
                          bf16=False, fp16=False, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
                          dataloader_num_workers=0, shuffle_dataset=False, disable_tqdm=True)
