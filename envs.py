@@ -586,7 +586,10 @@ def score_perception(state, response):
     return {**result, "all_correct": all(result.values())}
 
 
-if __name__ == "__main__":  # `python envs.py data / show`: the data stage's command line lives with the writer
-    from mgsd import cli, splits
+if __name__ == "__main__":  # `python envs.py data / show`: the data stage's command line lives with the writer,
+    import os  # mgsd/splits.py, which builds on this module: handed over as a process, not imported
+    import sys
 
-    cli.interruptible(splits.main, "nothing written (a split is written whole or not at all)")
+    root = os.path.dirname(os.path.abspath(__file__))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    os.execv(sys.executable, [sys.executable, "-m", "mgsd.splits", *sys.argv[1:]])

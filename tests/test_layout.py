@@ -1,7 +1,7 @@
 """The house: the root holds the method's stage files, the plumbing lives in mgsd/, and no module imports
 another that imports it back (directly or round a longer circle). Imports are read from the source (ast), in
-functions too; a file's `if __name__ == "__main__":` block is left out, because Python runs it as the module
-`__main__`, not as the module the others import (envs.py's command line hands over to mgsd/splits.py there)."""
+functions and `if __name__ == "__main__":` blocks too (envs.py's command line hands over to mgsd/splits.py as a
+process, not by an import)."""
 import ast
 from pathlib import Path
 
@@ -16,15 +16,9 @@ def modules():
     return found
 
 
-def is_main_block(node):
-    test = getattr(node, "test", None)
-    return (isinstance(node, ast.If) and isinstance(test, ast.Compare) and isinstance(test.left, ast.Name)
-            and test.left.id == "__name__")
-
-
 def project_imports(path, names):
-    """The project modules a file imports, outside its __main__ block."""
-    found, todo = set(), [n for n in ast.parse(path.read_text()).body if not is_main_block(n)]
+    """The project modules a file imports, anywhere in it."""
+    found, todo = set(), list(ast.parse(path.read_text()).body)
     while todo:
         node = todo.pop()
         if isinstance(node, ast.Import):
@@ -84,7 +78,7 @@ def test_the_circle_finder_finds_a_circle(tmp_path):
     (tmp_path / "c.py").write_text("if __name__ == '__main__':\n    import a\n")
     names = {"a": tmp_path / "a.py", "b": tmp_path / "b.py", "c": tmp_path / "c.py"}
     assert project_imports(names["a"], names) == {"b"} and project_imports(names["b"], names) == {"a"}
-    assert project_imports(names["c"], names) == set()
+    assert project_imports(names["c"], names) == {"a"}
     graph = {name: project_imports(path, names) for name, path in names.items()}
     assert circles(graph) == [["a", "b", "a"]]
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
