@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from mgsd import chat_api, cli
+from envs import last_answer_block
+from mgsd import chat_api, cli, optim
 from mgsd.lora import LoRALinear
 
 # ------------------------------------------------------------------------------------------
@@ -565,3 +566,22 @@ def start_server(path, name, max_model_len=4096, max_logprobs=20, kv_cache_bytes
     proc.kill()
     raise RuntimeError(f"vllm serve {path} did not answer in {timeout_seconds} s")
 
+
+def step_log(args, step, responses, scores, student_lps, stats, times, device):
+    """opcd.py's log line of a step, summed over ranks; `stats` holds the step's sums (KL, loss, tokens) and its global
+    values (success, gradient norm). vllm_logprob_diff: mean |ℓ from vLLM − ℓ from the trainer| over the
+    sampled tokens (weights in sync: ~1e-6 in fp32)."""
+    drift, drift_tokens = 0.0, 0
+    for o, lp in zip(responses, student_lps):
+        if o["logprobs"] is not None:
+            k = len(o["token_ids"])
+            drift, drift_tokens = drift + (torch.tensor(o["logprobs"]) - lp[:k]).abs().sum().item(), drift_tokens + k
+    sums = optim.global_sum([stats["kl_sum"], stats["loss_sum"], drift, drift_tokens, sum(s["parse_ok"] for s in scores),
+                       sum(last_answer_block(o["text"]) is not None for o in responses),
+                       sum(len(o["token_ids"]) for o in responses), sum(not o["finished"] for o in responses)], device)
+    seconds, B = [b - a for a, b in zip(times, times[1:])], args.batch_size * args.samples_per_prompt
+    return {"step": step + 1, "reverse_kl": sums[0] / stats["n_tokens"], "loss": sums[1], "success": stats["success"],
+            "parse_rate": sums[4] / B, "format_rate": sums[5] / B, "response_tokens": sums[6] / B,
+            "truncated_rate": sums[7] / B, "vllm_logprob_diff": sums[2] / sums[3] if sums[3] else None,
+            "grad_norm": stats["grad_norm"], "lr": args.lr, "seconds_rollout": seconds[0], "seconds_teacher": seconds[1],
+            "seconds_train": seconds[2], "samples_per_second": B / sum(seconds)}
