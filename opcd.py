@@ -215,19 +215,34 @@ def sample_seed(seed, step, rank, i, salt=0):
     return (seed * 1_000_003 + step * 10_007 + rank * 101 + i + salt) % (2**31)
 
 
-@torch.no_grad()
-def teacher_scores(args, teacher, processor, rows, student_msgs, resp, micro, device):
-    """What the loss needs of the frozen teacher, per micro-batch. The teacher reads the privileged state as text
-    (and the reference plan), then the student's exact response ids: ℓ_T [B, R] (--loss sampled), its last hidden
-    states (full), or ℓ_T and its top-k ids and log-probs [B, R, K] (topk); None with --teacher none."""
+def teacher_prompts(args, processor, rows, student_in, device):
+    """The frozen teacher's prompts, encoded: the privileged state as text (and the reference plan); None with
+    --teacher none."""
     if args.teacher == "none":  # RL on the success reward alone
-        return [None] * len(micro)
-    teacher_msgs = [envs.teacher_messages(r["state"], with_plan=not args.no_teacher_plan) for r in rows]
+        return None
     if args.teacher_context == "image":  # ablation: the teacher knows no more than the student
-        teacher_msgs = student_msgs
+        return student_in
+    return common.encode_prompts(processor, [envs.teacher_messages(r["state"], with_plan=not args.no_teacher_plan)
+                                             for r in rows], device)
+
+
+def micro_batches(lengths, size):
+    """The step's rows in micro-batches of `size` rows of similar length (indices): the least padding in every
+    forward and backward. The loss is a sum over the step's tokens, whatever the grouping."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+@torch.no_grad()
+def teacher_scores(args, teacher, teacher_in, resp, micro):
+    """What the loss needs of the frozen teacher, per micro-batch. The teacher reads its prompt, then the student's
+    exact response ids: ℓ_T [B, R] (--loss sampled), its last hidden states (full), or ℓ_T and its top-k ids and
+    log-probs [B, R, K] (topk); None with --teacher none."""
+    if teacher_in is None:
+        return [None] * len(micro)
     T, out = args.temperature, []  # log-probs are those of logits / T, the distribution that was sampled
     for ix, (ids, mask) in zip(micro, resp):
-        prompts = common.encode_prompts(processor, [teacher_msgs[i] for i in ix], device)
+        prompts = common.take_prompts(teacher_in, ix)
         if args.teacher_url:  # from the server, for the same prompt and response ids
             out.append(common.served_teacher_scores(teacher, prompts, ids, mask, args.topk if args.loss == "topk" else 0))
         elif args.loss == "sampled":
@@ -270,21 +285,25 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
     k = args.samples_per_prompt  # each prompt's samples are consecutive: a group
     student_msgs = [m for m in student_turns(rows, args.text_share, args.image_prompt == "direct") for _ in range(k)]
     rows = [r for r in rows for _ in range(k)]
-    rank, n, mb = int(os.environ.get("RANK", 0)), len(rows), args.micro_batch_size
-    micro = [list(range(i, min(i + mb, n))) for i in range(0, n, mb)]
+    rank, n = int(os.environ.get("RANK", 0)), len(rows)
     times = [time.time()]
     # 1. Rollout: the student sees the image and samples --samples-per-prompt responses per prompt.
+    student_all = common.encode_prompts(processor, student_msgs, device)  # once: the HF rollout and the loss read it
     responses = common.sample_responses(args.rollout, model, llm, processor, student_msgs, args.max_new_tokens,
                                         args.temperature, args.top_p, [sample_seed(args.seed, step, rank, i) for i in range(n)],
-                                        args.hf_cache)
+                                        args.hf_cache, student_all)
     if llm is not None:
         common.llm_sleep(llm)  # GPU: the KV cache and the engine's weights make room for training
     scores = [envs.score_planning(r["state"], o["text"]) for r, o in zip(rows, responses)]
+    teacher_all = teacher_prompts(args, processor, rows, student_all, device)
+    lengths = (student_all["attention_mask"].sum(1) + torch.tensor([2 * len(o["token_ids"]) for o in responses], device=device)
+               + (0 if teacher_all is None else teacher_all["attention_mask"].sum(1)))  # both sequences' tokens
+    micro = micro_batches(lengths.tolist(), args.micro_batch_size)
     resp = [common.pad_responses([responses[i] for i in ix], processor.tokenizer.pad_token_id, device) for ix in micro]
-    student_in = [common.encode_prompts(processor, [student_msgs[i] for i in ix], device) for ix in micro]
+    student_in = [common.take_prompts(student_all, ix) for ix in micro]
     times.append(time.time())
     # 2. Teacher: the privileged state as text + the student's exact response ids; frozen.
-    teacher_out = teacher_scores(args, teacher, processor, rows, student_msgs, resp, micro, device)
+    teacher_out = teacher_scores(args, teacher, teacher_all, resp, micro)
     times.append(time.time())
     # 3. Loss: per-token reverse KL on the student's own tokens, token mean over the global batch.
     n_tokens, mean_success = global_sum([sum(m.sum().item() for _, m in resp), sum(s["success"] for s in scores)], device)
@@ -299,7 +318,7 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
         with torch.no_grad():
             old = [common.response_logprobs(model, s, ids, mask, args.temperature)
                    for s, (ids, mask) in zip(student_in, resp)]
-    kl_sum, loss_sum, student_lps, grad_norms = 0.0, 0.0, [], []
+    kl_sum, loss_sum, student_lps, grad_norms = 0.0, 0.0, [None] * n, []
     for update in range(args.updates_per_batch):
         for j, ix in enumerate(micro):
             ids, mask = resp[j]
@@ -308,7 +327,8 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
             loss.backward()
             if update == 0:
                 kl_sum, loss_sum = kl_sum + ((student_lp - teacher_lp) * mask).sum().item(), loss_sum + loss.item()
-                student_lps += list(student_lp.cpu())
+                for i, lp in zip(ix, student_lp.cpu()):  # in the responses' order
+                    student_lps[i] = lp
         # 4. Step: sum gradients over ranks (FSDP already did), clip, AdamW on fp32 master weights.
         all_reduce_grads(opt.params, 1 if args.fsdp else world_size)
         grad_norms.append(opt.step(args.max_grad_norm))

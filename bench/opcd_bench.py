@@ -6,6 +6,8 @@ Rows (--backends, --peers):
   reverse KL (--loss full), the frozen teacher reading our privileged prompt (the state as text, the reference plan);
 - ours, served: HF rollouts, the teacher behind a `vllm serve` of the same model that this bench starts
   (--teacher-url, --loss topk --topk 20: a served teacher returns top-k log-probs, not the full vocabulary);
+- ours, hf, before: the hf row as the step was before its micro-batches were grouped by length (consecutive rows,
+  as they come: every forward padded to the longest of any four prompts);
 - TRL DistillationTrainer (hf / vllm colocated; beta 1: the reverse KL over the full vocabulary, on-policy), on the
   same VLM rows (the picture and our student prompt). Its teacher reads the student's own prompt: TRL has no
   privileged-context input, so its teacher forward is over a shorter prompt than ours;
@@ -48,8 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward pass")
     p.add_argument("--max-new-tokens", type=int, default=128, help="response length cap (random models rarely stop)")
     p.add_argument("--steps", type=int, default=5, help="measured steps per row, after one warm-up step")
-    p.add_argument("--backends", default="hf,vllm,served", help="our rows: hf, vllm (rollout backends, in-process "
-                   "teacher), served (hf rollouts, the teacher served by vllm serve)")
+    p.add_argument("--backends", default="hf,hf-before,vllm,served", help="our rows: hf, vllm (rollout backends, "
+                   "in-process teacher), served (hf rollouts, the teacher served by vllm serve), hf-before (hf, "
+                   "micro-batches of consecutive rows: the step before length grouping)")
     p.add_argument("--peers", default="distillation,distillation-vllm,sdft", help="TRL rows: distillation (HF "
                    "generate), distillation-vllm (colocated vLLM), sdft; '' for none")
     p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing on both sides")
@@ -67,7 +70,7 @@ def ours(backend, model_dir, rows, args, tmp):
     served = common.start_server(model_dir, "teacher", max_logprobs=20) if backend == "served" else None
     extra = ["--teacher-url", served[1], "--loss", "topk", "--topk", "20"] if served else ["--loss", "full"]
     o = opcd.parse_args(["--model", model_dir, "--teacher", "teacher" if served else model_dir, "--data", str(tmp / "train"),
-                         "--out", str(tmp / "run"), "--rollout", "hf" if served else backend, "--batch-size",
+                         "--out", str(tmp / "run"), "--rollout", "vllm" if backend == "vllm" else "hf", "--batch-size",
                          str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size), "--max-new-tokens",
                          str(args.max_new_tokens), "--max-model-len", "4096", *extra]
                         + ([] if args.grad_checkpointing else ["--no-grad-checkpointing"]))
@@ -81,10 +84,15 @@ def ours(backend, model_dir, rows, args, tmp):
     if backend == "vllm":
         llm = common.make_llm(model_dir, max_model_len=4096, kv_cache_bytes=1 << 30)
         common.push_weights(llm, model)
+    grouped = opcd.micro_batches
+    if backend == "hf-before":
+        opcd.micro_batches = lambda lengths, size: [list(range(i, min(i + size, len(lengths))))
+                                                    for i in range(0, len(lengths), size)]
     try:
         logs = [opcd.opcd_step(o, step, opcd.batch_rows(rows, step, args.batch_size, 0, 0, 1), model, teacher, llm,
                                processor, opt, 1, torch.device("cpu")) for step in range(args.steps + 1)][1:]
     finally:
+        opcd.micro_batches = grouped
         if llm is not None:
             common.close_llm(llm)
         if served:
@@ -154,7 +162,7 @@ def main(argv=None):
     print(f"model {model_dir}: {n_params / 1e6:.1f}M parameters, {torch.get_num_threads()} threads, batch "
           f"{args.batch_size}, micro-batch {args.micro_batch_size}, max {args.max_new_tokens} new tokens, fp32, "
           f"{args.steps} measured steps (medians), gradient checkpointing {'on' if args.grad_checkpointing else 'off'}")
-    results = {f"ours, {b}": ours(b, model_dir, rows, args, tmp) for b in args.backends.split(",") if b}
+    results = {f"ours, {b.replace('-', ', ')}": ours(b, model_dir, rows, args, tmp) for b in args.backends.split(",") if b}
     peers = [k for k in args.peers.split(",") if k]
     try:
         import trl
@@ -176,7 +184,7 @@ def main(argv=None):
               f"{r['samples_per_second'] / first:.2f}x |")
     for name, r in results.items():
         if not name.startswith("ours"):
-            print(f"ours / {name}: " + ", ".join(f"{b.split(', ')[1]} {o['samples_per_second'] / r['samples_per_second']:.2f}x"
+            print(f"ours / {name}: " + ", ".join(f"{b.removeprefix('ours, ')} {o['samples_per_second'] / r['samples_per_second']:.2f}x"
                                                  for b, o in results.items() if b.startswith("ours")))
     if peers:
         print(f"peers: trl {trl.__version__}")

@@ -185,6 +185,26 @@ def encode_prompts(processor, messages_list, device="cpu"):
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def take_prompts(batch, ix):
+    """Rows `ix` of an encode_prompts batch, as encode_prompts would have made them alone: the left padding none
+    of them needs is dropped, and pixel_values / image_grid_thw keep their images (one grid row per image, its
+    patches in order; every image has merge² patches per token, a token being an mm_token_type_ids 1)."""
+    rows = torch.as_tensor(ix, device=batch["input_ids"].device)
+    first = int(batch["attention_mask"][rows].sum(0).nonzero()[0])
+    out = {k: batch[k][rows, first:] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    if "image_grid_thw" in batch:
+        grids = batch["image_grid_thw"]
+        patches = torch.cat([grids.new_zeros(1), grids.prod(-1).cumsum(0)])  # pixel_values rows of image i: patches[i:i+1]
+        image_tokens = (batch["mm_token_type_ids"] == 1).sum(1)
+        tokens = image_tokens.cumsum(0) * (patches[-1] // image_tokens.sum())  # patches of the images of rows <= r
+        images = torch.searchsorted(patches, torch.cat([tokens.new_zeros(1), tokens]))  # first image of each row
+        chosen = [i for r in ix for i in range(int(images[r]), int(images[r + 1]))]
+        if chosen:
+            out["image_grid_thw"] = grids[chosen]
+            out["pixel_values"] = torch.cat([batch["pixel_values"][int(patches[i]):int(patches[i + 1])] for i in chosen])
+    return out
+
+
 def vision_token_ids(processor):
     """Ids that must never be sampled: the vision special tokens."""
     tok = processor.tokenizer
@@ -303,18 +323,18 @@ def teacher_topk(hidden, head, tokens, mask, k, chunk=256, temperature=1.0):
 
 
 def generate_responses(model, processor, messages_list, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None,
-                       cache="dynamic"):
+                       cache="dynamic", prompts=None):
     """One response per chat with HF generate (greedy at temperature 0), vision tokens never sampled, as
     vllm_generate returns them: token_ids (up to and including the first end-of-turn token), logprobs
     (None), text, finished. The model runs in eval mode (HF turns the KV cache off under gradient
     checkpointing in train mode); an FSDP2 model is gathered, every rank running the same forwards.
     cache "static": a preallocated KV cache, with which HF compiles the decoding step on GPU (CUDA graphs:
-    no per-kernel launch cost); the same tokens as "dynamic"."""
+    no per-kernel launch cost); the same tokens as "dynamic". prompts: the chats already encoded (encode_prompts)."""
     from torch.distributed.fsdp import FSDPModule
 
     if not messages_list:
         return []
-    batch = encode_prompts(processor, messages_list, model.device)
+    batch = encode_prompts(processor, messages_list, model.device) if prompts is None else prompts
     eos = model.generation_config.eos_token_id  # a response ends at <|im_end|> or one of the model's own ids
     eos = {processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), *(eos if isinstance(eos, list) else [eos] if eos else [])}
     sharded, was_training = isinstance(model, FSDPModule), model.training
@@ -386,13 +406,14 @@ class RunLog:
 
 @torch.no_grad()
 def sample_responses(backend, model, llm, processor, messages_list, max_new_tokens, temperature, top_p, seeds,
-                     hf_cache="dynamic"):
+                     hf_cache="dynamic", prompts=None):
     """One sampled response per chat: dicts with token_ids (up to and including the first end-of-turn token),
-    text, finished, logprobs (vLLM's log-prob of each sampled token; None from HF)."""
+    text, finished, logprobs (vLLM's log-prob of each sampled token; None from HF). prompts: the chats encoded,
+    which HF generate reads instead of encoding them again."""
     if backend == "vllm":
         return vllm_generate(llm, processor, messages_list, max_new_tokens, temperature, top_p, seeds, logprobs=True)
     return generate_responses(model, processor, messages_list, max_new_tokens, temperature, top_p,
-                              seeds[0] if seeds else None, hf_cache)
+                              seeds[0] if seeds else None, hf_cache, prompts)
 
 
 def pad_responses(responses, pad_id, device):

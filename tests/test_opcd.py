@@ -220,6 +220,48 @@ def test_batched_logprobs_equal_single_row_logprobs(tiny, train_dir):
             assert torch.allclose(batched[i, :n], ref, atol=1e-5), (batched[i, :n] - ref).abs().max()
 
 
+def test_rows_taken_from_one_encoding_equal_their_own_encoding(tiny, train_dir):
+    """The step encodes its prompts once (common.take_prompts cuts the micro-batches): pictures and text prompts."""
+    _, processor = tiny
+    chats = opcd.student_turns(rows_of(train_dir, 6), text_share=0.5)  # 3 image prompts, then 3 text prompts
+    every = common.encode_prompts(processor, chats)
+    assert len(every["image_grid_thw"]) == 3
+    for ix in ([0, 1, 2, 3, 4, 5], [4, 1], [5, 3], [2], [3, 0, 5], [2, 0]):
+        alone = common.encode_prompts(processor, [chats[i] for i in ix])
+        taken = common.take_prompts(every, ix)
+        assert taken.keys() == alone.keys() and all(torch.equal(taken[k], alone[k]) for k in alone), ix
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_micro_batches_of_similar_length_take_the_same_step(tiny_model, train_dir, monkeypatch, loss):
+    """Grouping the rows by length changes the padding, not the step: the same loss, KL and gradients as
+    consecutive micro-batches, and the log-probs of the log stay in the responses' order."""
+    rows = splits.load_split(train_dir, kinds=["planning"])[::-1][:8]
+    args = opcd.parse_args(["--model", tiny_model, "--teacher", tiny_model, "--data", train_dir, "--out", "unused",
+                            "--rollout", "hf", "--batch-size", "8", "--micro-batch-size", "2", "--max-new-tokens", "12",
+                            "--loss", loss, "--text-share", "0.25", "--no-grad-checkpointing"])
+    consecutive = lambda lengths, size: [list(range(i, min(i + size, len(lengths)))) for i in range(0, len(lengths), size)]
+
+    def step(partition):
+        model, processor = common.load_model(tiny_model)
+        teacher = common.load_teacher(tiny_model, processor, "cpu", torch.float32)
+        opt = optim.MasterAdamW(model.train().parameters(), args.lr, tuple(args.betas), args.weight_decay)
+        grads, used, take = [], [], opt.step
+        monkeypatch.setattr(opt, "step", lambda *a: grads.extend(p.grad.clone() for p in opt.params) or take(*a))
+        monkeypatch.setattr(opcd, "micro_batches", lambda lengths, size: used.append(partition(lengths, size)) or used[-1])
+        log = opcd.opcd_step(args, 0, rows, model, teacher, None, processor, opt, 1, torch.device("cpu"))
+        return log, grads, used[0]
+
+    log, grads, grouped = step(opcd.micro_batches)
+    plain_log, plain_grads, plain = step(consecutive)
+    assert grouped != plain and sorted(sum(grouped, [])) == list(range(8))
+    assert log["response_tokens"] == plain_log["response_tokens"] and log["success"] == plain_log["success"]
+    for key in ("reverse_kl", "loss", "grad_norm"):
+        assert math.isclose(log[key], plain_log[key], rel_tol=1e-5, abs_tol=1e-7), (key, log[key], plain_log[key])
+    assert len(grads) == len(plain_grads) > 0
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads, plain_grads))
+
+
 def test_sampled_loss_averaged_over_the_students_distribution_has_the_exact_kl_gradient(tiny, train_dir):
     """In the real model: weighting the REINFORCE loss of every possible first response token by
     its student probability gives ∇KL(p_S ‖ p_T) at that position, the gradient of --loss full.
