@@ -226,10 +226,10 @@ def teacher_prompts(args, processor, rows, student_in, device):
                                              for r in rows], device)
 
 
-def micro_batches(lengths, size):
-    """The step's rows in micro-batches of `size` rows of similar length (indices): the least padding in every
-    forward and backward. The loss is a sum over the step's tokens, whatever the grouping."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+def micro_batches(keys, size):
+    """The step's rows in micro-batches of `size` rows of similar keys (indices; a key ends with the row's length):
+    the least padding in every forward and backward. The loss is a sum over the step's tokens, whatever the grouping."""
+    order = sorted(range(len(keys)), key=keys.__getitem__)
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
@@ -296,9 +296,11 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
         common.llm_sleep(llm)  # GPU: the KV cache and the engine's weights make room for training
     scores = [envs.score_planning(r["state"], o["text"]) for r, o in zip(rows, responses)]
     teacher_all = teacher_prompts(args, processor, rows, student_all, device)
-    lengths = (student_all["attention_mask"].sum(1) + torch.tensor([2 * len(o["token_ids"]) for o in responses], device=device)
-               + (0 if teacher_all is None else teacher_all["attention_mask"].sum(1)))  # both sequences' tokens
-    micro = micro_batches(lengths.tolist(), args.micro_batch_size)
+    tokens = (student_all["attention_mask"].sum(1) + torch.tensor([2 * len(o["token_ids"]) for o in responses], device=device)
+              + (0 if teacher_all is None else teacher_all["attention_mask"].sum(1)))  # both sequences' tokens
+    # Picture prompts first: every rank runs the vision tower in the same micro-batches (FSDP's lockstep).
+    micro = micro_batches(list(zip((student_all["mm_token_type_ids"] == 0).all(1).tolist(), tokens.tolist())),
+                          args.micro_batch_size)
     resp = [common.pad_responses([responses[i] for i in ix], processor.tokenizer.pad_token_id, device) for ix in micro]
     student_in = [common.take_prompts(student_all, ix) for ix in micro]
     times.append(time.time())

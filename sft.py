@@ -161,15 +161,19 @@ def sft_loss(model, batch, train_vision=False, chunk=1024):
 
 def step_batches(step, rows, steps_per_epoch, args, processor, rank, per_rank):
     """This rank's share of the global batch of `step`, encoded, in micro-batches. Every epoch is a seeded
-    permutation; the share is cut into micro-batches of rows of similar length (less padding: the step's
-    summed loss is the same in any grouping)."""
+    permutation."""
     epoch, index = divmod(step, steps_per_epoch)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
     batch_rows = [rows[i] for i in order[index * args.batch_size:(index + 1) * args.batch_size].tolist()]
-    mine = sorted((encode_chat(processor, r["messages"], args.max_length) for r in batch_rows[rank * per_rank:(rank + 1) * per_rank]),
-                  key=lambda e: len(e["input_ids"]))
-    pad = processor.tokenizer.pad_token_id
-    return [collate(mine[i:i + args.micro_batch_size], pad) for i in range(0, len(mine), args.micro_batch_size)]
+    mine = [encode_chat(processor, r["messages"], args.max_length) for r in batch_rows[rank * per_rank:(rank + 1) * per_rank]]
+    return micro_batches(mine, args.micro_batch_size, processor.tokenizer.pad_token_id)
+
+
+def micro_batches(examples, size, pad_id):
+    """Encoded rows in micro-batches of `size` rows of similar length: less padding, and the step's summed loss
+    is the same in any grouping."""
+    examples = sorted(examples, key=lambda e: len(e["input_ids"]))
+    return [collate(examples[i:i + size], pad_id) for i in range(0, len(examples), size)]
 
 
 def lr_at(step, total_steps, peak_lr, warmup_ratio):

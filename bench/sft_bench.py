@@ -2,8 +2,10 @@
 LoRA as two products and an add, the [tokens, vocab] fp32 logits at once; bench/gpu_bench.py's versions) and
 against TRL SFTTrainer + PEFT LoRA, same model/data/batch/LoRA.
 
-Both sides train one epoch over the same rows, in the same order, with the same micro-batch (no accumulation),
-LoRA r8 / alpha 16 / dropout 0 on the language model's q/k/v/o/gate/up/down projections, the
+Both sides train one epoch over the same rows, the same --batch-size rows an optimiser step in the same order, in
+micro-batches of --micro-batch-size rows (gradient accumulation: TRL's micro-batches are consecutive rows, ours the
+step's rows grouped by length as sft.py groups them), LoRA r8 / alpha 16 / dropout 0 on the language model's
+q/k/v/o/gate/up/down projections, the
 same learning-rate schedule, float32 on CPU (bf16 autocast on GPU), and the same
 gradient-checkpointing setting; the loss is on the answer tokens only on both sides (TRL:
 prompt-completion rows, completion-only loss). Each side runs in its own process.
@@ -16,7 +18,7 @@ TRL is not a project dependency: `pip install -r requirements-bench.txt` (trl) f
 the TRL column is left out.
 
     python bench/sft_bench.py                       # builds a tiny model and a small split in a temp dir
-    python bench/sft_bench.py --model models/small --data data/train --micro-batch-size 8 --rows 128
+    python bench/sft_bench.py --model models/small --data data/train --batch-size 16 --micro-batch-size 4 --rows 128
 """
 import argparse
 import json
@@ -38,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="model folder (default: build a tiny model in a temp dir)")
     p.add_argument("--data", default=None, help="split directory (default: a small perception + planning split)")
     p.add_argument("--rows", type=int, default=96, help="training rows (one epoch)")
-    p.add_argument("--micro-batch-size", type=int, default=8, help="rows per optimiser step on both sides")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per optimiser step on both sides")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="rows per forward and backward on both sides")
     p.add_argument("--max-length", type=int, default=2048, help="maximum tokens per row")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="gradient checkpointing on both sides")
@@ -105,20 +108,21 @@ def run_ours(args, rows, device):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    steps = len(rows) // args.micro_batch_size
+    steps = len(rows) // args.batch_size
     pad = processor.tokenizer.pad_token_id
     with PeakMemory(device) as mem:
         t0 = time.time()
         for step in range(steps):
-            chunk = rows[step * args.micro_batch_size:(step + 1) * args.micro_batch_size]
-            batch = sft.collate([sft.encode_chat(processor, r["messages"], args.max_length) for r in chunk], pad)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            n_target = int((batch["labels"][:, 1:] != -100).sum())
+            chunk = rows[step * args.batch_size:(step + 1) * args.batch_size]
+            micro = sft.micro_batches([sft.encode_chat(processor, r["messages"], args.max_length) for r in chunk],
+                                      args.micro_batch_size, pad)
+            n_target = sum(len(b["target_positions"]) for b in micro)
             for g in optimizer.param_groups:
                 g["lr"] = sft.lr_at(step, steps, 1e-4, 0.1)
-            with autocast:
-                loss = sft.sft_loss(model, batch) / n_target
-            loss.backward()
+            for batch in micro:
+                with autocast:
+                    loss = sft.sft_loss(model, {k: v.to(device) for k, v in batch.items()}) / n_target
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -147,7 +151,8 @@ def run_trl(args, rows, device):
 
     dataset = Dataset.from_list([to_trl(r) for r in rows])
     config = SFTConfig(output_dir=str(Path(args.result).parent / "trl-out"), per_device_train_batch_size=args.micro_batch_size,
-                       gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=1e-4,
+                       gradient_accumulation_steps=args.batch_size // args.micro_batch_size, num_train_epochs=1,
+                       learning_rate=1e-4,
                        lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.0, max_grad_norm=1.0,
                        max_length=args.max_length, gradient_checkpointing=args.grad_checkpointing,
                        gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=device.type == "cuda",
@@ -207,7 +212,9 @@ def compare(args, tmp):
                                         image_size=128))
     rows = [r for r in splits.load_split(args.data) if r.get("messages")][:args.rows]
     _, processor = common.load_model(args.model)
-    usable = len(rows) // args.micro_batch_size * args.micro_batch_size
+    if args.batch_size % args.micro_batch_size:
+        sys.exit(f"error: --batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
+    usable = len(rows) // args.batch_size * args.batch_size
     tokens = sum(len(sft.encode_chat(processor, r["messages"], args.max_length)["input_ids"]) for r in rows[:usable])
     results, sides = {}, ["before", "ours"]
     try:
@@ -218,14 +225,16 @@ def compare(args, tmp):
     for side in sides:
         out = tmp / f"{side}.json"
         cmd = [sys.executable, __file__, "--side", side, "--result", str(out), "--model", args.model, "--data", args.data,
-               "--rows", str(usable), "--micro-batch-size", str(args.micro_batch_size), "--max-length", str(args.max_length),
+               "--rows", str(usable), "--batch-size", str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size),
+               "--max-length", str(args.max_length),
                "--grad-checkpointing" if args.grad_checkpointing else "--no-grad-checkpointing"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"error: the {side} run failed:\n{proc.stderr[-3000:]}")
         results[side] = json.loads(out.read_text())
     ours = results["ours"]
-    print(f"SFT step, LoRA r8, {usable} rows x 1 epoch, micro-batch {args.micro_batch_size}, {tokens} tokens, "
+    print(f"SFT step, LoRA r8, {usable} rows x 1 epoch, batch {args.batch_size}, micro-batch {args.micro_batch_size}, "
+          f"{tokens} tokens, "
           f"grad checkpointing {'on' if args.grad_checkpointing else 'off'}, device {ours['device']}")
     names = {"before": "before", "ours": "ours", "trl": "TRL+PEFT"}
     print("| | " + " | ".join(names[side] for side in results) + " | ours/before |" + (" ours/TRL |" if "trl" in results else ""))

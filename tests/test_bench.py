@@ -47,7 +47,7 @@ def test_opcd_bench(tmp_path):
 
 
 def test_sft_bench_prints_ours_beside_the_code_as_it_was(tmp_path):
-    out = bench("sft_bench.py", "--rows", 8, "--micro-batch-size", 4, tmp_path=tmp_path)
+    out = bench("sft_bench.py", "--rows", 8, "--batch-size", 8, "--micro-batch-size", 4, tmp_path=tmp_path)
     row = next(line for line in out.splitlines() if line.startswith("| tokens/s"))
     assert min(numbers(row)) > 0 and len(numbers(row)) >= 3, out  # before, ours, ours/before (and TRL where installed)
 

@@ -108,6 +108,25 @@ def test_grad_checkpointing_gives_same_gradients(tiny_model, train_dir, processo
         torch.testing.assert_close(checkpointed[n], plain[n], atol=1e-6, rtol=1e-5)
 
 
+def test_micro_batches_of_similar_length_pad_less_and_keep_the_summed_gradient(tiny_model, train_dir, processor):
+    rows = splits.load_split(train_dir)[:8]
+    examples = [sft.encode_chat(processor, r["messages"]) for r in rows]
+    pad = processor.tokenizer.pad_token_id
+    grouped = sft.micro_batches(examples, 2, pad)
+    consecutive = [sft.collate(examples[i:i + 2], pad) for i in range(0, 8, 2)]
+    padding = [sum(b["attention_mask"].numel() - b["attention_mask"].sum().item() for b in m) for m in (grouped, consecutive)]
+    assert padding[0] < padding[1] and sum(b["input_ids"].shape[0] for b in grouped) == 8
+    model, _ = _lora_model_and_batch(tiny_model, train_dir, processor)
+    grads = []
+    for micro in (grouped, consecutive):
+        model.zero_grad(set_to_none=True)
+        for b in micro:
+            sft.sft_loss(model, b).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for n in grads[1]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
+
+
 def _lora_model_and_batch(tiny_model, train_dir, processor):
     rows = splits.load_split(train_dir)[:3]
     batch = sft.collate([sft.encode_chat(processor, r["messages"]) for r in rows], processor.tokenizer.pad_token_id)
