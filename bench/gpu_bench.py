@@ -121,8 +121,9 @@ def lora_forward_before(self, x):  # two products, a scale and an add (the adapt
 
 
 def sft_loss_before(model, batch, train_vision=False, chunk=None):
+    images = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}  # the tower ran inside the forward
     hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         mm_token_type_ids=batch["mm_token_type_ids"], use_cache=False)[0]
+                         mm_token_type_ids=batch["mm_token_type_ids"], use_cache=False, **images)[0]
     targets = batch["labels"][:, 1:]
     keep = targets != -100
     return F.cross_entropy(model.lm_head(hidden[:, :-1][keep]).float(), targets[keep], reduction="sum")

@@ -134,7 +134,10 @@ def peer(kind, model_dir, rows, args, tmp):
         data = Dataset.from_list([{"prompt": [{"role": "user", "content": envs.student_prompt(r["state"])}],
                                    "image": common.load_image(r["image"])} for r in rows])
         teacher, _ = common.load_model(model_dir)
-        vllm = dict(use_vllm=True, vllm_mode="colocate", vllm_max_model_length=4096) if kind.endswith("vllm") else {}
+        vocab = model.config.get_text_config().vocab_size  # TRL bans the image token in HF generate only: ban ours in vLLM
+        banned = set(common.unsampled_token_ids(processor, vocab))
+        vllm = dict(use_vllm=True, vllm_mode="colocate", vllm_max_model_length=4096, generation_kwargs={
+            "allowed_token_ids": [i for i in range(vocab) if i not in banned]}) if kind.endswith("vllm") else {}
         config = DistillationConfig(beta=1.0, **vllm, **common_config)
         trainer = DistillationTrainer(model=model, teacher_model=teacher, args=config, train_dataset=data,
                                       processing_class=processor, callbacks=[timer])
@@ -162,7 +165,10 @@ def main(argv=None):
     print(f"model {model_dir}: {n_params / 1e6:.1f}M parameters, {torch.get_num_threads()} threads, batch "
           f"{args.batch_size}, micro-batch {args.micro_batch_size}, max {args.max_new_tokens} new tokens, fp32, "
           f"{args.steps} measured steps (medians), gradient checkpointing {'on' if args.grad_checkpointing else 'off'}")
-    results = {f"ours, {b.replace('-', ', ')}": ours(b, model_dir, rows, args, tmp) for b in args.backends.split(",") if b}
+    results = {}
+    for b in [b for b in args.backends.split(",") if b]:
+        results[f"ours, {b.replace('-', ', ')}"] = r = ours(b, model_dir, rows, args, tmp)
+        print(f"ours, {b}: {r['seconds_step']:.2f} s/step", flush=True)
     peers = [k for k in args.peers.split(",") if k]
     try:
         import trl
@@ -172,7 +178,11 @@ def main(argv=None):
     for kind in peers:
         name = {"distillation": "TRL DistillationTrainer, hf", "distillation-vllm": "TRL DistillationTrainer, vllm",
                 "sdft": "TRL SDFTTrainer, hf (text prompts)"}[kind]
-        results[name] = peer(kind, model_dir, rows, args, tmp)
+        try:
+            results[name] = peer(kind, model_dir, rows, args, tmp)
+            print(f"{name}: {results[name]['seconds_step']:.2f} s/step", flush=True)
+        except Exception as e:  # a peer's failure is a row of the table, not the end of the others
+            print(f"{name} failed: {str(e).strip().splitlines()[-1][:200]}", flush=True)
     for r in results.values():
         r["samples_per_second"] = args.batch_size / r["seconds_step"]
     print(f"\n| row | rollout s | teacher s | train s | s/step | samples/s | vs {next(iter(results))} |")

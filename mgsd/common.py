@@ -234,10 +234,11 @@ def _head_logprobs(hidden, head, token_ids, temperature):
 def chunked_logprobs(hidden, head, token_ids, chunk=1024, temperature=1.0):
     """token_logprobs(head(hidden) / T, token_ids) for hidden [N, H], `chunk` rows at a time: the
     [N, vocab] logits never exist whole (a chunk's are recomputed in the backward pass), so a 151,936-token
-    head costs O(chunk x vocab) memory instead of O(N x vocab). Float32 result [N]."""
+    head costs O(chunk x vocab) memory instead of O(N x vocab). N <= chunk: one chunk, kept for the backward
+    pass (recomputing it would hold the same logits at the same moment, the backward's start). Float32 result [N]."""
     if len(token_ids) == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
-    grad = torch.is_grad_enabled()
+    grad = torch.is_grad_enabled() and len(token_ids) > chunk
     return torch.cat([checkpoint(_head_logprobs, hidden[i:i + chunk], head, token_ids[i:i + chunk], temperature,
                                  use_reentrant=False) if grad else
                       _head_logprobs(hidden[i:i + chunk], head, token_ids[i:i + chunk], temperature)

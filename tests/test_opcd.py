@@ -220,6 +220,21 @@ def test_batched_logprobs_equal_single_row_logprobs(tiny, train_dir):
             assert torch.allclose(batched[i, :n], ref, atol=1e-5), (batched[i, :n] - ref).abs().max()
 
 
+@pytest.mark.parametrize("n", [5, 13])
+def test_chunked_logprobs_equal_the_whole_log_softmax_in_value_and_gradient(n):
+    """chunk 8: 5 positions are one chunk kept for the backward, 13 are two recomputed ones."""
+    g = torch.Generator().manual_seed(0)
+    hidden, head = torch.randn(n, 6, generator=g, requires_grad=True), torch.nn.Linear(6, 11)
+    tokens = torch.randint(0, 11, (n,), generator=g)
+    chunked = common.chunked_logprobs(hidden, head, tokens, chunk=8, temperature=0.7)
+    grads = torch.autograd.grad((chunked * torch.arange(n)).sum(), [hidden, head.weight])
+    whole = F.log_softmax(head(hidden) / 0.7, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    expected = torch.autograd.grad((whole * torch.arange(n)).sum(), [hidden, head.weight])
+    torch.testing.assert_close(chunked, whole)
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b)
+
+
 def test_rows_taken_from_one_encoding_equal_their_own_encoding(tiny, train_dir):
     """The step encodes its prompts once (common.take_prompts cuts the micro-batches): pictures and text prompts."""
     _, processor = tiny
