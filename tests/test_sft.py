@@ -117,14 +117,15 @@ def test_micro_batches_of_similar_length_pad_less_and_keep_the_summed_gradient(t
     padding = [sum(b["attention_mask"].numel() - b["attention_mask"].sum().item() for b in m) for m in (grouped, consecutive)]
     assert padding[0] < padding[1] and sum(b["input_ids"].shape[0] for b in grouped) == 8
     model, _ = _lora_model_and_batch(tiny_model, train_dir, processor)
+    n_target = sum(len(b["target_positions"]) for b in grouped)  # the step's token mean, as sft.py takes it
     grads = []
     for micro in (grouped, consecutive):
         model.zero_grad(set_to_none=True)
         for b in micro:
-            sft.sft_loss(model, b).backward()
+            (sft.sft_loss(model, b) / n_target).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-    for n in grads[1]:
-        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
+    for n in grads[1]:  # float32 sums in another order: relative 1e-4
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-7, rtol=1e-4)
 
 
 def _lora_model_and_batch(tiny_model, train_dir, processor):
