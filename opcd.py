@@ -19,9 +19,7 @@ randomness seeded from (--seed, step, rank) so that --resume is exact. Memory: R
 """
 import argparse
 import json
-import math
 import os
-import random
 import shutil
 import time
 from pathlib import Path
@@ -185,17 +183,6 @@ def topk_reverse_kl(student_hidden, student_head, top_ids, top_logprobs, tokens,
 # Data, rollouts, batches
 
 
-def batch_rows(rows, step, batch_size, seed, rank, world_size):
-    """This rank's share of the global batch of `step`: epochs are fresh permutations seeded by
-    (seed, epoch), so the data position is a function of the step alone."""
-    per_epoch = len(rows) // batch_size
-    epoch, i = divmod(step, per_epoch)
-    order = list(range(len(rows)))
-    random.Random(seed * 100_003 + epoch).shuffle(order)
-    chosen = order[i * batch_size:(i + 1) * batch_size]
-    return [rows[j] for j in chosen[rank::world_size]]
-
-
 def student_turns(rows, text_share=0.0, direct=False):
     """The student's prompts: the image prompt, or, for the last `text_share` of the rows, the state as text
     (--text-share: the student keeps rehearsing text planning against the same teacher)."""
@@ -211,10 +198,6 @@ def group_advantages(success, group_size):
     return ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).view(-1)
 
 
-def sample_seed(seed, step, rank, i, salt=0):
-    return (seed * 1_000_003 + step * 10_007 + rank * 101 + i + salt) % (2**31)
-
-
 def teacher_prompts(args, processor, rows, student_in, device):
     """The frozen teacher's prompts, encoded: the privileged state as text (and the reference plan); None with
     --teacher none."""
@@ -224,13 +207,6 @@ def teacher_prompts(args, processor, rows, student_in, device):
         return student_in
     return common.encode_prompts(processor, [envs.teacher_messages(r["state"], with_plan=not args.no_teacher_plan)
                                              for r in rows], device)
-
-
-def micro_batches(keys, size):
-    """The step's rows in micro-batches of `size` rows of similar keys (indices; a key ends with the row's length):
-    the least padding in every forward and backward. The loss is a sum over the step's tokens, whatever the grouping."""
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    return [order[i:i + size] for i in range(0, len(order), size)]
 
 
 @torch.no_grad()
@@ -289,9 +265,9 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
     times = [time.time()]
     # 1. Rollout: the student sees the image and samples --samples-per-prompt responses per prompt.
     student_all = common.encode_prompts(processor, student_msgs, device)  # once: the HF rollout and the loss read it
+    seeds = [common.sample_seed(args.seed, step, rank, i) for i in range(n)]
     responses = common.sample_responses(args.rollout, model, llm, processor, student_msgs, args.max_new_tokens,
-                                        args.temperature, args.top_p, [sample_seed(args.seed, step, rank, i) for i in range(n)],
-                                        args.hf_cache, student_all)
+                                        args.temperature, args.top_p, seeds, args.hf_cache, student_all)
     if llm is not None:
         common.llm_sleep(llm)  # GPU: the KV cache and the engine's weights make room for training
     scores = [envs.score_planning(r["state"], o["text"]) for r, o in zip(rows, responses)]
@@ -299,7 +275,7 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
     tokens = (student_all["attention_mask"].sum(1) + torch.tensor([2 * len(o["token_ids"]) for o in responses], device=device)
               + (0 if teacher_all is None else teacher_all["attention_mask"].sum(1)))  # both sequences' tokens
     # Picture prompts first: every rank runs the vision tower in the same micro-batches (FSDP's lockstep).
-    micro = micro_batches(list(zip((student_all["mm_token_type_ids"] == 0).all(1).tolist(), tokens.tolist())),
+    micro = common.micro_batches(list(zip((student_all["mm_token_type_ids"] == 0).all(1).tolist(), tokens.tolist())),
                           args.micro_batch_size)
     resp = [common.pad_responses([responses[i] for i in ix], processor.tokenizer.pad_token_id, device) for ix in micro]
     student_in = [common.take_prompts(student_all, ix) for ix in micro]
@@ -342,34 +318,7 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
 
 
 # ------------------------------------------------------------------------------------------
-# Validation and the run
-
-
-@torch.no_grad()
-def validate(args, step, val_rows, model, llm, processor, rank, world_size):
-    """Sampled validation (T 0.6, top-p 0.95) of the student on its share of the val split; returns the
-    log entries val_macro_success and val_<task>_success over all ranks' episodes."""
-    if args.fsdp:  # sharded forwards run in lockstep: every rank needs as many rows as the others, per call
-        val_rows = val_rows[:len(val_rows) // world_size * world_size]
-    mine, chunk = val_rows[rank::world_size], max(1, args.batch_size // world_size)
-    calls = math.ceil(math.ceil(len(val_rows) / world_size) / chunk)  # the same on every rank (vLLM lockstep)
-    episodes = []
-    for c in range(calls):
-        rows = mine[c * chunk:(c + 1) * chunk]
-        prompts = [envs.student_messages(r["state"], r["image"], args.image_prompt == "direct") for r in rows]
-        outs = common.sample_responses(args.rollout, model, llm, processor, prompts,
-                       args.max_new_tokens, args.val_temperature, args.val_top_p,
-                       [sample_seed(args.seed, step, rank, c * chunk + i, salt=7_777_777) for i in range(len(rows))],
-                       args.hf_cache)
-        episodes += [dict(task=r["task"], level=r["level"], error=False, **envs.score_planning(r["state"], o["text"]))
-                     for r, o in zip(rows, outs)]
-    if world_size > 1:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, episodes)
-        episodes = [e for part in gathered for e in part]
-    agg = envs.aggregate(episodes)
-    return {"val_macro_success": agg["macro"]["success"], **{f"val_{t}_success": v["success"]
-                                                             for t, v in agg["per_task"].items()}}
+# The run (validation: common.validate)
 
 
 # Settings that may change when a run is resumed; any other difference is refused.
@@ -388,17 +337,7 @@ def main(argv=None):
         if not state_file.is_file():
             cli.fail(f"--resume: no {state_file}")
         cli.check_resume(json.loads((out / "args.json").read_text()), args, RESUMABLE)
-    if args.loss != "sampled" and (args.reward_coef or args.updates_per_batch > 1):
-        cli.fail("--reward-coef and --updates-per-batch > 1 need --loss sampled")
-    if args.teacher == "none" and (not args.reward_coef or args.teacher_url or args.teacher_context != "privileged"):
-        cli.fail("--teacher none trains on the success reward alone: it needs --reward-coef > 0, no --teacher-url and "
-                 "no --teacher-context")
-    if args.fsdp and (args.loss != "sampled" or args.lora_rank):
-        cli.fail("--fsdp supports neither --loss full / topk nor --lora-rank")
-    if args.teacher_url and (args.loss == "full" or args.teacher == "live" or args.temperature != 1.0
-                             or args.teacher_context == "image"):
-        cli.fail("--teacher-url serves the log-probs of T 1 of a separate model: it needs --loss sampled or topk, "
-                 "--temperature 1, a named --teacher and --teacher-context privileged")
+    cli.check_opcd_options(args)
     if args.rollout == "vllm" and not common.vllm_available():
         cli.fail("--rollout vllm: vllm is not installed (use --rollout hf)")
     ddp, rank, local_rank, world_size, device = common.compute_init(args.seed)
@@ -458,7 +397,7 @@ def main(argv=None):
     common.print0(f"OPCD: {len(train_rows)} train rows, {steps_per_epoch} steps/epoch, steps {start_step}->{total_steps}, "
                   f"{world_size} rank(s), rollout {args.rollout}, loss {args.loss}, teacher {args.teacher}")
     if start_step == 0 and val_rows:  # as the reference: validate the starting model, which may stay the best
-        val = validate(args, -1, val_rows, model, llm, processor, rank, world_size)
+        val = common.validate(args, -1, val_rows, model, llm, processor, rank, world_size)
         best = val["val_macro_success"]
         common.save_model(model, processor, out / "best", rank=rank)
         write_log({"step": 0, **val})
@@ -466,7 +405,7 @@ def main(argv=None):
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc="opcd")
     for step in range(start_step, total_steps):
-        rows = batch_rows(train_rows, step, args.batch_size, args.seed, rank, world_size)
+        rows = common.batch_rows(train_rows, step, args.batch_size, args.seed, rank, world_size)
         try:
             log = opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size, device)
         except chat_api.EndpointError as e:  # the served teacher stopped answering: this step is not taken
@@ -475,7 +414,7 @@ def main(argv=None):
         log["epoch"] = step // steps_per_epoch
         validate_now = (step + 1) % args.val_every == 0 or step + 1 == total_steps
         if val_rows and validate_now:  # keep the best checkpoint by macro success
-            log.update(validate(args, step, val_rows, model, llm, processor, rank, world_size))
+            log.update(common.validate(args, step, val_rows, model, llm, processor, rank, world_size))
             if log["val_macro_success"] > best:
                 best = log["val_macro_success"]
                 common.save_model(model, processor, out / "best", rank=rank)

@@ -170,10 +170,10 @@ def step_batches(step, rows, steps_per_epoch, args, processor, rank, per_rank):
 
 
 def micro_batches(examples, size, pad_id):
-    """Encoded rows in micro-batches of `size` rows of similar length: less padding, and the step's summed loss
-    is the same in any grouping."""
-    examples = sorted(examples, key=lambda e: len(e["input_ids"]))
-    return [collate(examples[i:i + size], pad_id) for i in range(0, len(examples), size)]
+    """Encoded rows in micro-batches of `size` rows of similar length (common.micro_batches): less padding, and the
+    step's summed loss is the same in any grouping."""
+    groups = common.micro_batches([len(e["input_ids"]) for e in examples], size)
+    return [collate([examples[i] for i in ix], pad_id) for ix in groups]
 
 
 def lr_at(step, total_steps, peak_lr, warmup_ratio):

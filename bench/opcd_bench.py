@@ -84,15 +84,15 @@ def ours(backend, model_dir, rows, args, tmp):
     if backend == "vllm":
         llm = common.make_llm(model_dir, max_model_len=4096, kv_cache_bytes=1 << 30)
         common.push_weights(llm, model)
-    grouped = opcd.micro_batches
+    grouped = common.micro_batches
     if backend == "hf-before":
-        opcd.micro_batches = lambda lengths, size: [list(range(i, min(i + size, len(lengths))))
+        common.micro_batches = lambda lengths, size: [list(range(i, min(i + size, len(lengths))))
                                                     for i in range(0, len(lengths), size)]
     try:
-        logs = [opcd.opcd_step(o, step, opcd.batch_rows(rows, step, args.batch_size, 0, 0, 1), model, teacher, llm,
+        logs = [opcd.opcd_step(o, step, common.batch_rows(rows, step, args.batch_size, 0, 0, 1), model, teacher, llm,
                                processor, opt, 1, torch.device("cpu")) for step in range(args.steps + 1)][1:]
     finally:
-        opcd.micro_batches = grouped
+        common.micro_batches = grouped
         if llm is not None:
             common.close_llm(llm)
         if served:

@@ -178,3 +178,18 @@ def atomic_dir(path):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
+
+
+def check_opcd_options(args):
+    """opcd.py's flags that do not go together: one line, exit 2."""
+    if args.loss != "sampled" and (args.reward_coef or args.updates_per_batch > 1):
+        fail("--reward-coef and --updates-per-batch > 1 need --loss sampled")
+    if args.teacher == "none" and (not args.reward_coef or args.teacher_url or args.teacher_context != "privileged"):
+        fail("--teacher none trains on the success reward alone: it needs --reward-coef > 0, no --teacher-url and "
+                 "no --teacher-context")
+    if args.fsdp and (args.loss != "sampled" or args.lora_rank):
+        fail("--fsdp supports neither --loss full / topk nor --lora-rank")
+    if args.teacher_url and (args.loss == "full" or args.teacher == "live" or args.temperature != 1.0
+                             or args.teacher_context == "image"):
+        fail("--teacher-url serves the log-probs of T 1 of a separate model: it needs --loss sampled or topk, "
+                 "--temperature 1, a named --teacher and --teacher-context privileged")

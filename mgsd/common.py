@@ -4,6 +4,7 @@ writes; prompt encoding (left padding); HF and vLLM decoding that ban the same t
 on the layout [left-padded prompt P | right-padded response R]; the run log; the in-process vLLM engine."""
 import importlib.util
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from envs import last_answer_block
+import envs
 from mgsd import chat_api, cli, optim
 from mgsd.lora import LoRALinear
 
@@ -589,6 +590,61 @@ def start_server(path, name, max_model_len=4096, max_logprobs=20, kv_cache_bytes
     raise RuntimeError(f"vllm serve {path} did not answer in {timeout_seconds} s")
 
 
+# ------------------------------------------------------------------------------------------
+# The training loops' plumbing (opcd.py; micro_batches also sft.py): data order, sampling seeds,
+# micro-batches, validation, the log line
+
+
+def batch_rows(rows, step, batch_size, seed, rank, world_size):
+    """This rank's share of the global batch of `step`: epochs are fresh permutations seeded by
+    (seed, epoch), so the data position is a function of the step alone."""
+    per_epoch = len(rows) // batch_size
+    epoch, i = divmod(step, per_epoch)
+    order = list(range(len(rows)))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    chosen = order[i * batch_size:(i + 1) * batch_size]
+    return [rows[j] for j in chosen[rank::world_size]]
+
+
+def sample_seed(seed, step, rank, i, salt=0):
+    return (seed * 1_000_003 + step * 10_007 + rank * 101 + i + salt) % (2**31)
+
+
+def micro_batches(keys, size):
+    """A step's rows (indices) in micro-batches of `size` rows of similar keys (a key ends with the row's length):
+    the least padding in every forward and backward; a loss summed over the step's tokens does not depend on the
+    grouping (opcd.py, sft.micro_batches)."""
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+@torch.no_grad()
+def validate(args, step, val_rows, model, llm, processor, rank, world_size):
+    """Sampled validation (T 0.6, top-p 0.95) of the student on its share of the val split; returns the
+    log entries val_macro_success and val_<task>_success over all ranks' episodes."""
+    if args.fsdp:  # sharded forwards run in lockstep: every rank needs as many rows as the others, per call
+        val_rows = val_rows[:len(val_rows) // world_size * world_size]
+    mine, chunk = val_rows[rank::world_size], max(1, args.batch_size // world_size)
+    calls = math.ceil(math.ceil(len(val_rows) / world_size) / chunk)  # the same on every rank (vLLM lockstep)
+    episodes = []
+    for c in range(calls):
+        rows = mine[c * chunk:(c + 1) * chunk]
+        prompts = [envs.student_messages(r["state"], r["image"], args.image_prompt == "direct") for r in rows]
+        outs = sample_responses(args.rollout, model, llm, processor, prompts,
+                       args.max_new_tokens, args.val_temperature, args.val_top_p,
+                       [sample_seed(args.seed, step, rank, c * chunk + i, salt=7_777_777) for i in range(len(rows))],
+                       args.hf_cache)
+        episodes += [dict(task=r["task"], level=r["level"], error=False, **envs.score_planning(r["state"], o["text"]))
+                     for r, o in zip(rows, outs)]
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, episodes)
+        episodes = [e for part in gathered for e in part]
+    agg = envs.aggregate(episodes)
+    return {"val_macro_success": agg["macro"]["success"], **{f"val_{t}_success": v["success"]
+                                                             for t, v in agg["per_task"].items()}}
+
+
 def step_log(args, step, responses, scores, student_lps, stats, times, device):
     """opcd.py's log line of a step, summed over ranks; `stats` holds the step's sums (KL, loss, tokens) and its global
     values (success, gradient norm). vllm_logprob_diff: mean |ℓ from vLLM − ℓ from the trainer| over the
@@ -599,7 +655,7 @@ def step_log(args, step, responses, scores, student_lps, stats, times, device):
             k = len(o["token_ids"])
             drift, drift_tokens = drift + (torch.tensor(o["logprobs"]) - lp[:k]).abs().sum().item(), drift_tokens + k
     sums = optim.global_sum([stats["kl_sum"], stats["loss_sum"], drift, drift_tokens, sum(s["parse_ok"] for s in scores),
-                       sum(last_answer_block(o["text"]) is not None for o in responses),
+                       sum(envs.last_answer_block(o["text"]) is not None for o in responses),
                        sum(len(o["token_ids"]) for o in responses), sum(not o["finished"] for o in responses)], device)
     seconds, B = [b - a for a, b in zip(times, times[1:])], args.batch_size * args.samples_per_prompt
     return {"step": step + 1, "reverse_kl": sums[0] / stats["n_tokens"], "loss": sums[1], "success": stats["success"],

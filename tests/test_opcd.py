@@ -263,11 +263,11 @@ def test_micro_batches_of_similar_length_take_the_same_step(tiny_model, train_di
         opt = optim.MasterAdamW(model.train().parameters(), args.lr, tuple(args.betas), args.weight_decay)
         grads, used, take = [], [], opt.step
         monkeypatch.setattr(opt, "step", lambda *a: grads.extend(p.grad.clone() for p in opt.params) or take(*a))
-        monkeypatch.setattr(opcd, "micro_batches", lambda lengths, size: used.append(partition(lengths, size)) or used[-1])
+        monkeypatch.setattr(common, "micro_batches", lambda lengths, size: used.append(partition(lengths, size)) or used[-1])
         log = opcd.opcd_step(args, 0, rows, model, teacher, None, processor, opt, 1, torch.device("cpu"))
         return log, grads, used[0]
 
-    log, grads, grouped = step(opcd.micro_batches)
+    log, grads, grouped = step(common.micro_batches)
     plain_log, plain_grads, plain = step(consecutive)
     assert grouped != plain and sorted(sum(grouped, [])) == list(range(8))
     assert log["response_tokens"] == plain_log["response_tokens"] and log["success"] == plain_log["success"]
