@@ -54,8 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=cli.positive_int, default=2048, help="maximum tokens per row (cut on the right)")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="non-reentrant gradient checkpointing of the decoder layers")
-    p.add_argument("--checkpoint-every", type=cli.positive_int, default=1,
-                   help="with --grad-checkpointing: recompute every K-th decoder layer only (the others keep their activations)")
+    p.add_argument("--checkpoint-share", type=cli.fraction, default=1.0,
+                   help="with --grad-checkpointing: the share of decoder layers recomputed, spread evenly (the others keep "
+                   "their activations: faster, more memory; default 1, all)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="dtype of the frozen weights (trained ones stay fp32); auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (GPU; the first steps compile)")
@@ -249,7 +250,7 @@ def load_checkpoint(path, model, optimizer):
 
 # Settings that may change when a run is resumed; any other difference is refused.
 RESUMABLE = {"resume", "overwrite", "max_steps", "val_every", "save_every", "val_size", "val_data", "max_new_tokens",
-             "grad_checkpointing", "checkpoint_every", "compile", "loader_workers", "loss_chunk"}
+             "grad_checkpointing", "checkpoint_share", "compile", "loader_workers", "loss_chunk"}
 
 
 def main(argv=None):
@@ -300,7 +301,7 @@ def main(argv=None):
         common.compute_cleanup()
         cli.fail(str(e).splitlines()[0])
     if args.grad_checkpointing:
-        common.enable_checkpointing(model, args.checkpoint_every)
+        common.enable_checkpointing(model, args.checkpoint_share)
     if args.compile:
         for layer in model.model.language_model.layers:
             layer.compile()

@@ -25,7 +25,6 @@ On CPU it runs a thin slice (--layers 1 --vocab 4096 --narrow 8, small batches) 
 import argparse
 import contextlib
 import functools
-import math
 import resource
 import sys
 import tempfile
@@ -85,7 +84,7 @@ def random_model(cfg, device, dtype, processor):
 # The honest count
 
 
-def flops_per_token(model, seq_len, checkpoint_every, chunked_loss):
+def flops_per_token(model, seq_len, checkpoint_share, chunked_loss):
     """(model FLOPs, hardware FLOPs) a trained token of a text-only step. Model FLOPs: 2 N forward and 2 N
     input-gradient for every matrix that runs (decoder linears, LoRA factors, the head; not the embedding
     lookup, not the vision tower, which a text step never runs), 2 N weight-gradient for the trainable ones
@@ -99,7 +98,7 @@ def flops_per_token(model, seq_len, checkpoint_every, chunked_loss):
     n_trained = sum(w.numel() for w in decoder + [model.lm_head.weight] if w.requires_grad)
     attention = 2 * seq_len * d * layers  # forward, causal
     model_flops = 4 * (n_decoder + n_head) + 2 * n_trained + 3 * attention
-    recomputed = 0 if not checkpoint_every else math.ceil(layers / checkpoint_every) / layers
+    recomputed = round(checkpoint_share * layers) / layers
     return model_flops, model_flops + recomputed * (2 * n_decoder + attention) + (2 * n_head if chunked_loss else 0)
 
 
@@ -148,28 +147,28 @@ def patched(obj, name, value):
 # The modes
 
 
-SFT_VARIANTS = {  # name: frozen weights in bf16, fused LoRA, chunked loss, recompute every K-th layer (0: none), compile
-    "before (fp32 frozen, unfused, whole logits, all layers recomputed)": (False, False, False, 1, False),
-    "all but compile": (True, True, True, 0, False),
-    "all": (True, True, True, 0, True),
-    "all but compile, checkpointing every 4th layer": (True, True, True, 4, False),
-    "before + bf16 frozen weights": (True, False, False, 1, False),
-    "before + fused LoRA": (False, True, False, 1, False),
-    "before + chunked loss": (False, False, True, 1, False),
-    "before + no checkpointing": (False, False, False, 0, False),
-    "before + compile": (False, False, False, 1, True),
+SFT_VARIANTS = {  # name: frozen weights in bf16, fused LoRA, chunked loss, share of layers recomputed (0: none), compile
+    "before (fp32 frozen, unfused, whole logits, all layers recomputed)": (False, False, False, 1.0, False),
+    "all but compile": (True, True, True, 0.0, False),
+    "all": (True, True, True, 0.0, True),
+    "all but compile, a quarter of the layers checkpointed": (True, True, True, 0.25, False),
+    "before + bf16 frozen weights": (True, False, False, 1.0, False),
+    "before + fused LoRA": (False, True, False, 1.0, False),
+    "before + chunked loss": (False, False, True, 1.0, False),
+    "before + no checkpointing": (False, False, False, 0.0, False),
+    "before + compile": (False, False, False, 1.0, True),
 }
 
 
 def bench_sft(cfg, processor, args, device, variant):
-    bf16, fused, chunked, every, compiled = variant
+    bf16, fused, chunked, share, compiled = variant
     model = random_model(cfg, device, torch.float32, processor)
     lora.add_lora(model, 16, 32, 0.0)
     for p in model.parameters():  # as sft.py --dtype: frozen weights bf16, the adapters fp32
         if not p.requires_grad and bf16:
             p.data = p.data.to(torch.bfloat16)
-    if every:
-        common.enable_checkpointing(model, every)
+    if share:
+        common.enable_checkpointing(model, share)
     if compiled:
         for layer in model.model.language_model.layers:
             layer.compile()
@@ -197,7 +196,7 @@ def bench_sft(cfg, processor, args, device, variant):
             times.append(time.time() - start)
     seconds = sorted(times[-args.steps:])[args.steps // 2]  # the median timed step
     tokens_per_s = args.micro_batch * args.seq_len / seconds
-    model_flops, hardware_flops = flops_per_token(model, args.seq_len, every, chunked)
+    model_flops, hardware_flops = flops_per_token(model, args.seq_len, share, chunked)
     peak = args.peak_flops
     return {"s/step": seconds, "tokens/s": tokens_per_s, "peak GiB": peak_memory(device),
             "MFU %": 100 * model_flops * tokens_per_s / peak if peak else None,

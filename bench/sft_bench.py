@@ -45,9 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=2048, help="maximum tokens per row")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="gradient checkpointing on both sides")
-    p.add_argument("--checkpoint-every", type=int, default=1, help="K > 1: one more column, ours checkpointing every "
-                   "K-th decoder layer only (sft.py --checkpoint-every; TRL checkpoints every layer)")
-    p.add_argument("--side", choices=["before", "ours", "ours-every", "trl"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint-share", type=float, default=1.0, help="below 1: one more column, ours checkpointing "
+                   "that share of the decoder layers only (sft.py --checkpoint-share; TRL checkpoints every layer)")
+    p.add_argument("--side", choices=["before", "ours", "ours-share", "trl"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -105,7 +105,7 @@ def run_ours(args, rows, device):
     model, processor = common.load_model(args.model, device)
     lora.add_lora(model, 8, 16, 0.0)
     if args.grad_checkpointing:
-        common.enable_checkpointing(model, args.checkpoint_every if args.side == "ours-every" else 1)
+        common.enable_checkpointing(model, args.checkpoint_share if args.side == "ours-share" else 1.0)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
@@ -218,7 +218,7 @@ def compare(args, tmp):
         sys.exit(f"error: --batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}")
     usable = len(rows) // args.batch_size * args.batch_size
     tokens = sum(len(sft.encode_chat(processor, r["messages"], args.max_length)["input_ids"]) for r in rows[:usable])
-    results, sides = {}, ["before", "ours"] + (["ours-every"] if args.checkpoint_every > 1 and args.grad_checkpointing else [])
+    results, sides = {}, ["before", "ours"] + (["ours-share"] if args.checkpoint_share < 1 and args.grad_checkpointing else [])
     try:
         import trl  # noqa: F401
         sides.append("trl")
@@ -228,7 +228,7 @@ def compare(args, tmp):
         out = tmp / f"{side}.json"
         cmd = [sys.executable, __file__, "--side", side, "--result", str(out), "--model", args.model, "--data", args.data,
                "--rows", str(usable), "--batch-size", str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size),
-               "--max-length", str(args.max_length), "--checkpoint-every", str(args.checkpoint_every),
+               "--max-length", str(args.max_length), "--checkpoint-share", str(args.checkpoint_share),
                "--grad-checkpointing" if args.grad_checkpointing else "--no-grad-checkpointing"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -238,10 +238,10 @@ def compare(args, tmp):
     print(f"SFT step, LoRA r8, {usable} rows x 1 epoch, batch {args.batch_size}, micro-batch {args.micro_batch_size}, "
           f"{tokens} tokens, "
           f"grad checkpointing {'on' if args.grad_checkpointing else 'off'}, device {ours['device']}")
-    names = {"before": "before", "ours": "ours", "ours-every": f"ours, 1 layer in {args.checkpoint_every} checkpointed",
+    names = {"before": "before", "ours": "ours", "ours-share": f"ours, {args.checkpoint_share:g} of the layers checkpointed",
              "trl": "TRL+PEFT"}
-    short = {"before": "before", "ours": "ours", "ours-every": f"ours every {args.checkpoint_every}", "trl": "TRL"}
-    pairs = [(a, b) for a, b in (("ours", "before"), ("ours", "trl"), ("ours-every", "trl")) if a in results and b in results]
+    short = {"before": "before", "ours": "ours", "ours-share": f"ours {args.checkpoint_share:g}", "trl": "TRL"}
+    pairs = [(a, b) for a, b in (("ours", "before"), ("ours", "trl"), ("ours-share", "trl")) if a in results and b in results]
     print("| | " + " | ".join(names[side] for side in results) + " | "
           + " | ".join(f"{short[a]}/{short[b]}" for a, b in pairs) + " |")
     print("|---|" + "---|" * (len(results) + len(pairs)))

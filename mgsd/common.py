@@ -64,12 +64,15 @@ def save_model(model, processor, out_dir, trainer_state=None, rank=0):
     return Path(out_dir)
 
 
-def enable_checkpointing(model, every=1):
-    """Non-reentrant gradient checkpointing of the vision blocks and of every `every`-th decoder layer (1:
-    all): the others keep their activations, and the backward pass recomputes 1/every of the forward."""
+def enable_checkpointing(model, share=1.0):
+    """Non-reentrant gradient checkpointing of the vision blocks and of round(share x L) of the L decoder
+    layers, spread evenly (1: all): the others keep their activations, so the backward pass recomputes that
+    share of the decoder's forward and memory grows by one layer's activations per layer left out."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for i, layer in enumerate(model.model.language_model.layers):
-        layer.gradient_checkpointing = i % every == 0
+    layers = model.model.language_model.layers
+    n, k = len(layers), round(share * len(layers))
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = (i + 1) * k // n > i * k // n
 
 
 def write_model_files(model, processor, folder, state_dict=None):

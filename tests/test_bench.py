@@ -47,9 +47,11 @@ def test_opcd_bench(tmp_path):
 
 
 def test_sft_bench_prints_ours_beside_the_code_as_it_was(tmp_path):
-    out = bench("sft_bench.py", "--rows", 8, "--batch-size", 8, "--micro-batch-size", 4, tmp_path=tmp_path)
+    out = bench("sft_bench.py", "--rows", 8, "--batch-size", 8, "--micro-batch-size", 4, "--checkpoint-share", 0.5,
+                tmp_path=tmp_path)
     row = next(line for line in out.splitlines() if line.startswith("| tokens/s"))
-    assert min(numbers(row)) > 0 and len(numbers(row)) >= 3, out  # before, ours, ours/before (and TRL where installed)
+    assert "ours, 0.5 of the layers checkpointed" in out, out
+    assert min(numbers(row)) > 0 and len(numbers(row)) >= 4, out  # before, ours, ours 0.5, ours/before (and TRL)
 
 
 @pytest.mark.parametrize("args", [[], ["--check", "--check-size", "tiny", "--check-tokens", 8]])

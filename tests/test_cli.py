@@ -14,12 +14,12 @@ import pipeline
 import sft
 from mgsd import benchmarks, cli, common, splits, tiny
 
-NUMBERS = {"positive": ["0", "-4", "x", "nan", "inf"], "nonneg": ["-1", "nan", "x"]}
+NUMBERS = {"positive": ["0", "-4", "x", "nan", "inf"], "nonneg": ["-1", "nan", "x"], "fraction": ["1.5", "-0.1", "nan"]}
 SFT_NUMBERS = {"--batch-size": "positive", "--micro-batch-size": "positive", "--lora-rank": "positive",
                "--max-length": "positive", "--max-new-tokens": "positive", "--val-size": "positive",
                "--lr": "positive", "--epochs": "positive", "--lora-alpha": "positive", "--warmup-ratio": "nonneg",
                "--weight-decay": "nonneg", "--max-grad-norm": "nonneg", "--lora-dropout": "nonneg",
-               "--val-every": "nonneg", "--save-every": "nonneg", "--max-steps": "nonneg", "--checkpoint-every": "positive",
+               "--val-every": "nonneg", "--save-every": "nonneg", "--max-steps": "nonneg", "--checkpoint-share": "fraction",
                "--loss-chunk": "positive", "--loader-workers": "nonneg"}
 OPCD_NUMBERS = {"--batch-size": "positive", "--micro-batch-size": "positive", "--max-new-tokens": "positive",
                 "--kl-chunk": "positive", "--val-every": "positive", "--updates-per-batch": "positive",

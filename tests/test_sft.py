@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -139,11 +140,20 @@ def _lora_model_and_batch(tiny_model, train_dir, processor):
     return model.train(), batch
 
 
-def test_checkpointing_every_second_layer_recomputes_those_only_and_keeps_the_gradients(tiny_model, train_dir, processor):
+@pytest.mark.parametrize("share, n, chosen", [(1.0, 8, range(8)), (0.75, 8, [1, 2, 3, 5, 6, 7]), (0.5, 8, [1, 3, 5, 7]),
+                                               (0.25, 36, [3, 7, 11, 15, 19, 23, 27, 31, 35]), (0.0, 8, [])])
+def test_a_share_of_the_layers_checkpointed_is_that_many_spread_evenly(share, n, chosen):
+    model = types.SimpleNamespace(gradient_checkpointing_enable=lambda **kw: None, model=types.SimpleNamespace(
+        language_model=types.SimpleNamespace(layers=[types.SimpleNamespace() for _ in range(n)])))
+    common.enable_checkpointing(model, share)
+    assert [i for i, layer in enumerate(model.model.language_model.layers) if layer.gradient_checkpointing] == list(chosen)
+
+
+def test_checkpointing_half_the_layers_recomputes_those_only_and_keeps_the_gradients(tiny_model, train_dir, processor):
     model, batch = _lora_model_and_batch(tiny_model, train_dir, processor)
     plain = _grads(model, batch)
-    common.enable_checkpointing(model, every=2)
-    assert [layer.gradient_checkpointing for layer in model.model.language_model.layers] == [True, False]
+    common.enable_checkpointing(model, share=0.5)
+    assert [layer.gradient_checkpointing for layer in model.model.language_model.layers] == [False, True]
     selective = _grads(model, batch)
     for n in plain:
         torch.testing.assert_close(selective[n], plain[n], atol=1e-6, rtol=1e-5)
