@@ -372,7 +372,7 @@ def main(argv=None):
     elif args.freeze_vision:
         model.model.visual.requires_grad_(False)
     if args.grad_checkpointing:  # activations of a layer are recomputed in the backward pass, not stored
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        common.enable_checkpointing(model)
     model.train()
     if args.fsdp and ddp:
         shard_model(model)
