@@ -8,6 +8,9 @@ Rows (--backends, --peers):
   (--teacher-url, --loss topk --topk 20: a served teacher returns top-k log-probs, not the full vocabulary);
 - ours, hf, before: the hf row as the step was before its micro-batches were grouped by length (consecutive rows,
   as they come: every forward padded to the longest of any four prompts);
+- ours, hf, student prompt: the hf row with the teacher reading the student's own picture prompt
+  (--teacher-context image), as DistillationTrainer's does: both sides do the same work, which the ratio of this row
+  to that peer measures;
 - TRL DistillationTrainer (hf / vllm colocated; beta 1: the reverse KL over the full vocabulary, on-policy), on the
   same VLM rows (the picture and our student prompt). Its teacher reads the student's own prompt: TRL has no
   privileged-context input, so its teacher forward is over a shorter prompt than ours;
@@ -16,7 +19,8 @@ Rows (--backends, --peers):
   teacher's privileged context (the state as text, the reference plan). SDFT takes text prompts only (no image
   column), so its student reads our prompt without the picture.
 Each row: one warm-up step, then --steps measured steps; the table gives the medians (seconds per phase for ours,
-seconds a step, samples/s) and every row's samples/s as a ratio to ours. Gradient checkpointing is off on both
+seconds a step, samples/s; a peer's step is the wall time from one optimiser step's end to the next, its data
+loading included) and every row's samples/s as a ratio to ours. Gradient checkpointing is off on both
 sides unless --grad-checkpointing. TRL is not a project dependency: pip install -r requirements-bench.txt; without it
 the peer rows are left out.
 
@@ -42,6 +46,10 @@ import opcd  # noqa: E402
 from mgsd import chat_api, common, optim, splits, tiny  # noqa: E402
 
 
+OURS = {"hf": "ours, hf", "hf-student-prompt": "ours, hf, teacher on the student's prompt", "hf-before": "ours, hf, before",
+        "vllm": "ours, vllm", "served": "ours, served"}  # --backends: the row's name
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model folder (default: build a tiny model of --size in a temp dir)")
@@ -50,13 +58,19 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward pass")
     p.add_argument("--max-new-tokens", type=int, default=128, help="response length cap (random models rarely stop)")
     p.add_argument("--steps", type=int, default=5, help="measured steps per row, after one warm-up step")
-    p.add_argument("--backends", default="hf,hf-before,vllm,served", help="our rows: hf, vllm (rollout backends, "
-                   "in-process teacher), served (hf rollouts, the teacher served by vllm serve), hf-before (hf, "
-                   "micro-batches of consecutive rows: the step before length grouping)")
+    p.add_argument("--backends", default="hf,hf-student-prompt,hf-before,vllm,served",
+                   help="our rows: hf, vllm (rollout backends, in-process teacher), served (hf rollouts, the teacher "
+                   "served by vllm serve), hf-student-prompt (hf, the teacher reading the student's picture prompt, as "
+                   "DistillationTrainer's does), hf-before (hf, micro-batches of consecutive rows: the step before "
+                   "length grouping)")
     p.add_argument("--peers", default="distillation,distillation-vllm,sdft", help="TRL rows: distillation (HF "
                    "generate), distillation-vllm (colocated vLLM), sdft; '' for none")
     p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing on both sides")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.backends.split(",")) - set(OURS) - {""})
+    if unknown:
+        p.error(f"--backends: unknown {', '.join(unknown)} (choose from {', '.join(OURS)})")
+    return args
 
 
 def median(xs):
@@ -69,13 +83,14 @@ def ours(backend, model_dir, rows, args, tmp):
     model, processor = common.load_model(model_dir)
     served = common.start_server(model_dir, "teacher", max_logprobs=20) if backend == "served" else None
     extra = ["--teacher-url", served[1], "--loss", "topk", "--topk", "20"] if served else ["--loss", "full"]
+    extra += ["--teacher-context", "image"] if backend == "hf-student-prompt" else []
     o = opcd.parse_args(["--model", model_dir, "--teacher", "teacher" if served else model_dir, "--data", str(tmp / "train"),
                          "--out", str(tmp / "run"), "--rollout", "vllm" if backend == "vllm" else "hf", "--batch-size",
                          str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size), "--max-new-tokens",
                          str(args.max_new_tokens), "--max-model-len", "4096", *extra]
                         + ([] if args.grad_checkpointing else ["--no-grad-checkpointing"]))
     if args.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        common.enable_checkpointing(model)  # as opcd.py does
     model.train()
     opt = optim.MasterAdamW(model.parameters(), o.lr, tuple(o.betas), o.weight_decay)
     teacher = chat_api.ServedTeacher(served[1], "teacher") if served else common.load_teacher(model_dir, processor, "cpu",
@@ -109,15 +124,16 @@ def peer(kind, model_dir, rows, args, tmp):
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    class Timer(TrainerCallback):
+    class Timer(TrainerCallback):  # a step: from the previous step's end (the start of training) to this one's
         def __init__(self):
             self.seconds = []
 
-        def on_step_begin(self, *a, **k):
-            self.start = time.time()
+        def on_train_begin(self, *a, **k):
+            self.last = time.time()
 
         def on_step_end(self, *a, **k):
-            self.seconds.append(time.time() - self.start)
+            self.seconds.append(time.time() - self.last)
+            self.last = time.time()
 
     model, processor = common.load_model(model_dir)
     rows = (rows * (1 + (args.steps + 1) * args.batch_size // len(rows)))[:(args.steps + 1) * args.batch_size]
@@ -167,7 +183,7 @@ def main(argv=None):
           f"{args.steps} measured steps (medians), gradient checkpointing {'on' if args.grad_checkpointing else 'off'}")
     results = {}
     for b in [b for b in args.backends.split(",") if b]:
-        results[f"ours, {b.replace('-', ', ')}"] = r = ours(b, model_dir, rows, args, tmp)
+        results[OURS[b]] = r = ours(b, model_dir, rows, args, tmp)
         print(f"ours, {b}: {r['seconds_step']:.2f} s/step", flush=True)
     peers = [k for k in args.peers.split(",") if k]
     try:

@@ -37,13 +37,14 @@ def test_eval_bench(tmp_path):
 
 def test_opcd_bench(tmp_path):
     out = bench("opcd_bench.py", "--size", "tiny", "--batch-size", 2, "--micro-batch-size", 2, "--max-new-tokens", 4,
-                "--steps", 1, "--backends", "hf,hf-before,vllm", "--peers", "distillation,sdft", tmp_path=tmp_path)
+                "--steps", 1, "--backends", "hf,hf-student-prompt,hf-before,vllm", "--peers", "distillation,sdft",
+                tmp_path=tmp_path)
     rows = {line.split("|")[1].strip(): numbers(line) for line in out.splitlines() if line.startswith("| ours")
             or line.startswith("| TRL")}
-    assert {"ours, hf", "ours, hf, before", "ours, vllm"} <= set(rows), out
+    assert {"ours, hf", "ours, hf, teacher on the student's prompt", "ours, hf, before", "ours, vllm"} <= set(rows), out
     for name, cells in rows.items():  # ours: rollout, teacher, train, s/step, samples/s, ratio; a peer: the last three
         assert len(cells) == (6 if name.startswith("ours") else 3) and min(cells) > 0, out
-    assert rows["ours, hf"][-1] == 1.0 and ("TRL is not installed" in out or len(rows) == 5), out
+    assert rows["ours, hf"][-1] == 1.0 and ("TRL is not installed" in out or len(rows) == 6), out
 
 
 def test_sft_bench_prints_ours_beside_the_code_as_it_was(tmp_path):
@@ -58,3 +59,9 @@ def test_sft_bench_prints_ours_beside_the_code_as_it_was(tmp_path):
 def test_memory_plan(args, tmp_path):
     out = bench("memory_plan.py", *args, tmp_path=tmp_path)
     assert ("| full, --master stochastic | 76 fits |" in out) if not args else "measured growth" in out, out
+
+
+def test_opcd_bench_refuses_an_unknown_row_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "opcd_bench.py"), "--backends", "hf,gpu"], cwd=tmp_path,
+                          text=True, capture_output=True, timeout=120)
+    assert proc.returncode == 2 and "--backends: unknown gpu" in proc.stderr.splitlines()[-1], proc.stderr
