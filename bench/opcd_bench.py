@@ -11,13 +11,15 @@ Rows (--backends, --peers):
 - ours, hf, student prompt: the hf row with the teacher reading the student's own picture prompt
   (--teacher-context image), as DistillationTrainer's does: both sides do the same work, which the ratio of this row
   to that peer measures;
+- ours, hf, text prompts: the hf row with the student reading the state as text, not the picture (--text-share 1),
+  as SDFTTrainer's student does: the same work as that peer;
 - TRL DistillationTrainer (hf / vllm colocated; beta 1: the reverse KL over the full vocabulary, on-policy), on the
   same VLM rows (the picture and our student prompt). Its teacher reads the student's own prompt: TRL has no
   privileged-context input, so its teacher forward is over a shorter prompt than ours;
 - TRL SDFTTrainer (hf; the privileged teacher of self-distillation, distillation_mode full_logits, alpha 1: the
   reverse KL), its teacher a frozen copy of the student ("base") reading the student's prompt followed by our
   teacher's privileged context (the state as text, the reference plan). SDFT takes text prompts only (no image
-  column), so its student reads our prompt without the picture.
+  column), so its student reads our text prompt (the state as text), as ours does in the hf-text row.
 Each row: one warm-up step, then --steps measured steps; the table gives the medians (seconds per phase for ours,
 seconds a step, samples/s; a peer's step is the wall time from one optimiser step's end to the next, its data
 loading included) and every row's samples/s as a ratio to ours. Gradient checkpointing is off on both
@@ -46,8 +48,8 @@ import opcd  # noqa: E402
 from mgsd import chat_api, common, optim, splits, tiny  # noqa: E402
 
 
-OURS = {"hf": "ours, hf", "hf-student-prompt": "ours, hf, teacher on the student's prompt", "hf-before": "ours, hf, before",
-        "vllm": "ours, vllm", "served": "ours, served"}  # --backends: the row's name
+OURS = {"hf": "ours, hf", "hf-student-prompt": "ours, hf, teacher on the student's prompt", "hf-text": "ours, hf, text prompts",
+        "hf-before": "ours, hf, before", "vllm": "ours, vllm", "served": "ours, served"}  # --backends: the row's name
 
 
 def parse_args(argv=None):
@@ -58,11 +60,11 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward pass")
     p.add_argument("--max-new-tokens", type=int, default=128, help="response length cap (random models rarely stop)")
     p.add_argument("--steps", type=int, default=5, help="measured steps per row, after one warm-up step")
-    p.add_argument("--backends", default="hf,hf-student-prompt,hf-before,vllm,served",
+    p.add_argument("--backends", default="hf,hf-student-prompt,hf-text,hf-before,vllm,served",
                    help="our rows: hf, vllm (rollout backends, in-process teacher), served (hf rollouts, the teacher "
                    "served by vllm serve), hf-student-prompt (hf, the teacher reading the student's picture prompt, as "
-                   "DistillationTrainer's does), hf-before (hf, micro-batches of consecutive rows: the step before "
-                   "length grouping)")
+                   "DistillationTrainer's does), hf-text (hf, the student reading text prompts, as SDFTTrainer's does), "
+                   "hf-before (hf, micro-batches of consecutive rows: the step before length grouping)")
     p.add_argument("--peers", default="distillation,distillation-vllm,sdft", help="TRL rows: distillation (HF "
                    "generate), distillation-vllm (colocated vLLM), sdft; '' for none")
     p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing on both sides")
@@ -83,7 +85,7 @@ def ours(backend, model_dir, rows, args, tmp):
     model, processor = common.load_model(model_dir)
     served = common.start_server(model_dir, "teacher", max_logprobs=20) if backend == "served" else None
     extra = ["--teacher-url", served[1], "--loss", "topk", "--topk", "20"] if served else ["--loss", "full"]
-    extra += ["--teacher-context", "image"] if backend == "hf-student-prompt" else []
+    extra += {"hf-student-prompt": ["--teacher-context", "image"], "hf-text": ["--text-share", "1"]}.get(backend, [])
     o = opcd.parse_args(["--model", model_dir, "--teacher", "teacher" if served else model_dir, "--data", str(tmp / "train"),
                          "--out", str(tmp / "run"), "--rollout", "vllm" if backend == "vllm" else "hf", "--batch-size",
                          str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size), "--max-new-tokens",
@@ -160,7 +162,8 @@ def peer(kind, model_dir, rows, args, tmp):
     else:
         from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
-        data = Dataset.from_list([{"prompt": [{"role": "user", "content": envs.student_prompt(r["state"])}],
+        data = Dataset.from_list([{"prompt": [{"role": "user", "content": envs.text_student_messages(r["state"])[0]
+                                               ["content"][0]["text"]}],  # the state as text: SDFT reads no picture
                                    "privileged_context": envs.teacher_context(r["state"])} for r in rows])
         config = SDFTConfig(teacher_model_kind="base", distillation_mode="full_logits", distillation_alpha=1.0,
                             num_generations=1, **common_config)  # the teacher: "{prompt}\n\n{privileged_context}"
@@ -193,7 +196,7 @@ def main(argv=None):
         peers = []
     for kind in peers:
         name = {"distillation": "TRL DistillationTrainer, hf", "distillation-vllm": "TRL DistillationTrainer, vllm",
-                "sdft": "TRL SDFTTrainer, hf (text prompts)"}[kind]
+                "sdft": "TRL SDFTTrainer, hf, text prompts"}[kind]
         try:
             results[name] = peer(kind, model_dir, rows, args, tmp)
             print(f"{name}: {results[name]['seconds_step']:.2f} s/step", flush=True)

@@ -37,14 +37,15 @@ def test_eval_bench(tmp_path):
 
 def test_opcd_bench(tmp_path):
     out = bench("opcd_bench.py", "--size", "tiny", "--batch-size", 2, "--micro-batch-size", 2, "--max-new-tokens", 4,
-                "--steps", 1, "--backends", "hf,hf-student-prompt,hf-before,vllm", "--peers", "distillation,sdft",
+                "--steps", 1, "--backends", "hf,hf-student-prompt,hf-text,hf-before,vllm", "--peers", "distillation,sdft",
                 tmp_path=tmp_path)
     rows = {line.split("|")[1].strip(): numbers(line) for line in out.splitlines() if line.startswith("| ours")
             or line.startswith("| TRL")}
-    assert {"ours, hf", "ours, hf, teacher on the student's prompt", "ours, hf, before", "ours, vllm"} <= set(rows), out
+    assert {"ours, hf", "ours, hf, teacher on the student's prompt", "ours, hf, text prompts",
+            "ours, hf, before", "ours, vllm"} <= set(rows), out
     for name, cells in rows.items():  # ours: rollout, teacher, train, s/step, samples/s, ratio; a peer: the last three
         assert len(cells) == (6 if name.startswith("ours") else 3) and min(cells) > 0, out
-    assert rows["ours, hf"][-1] == 1.0 and ("TRL is not installed" in out or len(rows) == 6), out
+    assert rows["ours, hf"][-1] == 1.0 and ("TRL is not installed" in out or len(rows) == 7), out
 
 
 def test_sft_bench_prints_ours_beside_the_code_as_it_was(tmp_path):
