@@ -20,6 +20,8 @@ Rows (--backends, --peers):
   reverse KL), its teacher a frozen copy of the student ("base") reading the student's prompt followed by our
   teacher's privileged context (the state as text, the reference plan). SDFT takes text prompts only (no image
   column), so its student reads our text prompt (the state as text), as ours does in the hf-text row.
+The peers' models run HF's own SDPA attention, as from_pretrained gives it; ours, on CPU, common.sdpa_shared_kv (the
+same attention without HF's copies of the key/value heads).
 Each row: one warm-up step, then --steps measured steps; the table gives the medians (seconds per phase for ours,
 seconds a step, samples/s; a peer's step is the wall time from one optimiser step's end to the next, its data
 loading included) and every row's samples/s as a ratio to ours. Gradient checkpointing is off on both
@@ -138,6 +140,7 @@ def peer(kind, model_dir, rows, args, tmp):
             self.last = time.time()
 
     model, processor = common.load_model(model_dir)
+    model.set_attn_implementation("sdpa")  # HF's own attention, as a TRL user's from_pretrained gives it
     rows = (rows * (1 + (args.steps + 1) * args.batch_size // len(rows)))[:(args.steps + 1) * args.batch_size]
     common_config = dict(output_dir=str(tmp / kind), per_device_train_batch_size=args.micro_batch_size,
                          gradient_accumulation_steps=args.batch_size // args.micro_batch_size, max_steps=args.steps + 1,
@@ -152,6 +155,7 @@ def peer(kind, model_dir, rows, args, tmp):
         data = Dataset.from_list([{"prompt": [{"role": "user", "content": envs.student_prompt(r["state"])}],
                                    "image": common.load_image(r["image"])} for r in rows])
         teacher, _ = common.load_model(model_dir)
+        teacher.set_attn_implementation("sdpa")
         vocab = model.config.get_text_config().vocab_size  # TRL bans the image token in HF generate only: ban ours in vLLM
         banned = set(common.unsampled_token_ids(processor, vocab))
         vllm = dict(use_vllm=True, vllm_mode="colocate", vllm_max_model_length=4096, generation_kwargs={

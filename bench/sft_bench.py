@@ -1,6 +1,7 @@
 """Benchmark: our SFT step (sft.py) against the code as it was before the real-size changes (`before`: the
-LoRA as two products and an add, the [tokens, vocab] fp32 logits at once; bench/gpu_bench.py's versions) and
-against TRL SFTTrainer + PEFT LoRA, same model/data/batch/LoRA.
+LoRA as two products and an add, the [tokens, vocab] fp32 logits at once, HF's attention; bench/gpu_bench.py's
+versions) and against TRL SFTTrainer + PEFT LoRA, same model/data/batch/LoRA. TRL's model runs HF's own SDPA
+attention, as from_pretrained gives it; ours, on CPU, common.sdpa_shared_kv.
 
 Both sides train one epoch over the same rows, the same --batch-size rows an optimiser step in the same order, in
 micro-batches of --micro-batch-size rows (gradient accumulation: TRL's micro-batches are consecutive rows, ours the
@@ -103,6 +104,8 @@ def run_ours(args, rows, device):
     import sft
 
     model, processor = common.load_model(args.model, device)
+    if args.side == "before":
+        model.set_attn_implementation("sdpa")  # HF's attention, as before common.sdpa_shared_kv
     lora.add_lora(model, 8, 16, 0.0)
     if args.grad_checkpointing:
         common.enable_checkpointing(model, args.checkpoint_share if args.side == "ours-share" else 1.0)
@@ -143,6 +146,7 @@ def run_trl(args, rows, device):
     from mgsd import common, lora
 
     model, processor = common.load_model(args.model, device)
+    model.set_attn_implementation("sdpa")  # HF's own attention, as a TRL user's from_pretrained gives it
 
     def to_trl(row):  # prompt-completion form: TRL then puts the loss on the completion only
         prompt = [{"role": m["role"], "content": [{"type": c["type"], "text": c["text"]} if c["type"] == "text"

@@ -75,6 +75,32 @@ def enable_checkpointing(model, share=1.0):
         layer.gradient_checkpointing = (i + 1) * k // n > i * k // n
 
 
+def sdpa_shared_kv(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """HF's SDPA attention (the same masks, causality and scale), except that a key/value head serves its group of
+    query heads inside the kernel (enable_gqa). HF copies every K/V head once per query head whenever a padding mask is
+    given, because CUDA's fused kernels take no mask with shared heads; the CPU kernel does, and the copies cost a
+    third of a CPU decoding step (the whole KV cache copied at every layer and token). load_model uses it on CPU."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    is_causal = q_len > 1 and attention_mask is None and (getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    if is_causal and kv_len > q_len:  # prefill into an empty static cache: only the first q_len keys exist
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                                           scale=scaling, is_causal=is_causal,
+                                                           enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_shared_kv_attention(model):
+    """Switch a loaded HF model (language and vision parts) to sdpa_shared_kv; set_attn_implementation("sdpa") undoes it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("sdpa_shared_kv", sdpa_shared_kv)
+    AttentionMaskInterface.register("sdpa_shared_kv", sdpa_mask)  # the masks HF builds for "sdpa"
+    model.set_attn_implementation("sdpa_shared_kv")
+    return model
+
+
 def write_model_files(model, processor, folder, state_dict=None):
     """save_pretrained of model and processor into an existing folder, plus the classic
     preprocessor_config.json / video_preprocessor_config.json that some loaders still look for."""
@@ -139,6 +165,8 @@ def load_model(path, device="cpu", dtype=None):
             keys = sorted(map(str, info[f"{what}_keys"]))
             raise ValueError(f"{path}: {len(keys)} {what} weight(s) in the checkpoint, e.g. {keys[0]}")
     model.to(device)
+    if torch.device(device).type == "cpu":
+        use_shared_kv_attention(model)
     tok = processor.tokenizer
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -704,6 +704,33 @@ def test_the_static_kv_cache_decodes_the_greedy_tokens_of_the_dynamic_one(tiny_m
     assert [o["token_ids"] for o in static] == [o["token_ids"] for o in dynamic] and len(dynamic[0]["token_ids"]) > 5
 
 
+def test_shared_kv_attention_gives_hf_sdpa_s_losses_gradients_and_tokens(tiny_model, make_data):
+    """On CPU load_model runs attention with each key/value head shared by its query heads inside the kernel
+    (the tiny model: 4 query heads, 2 key/value heads) instead of HF's copies: the same loss and gradients on
+    left-padded picture prompts + right-padded responses, and the same greedy tokens."""
+    model, processor = common.load_model(tiny_model)
+    assert model.config.get_text_config()._attn_implementation == "sdpa_shared_kv"
+    rows = splits.load_split(make_data("test", 2, tasks=["frozenlake", "maze"], kinds=("planning",)), kinds=["planning"])
+    chats = [envs.student_messages(r["state"], r["image"]) for r in rows[:2] + rows[-2:]]
+    prompts = common.encode_prompts(processor, chats)
+    assert (prompts["attention_mask"] == 0).any()  # left padding is in play
+    torch.manual_seed(0)
+    ids = torch.randint(10, 500, (4, 9))
+    mask = torch.tensor([[1.0] * 9, [1.0] * 5 + [0.0] * 4, [1.0] * 7 + [0.0] * 2, [1.0] * 3 + [0.0] * 6])
+    results = []
+    for attention in ("sdpa_shared_kv", "sdpa"):
+        model.set_attn_implementation(attention)
+        model.train().zero_grad()
+        loss = -common.response_logprobs(model, prompts, ids, mask).sum() / mask.sum()
+        loss.backward()
+        tokens = [o["token_ids"] for o in common.generate_responses(model, processor, chats, 12)]
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()], tokens))
+    (loss, grads, tokens), (hf_loss, hf_grads, hf_tokens) = results
+    assert math.isclose(loss, hf_loss, rel_tol=1e-6) and loss > 0
+    assert all(torch.allclose(g, h, atol=1e-6) for g, h in zip(grads, hf_grads)) and any(g.abs().sum() > 0 for g in grads)
+    assert tokens == hf_tokens and len(tokens[0]) > 5
+
+
 def test_the_stochastic_step_in_chunks_keeps_the_moments_and_rounds_to_the_same_neighbours():
     """Chunked (64 MB temporaries), the step computes the same fp32 moments and the same fp32 update; each new
     bf16 weight is one of the two neighbours of that update, as without chunks; every gradient is freed."""
