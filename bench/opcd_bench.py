@@ -8,10 +8,10 @@ Rows (--backends, --peers):
   (--teacher-url, --loss topk --topk 20: a served teacher returns top-k log-probs, not the full vocabulary);
 - ours, hf, before: the hf row as the step was before its micro-batches were grouped by length (consecutive rows,
   as they come: every forward padded to the longest of any four prompts);
-- ours, hf, student prompt: the hf row with the teacher reading the student's own picture prompt
-  (--teacher-context image), as DistillationTrainer's does: both sides do the same work, which the ratio of this row
+- ours, hf, teacher on the student's prompt (hf-student-prompt): the hf row with the teacher reading the student's
+  own picture prompt (--teacher-context image), as DistillationTrainer's does: both sides do the same work, which the ratio of this row
   to that peer measures;
-- ours, hf, text prompts: the hf row with the student reading the state as text, not the picture (--text-share 1),
+- ours, hf, text prompts (hf-text): the hf row with the student reading the state as text, not the picture (--text-share 1),
   as SDFTTrainer's student does: the same work as that peer;
 - TRL DistillationTrainer (hf / vllm colocated; beta 1: the reverse KL over the full vocabulary, on-policy), on the
   same VLM rows (the picture and our student prompt). Its teacher reads the student's own prompt: TRL has no
