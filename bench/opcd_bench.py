@@ -22,11 +22,13 @@ Rows (--backends, --peers):
   column), so its student reads our text prompt (the state as text), as ours does in the hf-text row.
 The peers' models run HF's own SDPA attention, as from_pretrained gives it; ours, on CPU, common.sdpa_shared_kv (the
 same attention without HF's copies of the key/value heads).
-Each row: one warm-up step, then --steps measured steps; the table gives the medians (seconds per phase for ours,
-seconds a step, samples/s; a peer's step is the wall time from one optimiser step's end to the next, its data
-loading included) and every row's samples/s as a ratio to ours. Gradient checkpointing is off on both
-sides unless --grad-checkpointing. TRL is not a project dependency: pip install -r requirements-bench.txt; without it
-the peer rows are left out.
+Each row: one warm-up step, then --steps measured steps; the table gives the medians of the seconds per phase
+(a peer's rollout: its _generate; its teacher: the teacher's forwards; its train: the rest of the step), the seconds
+a step (a peer's: the wall time from one optimiser step's end to the next, its data loading included), samples/s and
+every row's samples/s as a ratio to ours. A second table counts the work (class Work): the decoder positions each
+phase forwards, pads included, and the positions/s of the teacher and train phases, so that a ratio can be read as
+more work or slower work. Gradient checkpointing is off on both sides unless --grad-checkpointing. TRL is not a
+project dependency: pip install -r requirements-bench.txt; without it the peer rows are left out.
 
     OMP_NUM_THREADS=2 python bench/opcd_bench.py --size medium --batch-size 32 --max-new-tokens 128 --steps 5
     OMP_NUM_THREADS=1 python bench/opcd_bench.py --size tiny --batch-size 8 --max-new-tokens 16 --steps 5
@@ -82,6 +84,43 @@ def median(xs):
     return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
 
+class Work:
+    """Decoder positions (batch x length, pads included) forwarded per phase of a step, counted by hooks on the text
+    decoders: the student's without gradients (the rollout), with gradients (the loss), the teacher's; and, for a peer,
+    the seconds in its rollout (`trainer._generate`) and teacher forwards. Positions run in vLLM or a server are not
+    seen (0). The same hooks count both sides, so positions/s compares how fast each side runs the same model."""
+
+    def __init__(self, student, teacher=None):
+        self.totals = dict(rollout=0, teacher=0, train=0, seconds_rollout=0.0, seconds_teacher=0.0)
+        self.steps = []
+        student.model.language_model.register_forward_pre_hook(
+            lambda m, a, k: self.add("train" if torch.is_grad_enabled() else "rollout", k), with_kwargs=True)
+        if teacher is not None and teacher is not student:
+            teacher.model.language_model.register_forward_pre_hook(lambda m, a, k: self.add("teacher", k), with_kwargs=True)
+            teacher.model.register_forward_pre_hook(lambda *a: setattr(self, "start", time.time()))
+            teacher.model.register_forward_hook(lambda *a: self.add("seconds_teacher", time.time() - self.start))
+
+    def add(self, key, value):
+        self.totals[key] += value if isinstance(value, float) else value["inputs_embeds"].shape[:2].numel()
+
+    def time_rollout(self, trainer):
+        generate = trainer._generate
+
+        def timed(*a, **k):
+            start = time.time()
+            out = generate(*a, **k)
+            self.add("seconds_rollout", time.time() - start)
+            return out
+        trainer._generate = timed
+
+    def end_step(self):
+        self.steps.append(dict(self.totals))
+        self.totals = dict.fromkeys(self.totals, 0)
+
+    def medians(self):
+        return {k: median([s[k] for s in self.steps]) for k in self.steps[0]}
+
+
 def ours(backend, model_dir, rows, args, tmp):
     """Medians over --steps opcd steps (after one warm-up step) of the seconds per phase and samples/s."""
     model, processor = common.load_model(model_dir)
@@ -99,6 +138,7 @@ def ours(backend, model_dir, rows, args, tmp):
     opt = optim.MasterAdamW(model.parameters(), o.lr, tuple(o.betas), o.weight_decay)
     teacher = chat_api.ServedTeacher(served[1], "teacher") if served else common.load_teacher(model_dir, processor, "cpu",
                                                                                              torch.float32)
+    work = Work(model, None if served else teacher)
     llm = None
     if backend == "vllm":
         llm = common.make_llm(model_dir, max_model_len=4096, kv_cache_bytes=1 << 30)
@@ -107,9 +147,12 @@ def ours(backend, model_dir, rows, args, tmp):
     if backend == "hf-before":
         common.micro_batches = lambda lengths, size: [list(range(i, min(i + size, len(lengths))))
                                                     for i in range(0, len(lengths), size)]
+    logs = []
     try:
-        logs = [opcd.opcd_step(o, step, common.batch_rows(rows, step, args.batch_size, 0, 0, 1), model, teacher, llm,
-                               processor, opt, 1, torch.device("cpu")) for step in range(args.steps + 1)][1:]
+        for step in range(args.steps + 1):
+            logs.append(opcd.opcd_step(o, step, common.batch_rows(rows, step, args.batch_size, 0, 0, 1), model, teacher,
+                                       llm, processor, opt, 1, torch.device("cpu")))
+            work.end_step()
     finally:
         common.micro_batches = grouped
         if llm is not None:
@@ -117,9 +160,11 @@ def ours(backend, model_dir, rows, args, tmp):
         if served:
             served[0].terminate()
             served[0].wait(timeout=60)
-    out = {k: median([log[k] for log in logs]) for k in ("seconds_rollout", "seconds_teacher", "seconds_train",
-                                                         "response_tokens")}
-    out["seconds_step"] = median([log["seconds_rollout"] + log["seconds_teacher"] + log["seconds_train"] for log in logs])
+    out = {k: median([log[k] for log in logs[1:]]) for k in ("seconds_rollout", "seconds_teacher", "seconds_train",
+                                                             "response_tokens")}
+    work.steps = work.steps[1:]
+    out |= {"positions_" + k: v for k, v in work.medians().items() if not k.startswith("seconds")}
+    out["seconds_step"] = median([log["seconds_rollout"] + log["seconds_teacher"] + log["seconds_train"] for log in logs[1:]])
     return out
 
 
@@ -138,6 +183,7 @@ def peer(kind, model_dir, rows, args, tmp):
         def on_step_end(self, *a, **k):
             self.seconds.append(time.time() - self.last)
             self.last = time.time()
+            work.end_step()
 
     model, processor = common.load_model(model_dir)
     model.set_attn_implementation("sdpa")  # HF's own attention, as a TRL user's from_pretrained gives it
@@ -173,8 +219,15 @@ def peer(kind, model_dir, rows, args, tmp):
                             num_generations=1, **common_config)  # the teacher: "{prompt}\n\n{privileged_context}"
         trainer = SDFTTrainer(model=model, args=config, train_dataset=data, processing_class=processor.tokenizer,
                               callbacks=[timer])
+    work = Work(model, trainer.teacher_model)
+    work.time_rollout(trainer)
     trainer.train()
-    return {"seconds_step": median(timer.seconds[1:])}
+    work.steps = work.steps[1:]
+    w = work.medians()
+    step = median(timer.seconds[1:])
+    return {"seconds_step": step, "seconds_rollout": w["seconds_rollout"], "seconds_teacher": w["seconds_teacher"],
+            "seconds_train": step - w["seconds_rollout"] - w["seconds_teacher"]} | {
+        "positions_" + k: w[k] for k in ("rollout", "teacher", "train")}
 
 
 def main(argv=None):
@@ -215,6 +268,12 @@ def main(argv=None):
         phases = [f"{r[k]:.2f}" if k in r else "-" for k in ("seconds_rollout", "seconds_teacher", "seconds_train")]
         print(f"| {name} | " + " | ".join(phases) + f" | {r['seconds_step']:.2f} | {r['samples_per_second']:.2f} | "
               f"{r['samples_per_second'] / first:.2f}x |")
+    print("\nWork (Work: decoder positions forwarded a step, thousands, pads included; - where vLLM or a server ran them)")
+    print("| row | rollout | teacher | train | teacher k positions/s | train k positions/s |\n|---|---|---|---|---|---|")
+    for name, r in results.items():
+        k = {p: r.get("positions_" + p, 0) / 1e3 for p in ("rollout", "teacher", "train")}
+        rate = [f"{k[p] / r['seconds_' + p]:.2f}" if k[p] and r.get("seconds_" + p) else "-" for p in ("teacher", "train")]
+        print(f"| {name} | " + " | ".join(f"{k[p]:.1f}" if k[p] else "-" for p in k) + " | " + " | ".join(rate) + " |")
     for name, r in results.items():
         if not name.startswith("ours"):
             print(f"ours / {name}: " + ", ".join(f"{b.removeprefix('ours, ')} {o['samples_per_second'] / r['samples_per_second']:.2f}x"

@@ -39,13 +39,22 @@ def test_opcd_bench(tmp_path):
     out = bench("opcd_bench.py", "--size", "tiny", "--batch-size", 2, "--micro-batch-size", 2, "--max-new-tokens", 4,
                 "--steps", 1, "--backends", "hf,hf-student-prompt,hf-text,hf-before,vllm", "--peers", "distillation,sdft",
                 tmp_path=tmp_path)
-    rows = {line.split("|")[1].strip(): numbers(line) for line in out.splitlines() if line.startswith("| ours")
-            or line.startswith("| TRL")}
+    speed, work = out.split("\nWork (")
+    table = lambda text: {line.split("|")[1].strip(): numbers(line) for line in text.splitlines()
+                          if line.startswith("| ours") or line.startswith("| TRL")}
+    rows, work = table(speed), table(work)
     assert {"ours, hf", "ours, hf, teacher on the student's prompt", "ours, hf, text prompts",
-            "ours, hf, before", "ours, vllm"} <= set(rows), out
-    for name, cells in rows.items():  # ours: rollout, teacher, train, s/step, samples/s, ratio; a peer: the last three
-        assert len(cells) == (6 if name.startswith("ours") else 3) and min(cells) > 0, out
+            "ours, hf, before", "ours, vllm"} <= set(rows) and set(rows) == set(work), out
+    for name, cells in rows.items():  # rollout, teacher, train, s/step, samples/s, ratio
+        assert len(cells) == 6 and min(cells) > 0, out
     assert rows["ours, hf"][-1] == 1.0 and ("TRL is not installed" in out or len(rows) == 7), out
+    # Work: rollout, teacher, train positions (k), teacher and train k positions/s; vLLM's rollout is not seen.
+    hf, student_prompt = work["ours, hf"], work["ours, hf, teacher on the student's prompt"]
+    assert len(hf) == 5 and min(hf) > 0 and len(work["ours, vllm"]) == 4, out
+    assert student_prompt[0] == hf[0] and student_prompt[2] == hf[2], out  # the same rollouts and student forwards
+    assert student_prompt[1] < hf[1], out  # the picture prompt is shorter than the privileged text
+    for name in [n for n in work if n.startswith("TRL")]:
+        assert len(work[name]) == 5 and min(work[name]) > 0, out
 
 
 def test_sft_bench_prints_ours_beside_the_code_as_it_was(tmp_path):
