@@ -151,32 +151,50 @@ def full_reverse_kl(student_hidden, student_head, teacher_hidden, teacher_head, 
     return total / n_tokens, student_lp, teacher_lp
 
 
-def _topk_chunk(student_hidden, student_head, top_ids, top_logprobs, tokens, temperature):
+def _topk_chunk(student_hidden, student_head, top_ids, top_logprobs, teacher_tail, tokens, temperature):
     log_p = F.log_softmax(student_head(student_hidden).float() / temperature, -1)
     log_p_top = log_p.gather(-1, top_ids)
-    p_top, tiny = log_p_top.exp(), 1e-30
-    tail_p = (1 - p_top.sum(-1)).clamp(min=0)
-    tail_q = (1 - top_logprobs.exp().sum(-1)).clamp(min=0)
-    kl = (p_top * (log_p_top - top_logprobs)).sum() + (tail_p * (tail_p.clamp(min=tiny).log() - tail_q.clamp(min=tiny).log())).sum()
+    # log Σ_{v∉S} p(v) as a log-sum-exp over the ids outside the top K: exact in fp32, where 1 − Σ_{v∈S} p(v)
+    # rounds to 0 once the tail is below ~1e-7. An empty tail (K = vocabulary) is e^-1000: its term is 0.
+    log_p_tail = log_p.scatter(-1, top_ids, float("-inf")).logsumexp(-1).clamp(min=-1000.0)
+    log_q_tail = teacher_tail.clamp(min=-1000.0)
+    kl = (log_p_top.exp() * (log_p_top - top_logprobs)).sum() + (log_p_tail.exp() * (log_p_tail - log_q_tail)).sum()
     return kl, log_p.detach().gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def topk_reverse_kl(student_hidden, student_head, top_ids, top_logprobs, tokens, mask, n_tokens, chunk=256, temperature=1.0):
+def topk_reverse_kl(student_hidden, student_head, top_ids, top_logprobs, teacher_tail, tokens, mask, n_tokens, chunk=256,
+                    temperature=1.0):
     """The reverse KL of the two distributions coarsened to the teacher's top-K tokens S_t plus one bucket for the
-    rest, p(tail) = 1 − Σ_{v∈S_t} p(v):
+    rest, p(tail) = Σ_{v∉S_t} p(v):
         Σ_t m_t [Σ_{v∈S_t} p_S(v)(log p_S(v) − log p_T(v)) + p_S(tail)(log p_S(tail) − log p_T(tail))] / N,
-    a lower bound of the full KL (coarsening never adds divergence) that equals it at K = vocabulary. The teacher
-    side is [B, R, K] (what a served teacher returns); the student's logits exist `chunk` positions at a time.
-    Returns (loss, ℓ_S of the sampled tokens, detached, [B, R])."""
+    never above the full KL (coarsening never adds divergence), equal to it at K = vocabulary. The teacher side is
+    its top-K ids and log-probs [B, R, K] and log p_T(tail) [B, R] (teacher_topk, or served_tail for a served
+    teacher); the student's tail is a log-sum-exp over the ids outside S_t, exact in fp32 however small.
+    The student's logits exist `chunk` positions at a time. Returns (loss, ℓ_S of the sampled tokens, detached,
+    [B, R])."""
     keep = mask.bool()
-    hs, ids, lp = student_hidden[keep], top_ids[keep], top_logprobs[keep]
+    hs, ids, lp, tail = student_hidden[keep], top_ids[keep], top_logprobs[keep], teacher_tail[keep]
     total, picked = 0.0, []
     for i in range(0, len(hs), chunk):
         kl, s = checkpoint(_topk_chunk, hs[i:i + chunk], student_head, ids[i:i + chunk], lp[i:i + chunk],
-                           tokens[keep][i:i + chunk], temperature, use_reentrant=False)
+                           tail[i:i + chunk], tokens[keep][i:i + chunk], temperature, use_reentrant=False)
         total, picked = total + kl, picked + [s]
     student_lp = torch.zeros(mask.shape, device=mask.device).masked_scatter(keep, torch.cat(picked or [torch.zeros(0)]))
     return total / n_tokens, student_lp
+
+
+SERVED_TAIL_FLOOR = 1e-5
+
+
+def served_tail(top_logprobs):
+    """log p_T(tail) [B, R] of a served teacher, which returns only its top-K log-probs [B, R, K]: 1 − Σ exp(top)
+    in float64, at least SERVED_TAIL_FLOOR. The server's log-probs are fp32 log-softmax values, each off by at
+    most a few ulps of the logits' scale (|logit| ≤ 64: ≤ 8e-6), so 1 − Σ exp(top) is never below the true tail
+    by more than 1e-5 (Σ_v p_v(e^ε − 1) ≤ e^ε − 1); a top-1 log-prob that rounded to 0 leaves a tail of 0,
+    hence the floor. A tail below 1e-5 is not resolved: its term is then that of a teacher tail of 1e-5, smaller
+    than the true one (p log(p/q) falls as q grows), so the loss stays below the coarsened KL's."""
+    tail = 1 - top_logprobs.double().exp().sum(-1)
+    return tail.clamp(min=SERVED_TAIL_FLOOR).log().to(top_logprobs.dtype)
 
 
 # ------------------------------------------------------------------------------------------
@@ -212,15 +230,16 @@ def teacher_prompts(args, processor, rows, student_in, device):
 @torch.no_grad()
 def teacher_scores(args, teacher, teacher_in, resp, micro):
     """What the loss needs of the frozen teacher, per micro-batch. The teacher reads its prompt, then the student's
-    exact response ids: ℓ_T [B, R] (--loss sampled), its last hidden states (full), or ℓ_T and its top-k ids and
-    log-probs [B, R, K] (topk); None with --teacher none."""
+    exact response ids: ℓ_T [B, R] (--loss sampled), its last hidden states (full), or ℓ_T, its top-k ids and
+    log-probs [B, R, K] and the log-prob of the rest [B, R] (topk); None with --teacher none."""
     if teacher_in is None:
         return [None] * len(micro)
     T, out = args.temperature, []  # log-probs are those of logits / T, the distribution that was sampled
     for ix, (ids, mask) in zip(micro, resp):
         prompts = common.take_prompts(teacher_in, ix)
         if args.teacher_url:  # from the server, for the same prompt and response ids
-            out.append(common.served_teacher_scores(teacher, prompts, ids, mask, args.topk if args.loss == "topk" else 0))
+            scores = common.served_teacher_scores(teacher, prompts, ids, mask, args.topk if args.loss == "topk" else 0)
+            out.append(scores + (served_tail(scores[2]),) if args.loss == "topk" else scores)
         elif args.loss == "sampled":
             out.append(common.response_logprobs(teacher, prompts, ids, mask, T))
         else:
@@ -246,8 +265,8 @@ def micro_loss(args, model, teacher, student_in, ids, mask, teacher_out, reward_
         return loss, student_lp, teacher_lp
     hidden = common.response_hidden(model, student_in, ids, mask)
     if args.loss == "topk":  # the KL over the teacher's top K + one bucket
-        teacher_lp, top_ids, top_logprobs = teacher_out
-        loss, student_lp = topk_reverse_kl(hidden, model.lm_head, top_ids, top_logprobs, ids, mask, n_tokens,
+        teacher_lp, top_ids, top_logprobs, teacher_tail = teacher_out
+        loss, student_lp = topk_reverse_kl(hidden, model.lm_head, top_ids, top_logprobs, teacher_tail, ids, mask, n_tokens,
                                            args.kl_chunk, T)
         return loss, student_lp, teacher_lp
     return full_reverse_kl(hidden, model.lm_head, teacher_out, teacher.lm_head, ids, mask, n_tokens, args.kl_chunk, T)

@@ -334,22 +334,24 @@ def served_teacher_scores(teacher, prompt_batch, response_ids, response_mask, to
 
 
 @torch.no_grad()
-@torch.no_grad()
 def teacher_topk(hidden, head, tokens, mask, k, chunk=256, temperature=1.0):
-    """The in-process teacher's (ℓ_T of each response token [B, R], its top-k ids and log-probs [B, R, k]), from
+    """The in-process teacher's (ℓ_T of each response token [B, R], its top-k ids and log-probs [B, R, k], and the
+    log-prob of the rest, log Σ_{v∉top k} p_T(v) [B, R], a log-sum-exp: exact however confident the teacher), from
     its last hidden states, `chunk` positions at a time."""
     keep = mask.bool()
     h, ids = hidden[keep], tokens[keep]
-    picked, top_lp, top_ids = [], [], []
+    picked, top_lp, top_ids, tails = [], [], [], []
     for i in range(0, len(ids), chunk):
         log_q = torch.log_softmax(head(h[i:i + chunk]).float() / temperature, -1)
         values, indices = log_q.topk(min(k, log_q.shape[-1]), -1)
-        picked, top_lp, top_ids = picked + [log_q.gather(-1, ids[i:i + chunk, None]).squeeze(-1)], top_lp + [values], \
-            top_ids + [indices]
+        picked.append(log_q.gather(-1, ids[i:i + chunk, None]).squeeze(-1))
+        top_lp.append(values)
+        top_ids.append(indices)
+        tails.append(log_q.scatter(-1, indices, float("-inf")).logsumexp(-1))
     K = min(k, head.out_features)
     out = [torch.zeros(mask.shape, device=mask.device), torch.zeros(*mask.shape, K, dtype=torch.long, device=mask.device),
-           torch.zeros(*mask.shape, K, device=mask.device)]
-    for full, parts in zip(out, (picked, top_ids, top_lp)):
+           torch.zeros(*mask.shape, K, device=mask.device), torch.zeros(mask.shape, device=mask.device)]
+    for full, parts in zip(out, (picked, top_ids, top_lp, tails)):
         if parts:
             full[keep] = torch.cat(parts)
     return tuple(out)

@@ -766,8 +766,8 @@ def _toy_heads(vocab=11, hidden=6, positions=9):
 
 def test_topk_kl_with_k_the_whole_vocabulary_is_the_full_kl():
     student_head, teacher_head, hs, ht, tokens, mask = _toy_heads()
-    ell_t, top_ids, top_lp = common.teacher_topk(ht, teacher_head, tokens, mask, k=11, chunk=4)
-    topk, lp_s = opcd.topk_reverse_kl(hs, student_head, top_ids, top_lp, tokens, mask, n_tokens=7, chunk=4)
+    ell_t, top_ids, top_lp, tail = common.teacher_topk(ht, teacher_head, tokens, mask, k=11, chunk=4)
+    topk, lp_s = opcd.topk_reverse_kl(hs, student_head, top_ids, top_lp, tail, tokens, mask, n_tokens=7, chunk=4)
     full, lp_s_full, lp_t_full = opcd.full_reverse_kl(hs, student_head, ht, teacher_head, tokens, mask, n_tokens=7, chunk=4)
     torch.testing.assert_close(topk, full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.autograd.grad(topk, hs)[0], torch.autograd.grad(full, hs)[0], atol=1e-5, rtol=1e-5)
@@ -779,8 +779,8 @@ def test_topk_kl_and_its_gradient_match_a_brute_force_sum_over_the_coarsened_voc
     """K 3 of 11: the loss and its gradient against the definition written out token by token in float64 (to 1e-4
     relative: the tails 1 − Σ_top are fp32 differences, and the toy's smallest teacher tail is 2.4e-4)."""
     student_head, teacher_head, hs, ht, tokens, mask = _toy_heads()
-    _, top_ids, top_lp = common.teacher_topk(ht, teacher_head, tokens, mask, k=3, chunk=4)
-    loss, _ = opcd.topk_reverse_kl(hs, student_head, top_ids, top_lp, tokens, mask, n_tokens=7, chunk=4)
+    _, top_ids, top_lp, tail = common.teacher_topk(ht, teacher_head, tokens, mask, k=3, chunk=4)
+    loss, _ = opcd.topk_reverse_kl(hs, student_head, top_ids, top_lp, tail, tokens, mask, n_tokens=7, chunk=4)
     got = torch.autograd.grad(loss, hs)[0]
     h = hs.detach().double().requires_grad_()
     p = torch.softmax(h @ student_head.weight.double().T, -1)[0]
@@ -797,6 +797,84 @@ def test_topk_kl_and_its_gradient_match_a_brute_force_sum_over_the_coarsened_voc
     torch.testing.assert_close(loss.double(), want, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(got.double(), torch.autograd.grad(want, h)[0], atol=1e-5, rtol=1e-4)
     assert 0 < loss < opcd.full_reverse_kl(hs, student_head, ht, teacher_head, tokens, mask, n_tokens=7)[0]  # a bound
+
+
+def _confident_teacher(teacher_tail, vocab=64, k=5, positions=6):
+    """Teacher logits [1, P, V] (fp32) whose mass outside its top k is `teacher_tail` at every position, as a
+    teacher shown the reference plan gives on most plan tokens; an identity head reads them as hidden states."""
+    g = torch.Generator().manual_seed(7)
+    top = torch.tensor([0.0, -1.0, -2.0, -3.0, -4.0]).double()
+    rest = torch.randn(positions, vocab - k, generator=g).double()
+    # shift the rest so that Σ_rest e^x / (Σ_top e^x + Σ_rest e^x) = teacher_tail
+    shift = math.log(teacher_tail / (1 - teacher_tail)) + top.logsumexp(0) - rest.logsumexp(-1, keepdim=True)
+    logits = torch.cat([top.expand(positions, k), rest + shift], -1)
+    logits = logits[:, torch.randperm(vocab, generator=g)]  # the top ids anywhere in the vocabulary
+    head = torch.nn.Linear(vocab, vocab, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(vocab))
+    return logits.float().unsqueeze(0), head
+
+
+@pytest.mark.parametrize("teacher_tail", [1e-3, 1e-6, 1e-9, 1e-12])
+def test_topk_kl_of_a_confident_teacher_matches_float64_and_never_exceeds_the_full_kl(teacher_tail):
+    """The case 1 − Σ_top in fp32 got wrong (at a teacher tail of 1.4e-9 the loss was 5.07 against 1.35): the loss
+    and its gradient against the coarsened KL written out in float64 from the same fp32 logits, to 1e-4."""
+    vocab, k, positions = 64, 5, 6
+    ht, teacher_head = _confident_teacher(teacher_tail, vocab, k, positions)
+    g = torch.Generator().manual_seed(8)
+    student_head = torch.nn.Linear(16, vocab, bias=False)
+    with torch.no_grad():
+        student_head.weight.copy_(torch.randn(vocab, 16, generator=g) * 0.5)
+    hs = torch.randn(1, positions, 16, generator=g, requires_grad=True)
+    tokens, mask = torch.randint(0, vocab, (1, positions), generator=g), torch.ones(1, positions)
+    _, top_ids, top_lp, tail = common.teacher_topk(ht, teacher_head, tokens, mask, k=k, chunk=4)
+    loss, _ = opcd.topk_reverse_kl(hs, student_head, top_ids, top_lp, tail, tokens, mask, n_tokens=positions, chunk=4)
+    got = torch.autograd.grad(loss, hs)[0]
+    h = hs.detach().double().requires_grad_()
+    log_p = torch.log_softmax(h @ student_head.weight.double().T, -1)[0]
+    log_q = torch.log_softmax(ht.double(), -1)[0]
+    want = 0
+    for t in range(positions):
+        top = top_ids[0, t].tolist()
+        rest = [v for v in range(vocab) if v not in top]
+        assert math.isclose(log_q[t, rest].logsumexp(0).exp().item(), teacher_tail, rel_tol=1e-3)
+        for v in top:
+            want = want + log_p[t, v].exp() * (log_p[t, v] - log_q[t, v])
+        tail_p, tail_q = log_p[t, rest].logsumexp(0), log_q[t, rest].logsumexp(0)
+        want = want + tail_p.exp() * (tail_p - tail_q)
+    want = want / positions
+    torch.testing.assert_close(loss.double(), want, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(got.double(), torch.autograd.grad(want, h)[0], atol=1e-6, rtol=1e-4)
+    full = opcd.full_reverse_kl(hs, student_head, ht, teacher_head, tokens, mask, n_tokens=positions)[0]
+    assert loss <= full * (1 + 1e-6)  # coarsening never adds divergence
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_topk_kl_is_never_above_the_full_kl(seed, k):
+    g = torch.Generator().manual_seed(seed)
+    student_head, teacher_head = torch.nn.Linear(8, 40, bias=False), torch.nn.Linear(8, 40, bias=False)
+    with torch.no_grad():
+        student_head.weight.copy_(torch.randn(40, 8, generator=g) * (1 + seed))
+        teacher_head.weight.copy_(torch.randn(40, 8, generator=g) * (1 + 2 * seed))  # up to a very confident teacher
+    hs, ht = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    tokens, mask = torch.randint(0, 40, (2, 5), generator=g), torch.ones(2, 5)
+    _, top_ids, top_lp, tail = common.teacher_topk(ht, teacher_head, tokens, mask, k=k)
+    topk = opcd.topk_reverse_kl(hs, student_head, top_ids, top_lp, tail, tokens, mask, n_tokens=10)[0]
+    full = opcd.full_reverse_kl(hs, student_head, ht, teacher_head, tokens, mask, n_tokens=10)[0]
+    assert 0 <= topk <= full * (1 + 1e-6) + 1e-7
+
+
+@pytest.mark.parametrize("teacher_tail", [1e-2, 1e-4, 1e-6, 1e-9, 1e-12])
+def test_a_served_teachers_tail_is_never_more_than_1e5_below_the_true_one(teacher_tail):
+    """From top-k log-probs as a server returns them (fp32 log-softmax, rounded): 1 − Σ exp(top) in float64,
+    floored at 1e-5 where the fp32 values cannot resolve the tail."""
+    logits, _ = _confident_teacher(teacher_tail)
+    top_lp = torch.log_softmax(logits, -1).topk(5, -1).values  # fp32, what the server computes
+    tail = opcd.served_tail(top_lp).double().exp()
+    assert (tail >= teacher_tail - 1e-5).all() and (tail >= opcd.SERVED_TAIL_FLOOR * (1 - 1e-6)).all()
+    if teacher_tail >= 1e-4:  # resolved: within the fp32 values' error
+        assert (tail - teacher_tail).abs().max() <= 1e-5
 
 
 def test_a_wider_teacher_with_the_students_tokenizer_teaches_with_every_loss(tiny_model, make_data, tmp_path):

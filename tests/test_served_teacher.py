@@ -52,7 +52,7 @@ def test_the_served_teachers_log_probs_and_top_k_are_the_in_process_teachers(ser
     with torch.no_grad():
         local = common.response_logprobs(model, teacher_in, ids, mask)
         hidden = common.response_hidden(model, teacher_in, ids, mask)
-        local_lp, local_ids, local_top = common.teacher_topk(hidden, model.lm_head, ids, mask, k=5)
+        local_lp, local_ids, local_top, _ = common.teacher_topk(hidden, model.lm_head, ids, mask, k=5)
     served = common.served_teacher_scores(teacher, teacher_in, ids, mask, 0)
     served_lp, served_ids, served_top = common.served_teacher_scores(teacher, teacher_in, ids, mask, 5)
     keep = mask.bool()
