@@ -7,6 +7,7 @@ atomically; the saved folder is reloaded and must hold exactly the merged weight
 with a synthetic image and a text-only one (or --probe-data's first prompts), so both paths are checked.
 --checkpoint turns sft.py's full fine-tuning OUT/checkpoint (e.g. of an interrupted run) into a model folder.
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -15,6 +16,18 @@ import torch
 from PIL import Image
 
 from mgsd import cli, common, lora
+
+
+def device(text):
+    """--device: cpu, or cuda[:N] of a GPU that exists here."""
+    try:
+        d = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a device: {text!r}") from None
+    if d.type not in ("cpu", "cuda") or (d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text!r}: merge.py runs on cpu or on one of this machine's "
+                                         f"{torch.cuda.device_count()} GPU(s)")
+    return str(d)
 
 
 def parse_args(argv=None):
@@ -27,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace an --out that already holds files")
     p.add_argument("--tolerance", type=cli.positive_float, default=1e-3, help="max allowed |logit diff| of merged vs base+adapter (fp32)")
     p.add_argument("--probe-data", default=None, help="optional split directory whose first rows' prompts form the probe batch")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device for the probe forward")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device for the probe forward (cpu, cuda, cuda:N)")
     return p.parse_args(argv)
 
 
@@ -70,11 +84,19 @@ def main(argv=None):
         else:
             from safetensors.torch import load_file
 
-            weights, params = load_file(str(source / "trainable.safetensors")), dict(model.named_parameters())
+            try:
+                weights, params = load_file(str(source / "trainable.safetensors")), dict(model.named_parameters())
+            except Exception as e:  # a truncated or foreign file: safetensors raises its own error type
+                raise ValueError(f"{source / 'trainable.safetensors'}: cannot read it ({type(e).__name__})") from None
             unknown = sorted(set(weights) - set(params))
             if unknown:
                 raise ValueError(f"{args.checkpoint}: tensor {unknown[0]} is not a parameter of the base model "
                                  "(a LoRA checkpoint? use sft.py's adapter/ with --adapter)")
+            wrong = sorted(n for n, t in weights.items() if t.shape != params[n].shape)
+            if wrong:
+                raise ValueError(f"{args.checkpoint}: {wrong[0]} has shape {tuple(weights[wrong[0]].shape)}, the base's "
+                                 f"is {tuple(params[wrong[0]].shape)} (a checkpoint of another model?)")
+            cli.require_finite(weights, str(args.checkpoint))
             for name, tensor in weights.items():
                 params[name].data.copy_(tensor)
     except (FileNotFoundError, ValueError) as e:
@@ -84,12 +106,16 @@ def main(argv=None):
     lora.merge_lora(model)
     diff = (probe_logits(model, batch) - reference).abs().max().item()
     print(f"merged vs base+adapter (float32): max |logit diff| = {diff:.3g} over {reference.shape[0]} positions")
-    if diff > args.tolerance:
+    if not diff <= args.tolerance:  # a NaN difference (weights that overflow) fails too
         print(f"error: merged logits differ by {diff:.3g} > --tolerance {args.tolerance}; nothing written", file=sys.stderr)
         sys.exit(1)
 
     model.to(base_dtype)
     merged_state = model.state_dict()
+    try:
+        cli.require_finite(merged_state, f"refusing to write {args.out}")  # e.g. a bf16 base: overflow to inf
+    except cli.NonFinite as e:
+        cli.fail(str(e))
     with cli.atomic_dir(args.out) as tmp:
         common.write_model_files(model, processor, tmp)
         saved, _ = common.load_model(tmp, args.device, dtype=base_dtype)
@@ -102,4 +128,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.interruptible(main, "nothing was written")

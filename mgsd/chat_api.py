@@ -30,14 +30,17 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # urllib then raises HTTPError for the 3xx
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect)
+def opener(proxy_from_env=True):
+    """urllib's opener without redirects: through $http_proxy / $https_proxy as they are set now (no_proxy
+    honoured), or never through a proxy."""
+    return urllib.request.build_opener(_NoRedirect, *([] if proxy_from_env else [urllib.request.ProxyHandler({})]))
 
 
-def read_json(request, timeout):
+def read_json(request, timeout, proxy_from_env=True):
     """POST `request` and read its JSON answer against a wall-clock deadline of `timeout` seconds (a server that
     trickles its bytes is cut off: the deadline is checked between reads, so a request ends within 2 x timeout)."""
     deadline = time.monotonic() + timeout
-    with _OPENER.open(request, timeout=timeout) as resp:
+    with opener(proxy_from_env).open(request, timeout=timeout) as resp:
         chunks = []
         while chunk := resp.read1(1 << 16):
             chunks.append(chunk)
@@ -71,6 +74,13 @@ def run_concurrently(fn, items, workers):
         if error is not None:
             raise error
         yield i, result
+
+
+def logprob(value):
+    """A served log-prob as a float: a finite number <= 0 (a JSON number, never a string such as "nan")."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value <= 0 or value == float("-inf"):
+        raise ValueError(f"log-prob {value!r}")
+    return float(value)
 
 
 def png_data_url(image):
@@ -114,9 +124,11 @@ def chat_completion(args, api_key, messages):
             time.sleep(min(60.0, args.backoff_seconds * 2 ** (attempt - 1)))
         try:
             request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-            content = read_json(request, args.timeout_seconds)["choices"][0]["message"]["content"]
-            if content is None:
-                return None, "response without content"
+            # the key goes to --base-url only: no proxy sees it unless --proxy-from-env
+            content = read_json(request, args.timeout_seconds, args.proxy_from_env or not api_key)["choices"][0]["message"]["content"]
+            if not isinstance(content, str):
+                return None, "response without text content" if content is None else \
+                    f"content is a {type(content).__name__}, not text"
             return content, None
         except urllib.error.HTTPError as e:
             error, unreachable = f"HTTP {e.code} {e.reason}", False
@@ -129,7 +141,7 @@ def chat_completion(args, api_key, messages):
             error, unreachable = ("timeout" if timeout else f"cannot reach {url}: {e.reason}"), not timeout
         except (TimeoutError, http.client.HTTPException, ConnectionError) as e:
             error, unreachable = ("timeout" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"), False
-        except (ValueError, KeyError, IndexError, TypeError) as e:
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError) as e:
             error, unreachable = f"malformed response: {type(e).__name__}", False
     if unreachable:
         raise EndpointError(f"{error} (after {args.retries + 1} attempts)")
@@ -153,9 +165,11 @@ class ServedTeacher:
     and reads back the teacher's log-prob of each response token and its top-k at each position (vLLM's prompt
     log-probs are those of the raw logits: temperature 1). All sequences of a call are in flight at once."""
 
-    def __init__(self, base_url, model, timeout_seconds=600.0, retries=4, backoff_seconds=1.0, concurrency=64):
+    def __init__(self, base_url, model, timeout_seconds=600.0, retries=4, backoff_seconds=1.0, concurrency=64,
+                 vocab_size=None):
         self.url, self.model = base_url.rstrip("/").removesuffix("/v1"), model  # the server's root
         self.timeout, self.retries, self.backoff, self.concurrency = timeout_seconds, retries, backoff_seconds, concurrency
+        self.vocab_size = vocab_size  # the student's: every token id the server returns must lie below it
 
     def post(self, path, payload):
         """One JSON POST to the server's `path` (/tokenize, /v1/completions) with retries (connection errors, 429,
@@ -178,31 +192,39 @@ class ServedTeacher:
                 error = f"cannot reach {self.url}: {e.reason}"
             except (TimeoutError, http.client.HTTPException, ConnectionError) as e:
                 error = f"{type(e).__name__}: {e}"
-            except ValueError as e:
-                raise EndpointError(f"{self.url}{path}: malformed answer ({e})") from None
+            except (ValueError, RecursionError) as e:  # not JSON, or JSON nested too deep to read
+                raise EndpointError(f"{self.url}{path}: malformed answer ({type(e).__name__})") from None
         raise EndpointError(f"the teacher at {self.url}: {error} (after {self.retries + 1} attempts)")
 
     def check_tokenizer(self, tokenizer, probes):
         """Refuse a server whose model tokenizes the probe texts otherwise than the student's tokenizer."""
         for text in probes:
             served = self.post("/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": False})
-            if served.get("tokens") != tokenizer(text, add_special_tokens=False)["input_ids"]:
+            if not isinstance(served, dict) or served.get("tokens") != tokenizer(text, add_special_tokens=False)["input_ids"]:
                 raise EndpointError(f"the teacher at {self.url} ({self.model}) tokenizes text otherwise than the student")
 
     def score(self, sequences, starts, topk=0):
         """For each token-id sequence, from position starts[i] on: (the log-prob of each token, [{token id:
-        log-prob} of the teacher's top-k at each position]) (empty dicts for topk 0)."""
+        log-prob} of the teacher's top-k at each position]) (empty dicts for topk 0). Every answer is checked before
+        it is used: one log-prob per token, each finite and <= 0, exactly `topk` top entries a position with ids
+        of the student's vocabulary; anything else is an EndpointError (the step is not taken)."""
         def one(ids, start):
             answer = self.post("/v1/completions", {"model": self.model, "prompt": ids, "max_tokens": 1, "temperature": 1.0,
                                                 "prompt_logprobs": topk})
             try:
                 positions = answer["choices"][0]["prompt_logprobs"][start:]
-                picked = [float(pos[str(t)]["logprob"]) for pos, t in zip(positions, ids[start:])]
-                tops = [{int(k): float(v["logprob"]) for k, v in pos.items() if v["rank"] <= topk} for pos in positions]
-            except (KeyError, IndexError, TypeError, ValueError) as e:
-                raise EndpointError(f"the teacher at {self.url}: no prompt log-probs in its answer ({type(e).__name__})")
+                picked = [logprob(pos[str(t)]["logprob"]) for pos, t in zip(positions, ids[start:])]
+                tops = [{int(k): logprob(v["logprob"]) for k, v in pos.items() if v["rank"] <= topk} for pos in positions]
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+                raise EndpointError(f"the teacher at {self.url}: no valid prompt log-probs in its answer "
+                                    f"({type(e).__name__}: {str(e)[:80]})") from None
             if len(picked) != len(ids) - start:
                 raise EndpointError(f"the teacher at {self.url}: {len(picked)} prompt log-probs for {len(ids) - start} tokens")
+            want = min(topk, self.vocab_size or topk)
+            for top in tops if topk else []:
+                if len(top) != want or not all(0 <= t < (self.vocab_size or t + 1) for t in top):
+                    raise EndpointError(f"the teacher at {self.url}: {len(top)} top log-probs (ids {sorted(top)[:3]}...) "
+                                        f"where {want} ids below {self.vocab_size} were asked for")
             return picked, tops
 
         scored = [None] * len(sequences)

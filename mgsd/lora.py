@@ -107,8 +107,10 @@ def save_adapter(model, out_dir, base_model_path):
         "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
         "inference_mode": True,
     }
+    weights = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
+    cli.require_finite(weights, f"refusing to write {out_dir}")
     with cli.atomic_dir(out_dir) as tmp:
-        save_file({k: v.cpu() for k, v in adapter_state_dict(model).items()}, str(tmp / "adapter_model.safetensors"))
+        save_file(weights, str(tmp / "adapter_model.safetensors"))
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return Path(out_dir)
 
@@ -121,16 +123,31 @@ def load_adapter(model, adapter_dir):
     cfg_file, weights_file = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
     if not cfg_file.is_file() or not weights_file.is_file():
         raise FileNotFoundError(f"{adapter_dir}: not a LoRA adapter (need adapter_config.json and adapter_model.safetensors)")
-    cfg = json.loads(cfg_file.read_text())
-    targets = cfg.get("target_modules") or LORA_TARGETS
-    if isinstance(targets, str):  # our regex: recover the names between the last parentheses
-        targets = targets.rsplit("(", 1)[1].rstrip(")").split("|")
-    add_lora(model, rank=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0), targets=targets)
-    weights = load_file(str(weights_file))
+    try:
+        cfg = json.loads(cfg_file.read_text())
+        rank, alpha, dropout = cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0)
+        if not (isinstance(rank, int) and 0 < rank <= 4096 and isinstance(alpha, (int, float)) and 0 < alpha < 1e6
+                and isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+            raise ValueError(f"r {rank!r}, lora_alpha {alpha!r}, lora_dropout {dropout!r}")
+        targets = cfg.get("target_modules") or LORA_TARGETS
+        if isinstance(targets, str):  # our regex: recover the names between the last parentheses
+            targets = targets.rsplit("(", 1)[1].rstrip(")").split("|")
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file}: not a LoRA adapter config ({type(e).__name__}: {str(e)[:80]})") from None
+    add_lora(model, rank=rank, alpha=alpha, dropout=dropout, targets=targets)
+    try:
+        weights = load_file(str(weights_file))
+    except Exception as e:  # a truncated or foreign file: safetensors raises its own error type
+        raise ValueError(f"{weights_file}: cannot read the adapter's weights ({type(e).__name__})") from None
     expected = adapter_state_dict(model)
     missing = set(expected) - set(weights)
     if missing:
         raise ValueError(f"{adapter_dir}: adapter lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+    wrong = sorted(k for k in expected if weights[k].shape != expected[k].shape)
+    if wrong:
+        raise ValueError(f"{adapter_dir}: {wrong[0]} has shape {tuple(weights[wrong[0]].shape)}, this base and rank "
+                         f"{rank} need {tuple(expected[wrong[0]].shape)}")
+    cli.require_finite(weights, str(adapter_dir))
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
             m.lora_A.weight.data.copy_(weights[f"base_model.model.{name}.lora_A.weight"])

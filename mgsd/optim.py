@@ -1,9 +1,13 @@
 """The optimiser step of opcd.py: AdamW whose updates survive bf16 weights (--master), and the
 FSDP2 / all-reduce helpers that it and sft.py step through (--fsdp, torchrun)."""
+import math
+
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+from mgsd import cli
 
 
 class MasterAdamW:
@@ -29,10 +33,15 @@ class MasterAdamW:
         self.opt = torch.optim.AdamW(self.master, lr=lr, betas=betas, weight_decay=weight_decay)
 
     def step(self, max_grad_norm):
+        """Clip the gradients' global norm to max_grad_norm (0: no clipping) and take the step; a non-finite norm
+        (the same on every rank) raises cli.NonFinite and leaves the weights as they were."""
         for p, m in zip(self.params, self.master):
             if m is not p:  # the bf16 gradient is dropped as soon as its fp32 copy exists
                 m.grad, p.grad = None if p.grad is None else p.grad.float(), None
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.master, max_grad_norm))  # the norm over all shards
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.master, max_grad_norm or math.inf))  # all shards
+        if not torch.isfinite(grad_norm):
+            self.zero_grad()
+            raise cli.NonFinite(f"gradient norm {grad_norm.item()}: the step was not taken")
         if self.mode == "stochastic":
             self.stochastic_step()
         else:
@@ -42,6 +51,7 @@ class MasterAdamW:
                 if m is not p:
                     p.copy_(m)
         self.zero_grad()
+        require_finite_weights(self.master)
         return grad_norm.item()
 
     @torch.no_grad()
@@ -99,6 +109,17 @@ class MasterAdamW:
                 p.copy_(like(saved, p))
 
 
+def require_finite_weights(params):
+    """cli.NonFinite on every rank if any rank's weights (or shards) hold a NaN or an infinity after a step (an lr
+    so large that the update overflows): the run stops before it samples from or saves such weights."""
+    bad = torch.stack([~torch.isfinite(local(p.detach())).all() for p in params]).any().double() if params else \
+        torch.zeros((), dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(bad)
+    if bad.item():
+        raise cli.NonFinite("the step made weights NaN or inf (is --lr too large?)")
+
+
 def full_tensor(t):
     """The whole tensor of an FSDP shard (all-gather), or t itself."""
     return t.full_tensor() if isinstance(t, DTensor) else t
@@ -132,11 +153,17 @@ def shard_model(model):
 
 
 def all_reduce_grads(params, world_size):
-    """Sum gradients over ranks (the losses are already divided by the global token count).
-    One call per tensor: no flat copy of all gradients (DDP would bucket them)."""
+    """Sum gradients over ranks (the losses are already divided by the global token count), in fp32: a bf16
+    gradient is summed as an fp32 copy and rounded once. One call per tensor: no flat copy of all gradients
+    (DDP would bucket them)."""
     for p in params if world_size > 1 else []:
         p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-        dist.all_reduce(p.grad)
+        if p.grad.dtype == torch.float32:
+            dist.all_reduce(p.grad)
+        else:
+            total = p.grad.float()
+            dist.all_reduce(total)
+            p.grad.copy_(total)
 
 
 def global_sum(values, device):
