@@ -13,7 +13,6 @@ Commands: README.md, "Evaluation".
 import json
 import os
 import re
-import shutil
 import sys
 import time
 import urllib.parse
@@ -45,7 +44,9 @@ def get_parser():
     p.add_argument("--base-url", default=None, help="openai: endpoint base URL, e.g. http://localhost:8000/v1")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: name of the environment variable holding the key")
     p.add_argument("--concurrency", type=cli.positive_int, default=8, help="openai: requests in flight")
-    p.add_argument("--timeout-seconds", type=cli.positive_float, default=600.0, help="openai: per-request timeout")
+    p.add_argument("--proxy-from-env", action="store_true",
+                   help="openai: send requests that carry the key through $http_proxy / $https_proxy (default: direct)")
+    p.add_argument("--timeout-seconds", type=cli.timeout_seconds, default=600.0, help="openai: per-request timeout")
     p.add_argument("--retries", type=cli.nonneg_int, default=3, help="openai: retries per request after the first attempt")
     p.add_argument("--backoff-seconds", type=cli.backoff_seconds, default=2.0,
                    help="openai: first retry delay, doubled on each retry (at most 60 s a wait), <= 600")
@@ -288,11 +289,17 @@ def evaluate(args):
             cli.fail("--base-url must be an http:// or https:// URL (e.g. http://localhost:8000/v1)")
         if "@" in url.netloc or url.query or url.fragment or (api_key and api_key in args.base_url):
             cli.fail("--base-url must not carry credentials or a query; put the key in the variable named by --api-key-env")
+        if api_key and not (api_key.isascii() and api_key.isprintable() and api_key == api_key.strip()):
+            cli.fail(f"${args.api_key_env} holds a newline, a space at an end or another character no HTTP header "
+                     "can carry; fix the variable")
     config = Path(args.model) / "config.json"
     if args.backend in ("hf", "vllm") and config.is_file():  # a budget past the context would run for nothing
-        settings_of_model = json.loads(config.read_text())
-        text = settings_of_model.get("text_config") or settings_of_model
-        limit = text.get("max_position_embeddings")
+        try:
+            settings_of_model = json.loads(config.read_text())
+            text = settings_of_model.get("text_config") or settings_of_model
+            limit = text.get("max_position_embeddings")
+        except (ValueError, AttributeError, UnicodeDecodeError) as e:
+            cli.fail(f"{args.model}: cannot load its config.json ({type(e).__name__})")
         if limit and args.max_new_tokens > limit:
             cli.fail(f"--max-new-tokens {args.max_new_tokens} exceeds the model's context of {limit} tokens")
     try:
@@ -334,9 +341,7 @@ def evaluate(args):
         """OUT is written once the first answer is in: an endpoint that can serve nothing leaves no folder behind."""
         nonlocal log
         if log is None:
-            if args.overwrite and not args.resume:
-                shutil.rmtree(out, ignore_errors=True)
-            out.mkdir(parents=True, exist_ok=True)
+            cli.claim_out(out, clear=args.overwrite and not args.resume)
             atomic_write(out / "run.json", json.dumps(settings))
             write_jsonl(episodes_path, finished.values())  # drops errored and torn lines of the previous run
             log = open(episodes_path, "a")

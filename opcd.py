@@ -20,7 +20,6 @@ randomness seeded from (--seed, step, rank) so that --resume is exact. Memory: R
 import argparse
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -50,10 +49,11 @@ def parse_args(argv=None):
       "full: exact KL over the vocabulary; topk: exact KL over the teacher's top --topk tokens and one bucket for the rest")
     a("--topk", type=cli.positive_int, default=20, help="--loss topk: teacher tokens kept per position (a served teacher "
       "needs vllm serve --max-logprobs >= K)")
-    a("--teacher-url", default=None, help="a vLLM server (vllm serve --teacher ...) that scores the responses: no teacher "
+    a("--teacher-url", type=cli.http_url, default=None, help="a vLLM server (vllm serve --teacher ...) that scores the responses: no teacher "
       "is loaded here; its prompt log-probs are of T 1, so --temperature must be 1; --loss sampled or topk")
     a("--teacher-retries", type=cli.nonneg_int, default=4, help="--teacher-url: retries of a failed request (back-off 1, 2, "
       "4, ... s) before the run stops")
+    a("--teacher-timeout-seconds", type=cli.timeout_seconds, default=600.0, help="--teacher-url: the most one request may take")
     a("--reward-coef", type=cli.nonneg_float, default=0.0, help="adds coef times the success advantage to every token's "
       "advantage: success − the batch mean, or, with --samples-per-prompt > 1, normalised within each prompt's samples")
     a("--samples-per-prompt", type=cli.positive_int, default=1, help="responses sampled per prompt; > 1: each prompt's "
@@ -73,10 +73,10 @@ def parse_args(argv=None):
     a("--max-new-tokens", type=cli.positive_int, default=2048, help="rollout response length cap")
     a("--temperature", type=cli.positive_float, default=1.0, help="rollout sampling temperature")
     a("--top-p", type=cli.probability, default=1.0, help="rollout nucleus sampling, in (0, 1]")
-    a("--lr", type=cli.positive_float, default=1e-6, help="AdamW learning rate (constant)")
+    a("--lr", type=cli.learning_rate, default=1e-6, help="AdamW learning rate (constant), at most 1")
     a("--weight-decay", type=cli.nonneg_float, default=0.01, help="AdamW weight decay")
     a("--betas", type=cli.beta, nargs=2, default=(0.9, 0.999), help="AdamW betas, each in [0, 1)")
-    a("--max-grad-norm", type=cli.nonneg_float, default=1.0, help="gradient-norm clip")
+    a("--max-grad-norm", type=cli.nonneg_float, default=1.0, help="gradient-norm clip (0: off)")
     a("--epochs", type=cli.epochs, default=5, help="passes over the train split")
     a("--max-steps", type=cli.nonneg_int, default=0, help="stop after this many steps (0: run all epochs)")
     a("--master", default="fp32", choices=["fp32", "stochastic", "bf16"], help="fp32: master weights and moments "
@@ -99,7 +99,7 @@ def parse_args(argv=None):
     a("--vllm-gpu-memory", type=cli.positive_float, default=0.3, help="vLLM share of GPU memory (the trainer shares the GPU)")
     a("--resume", action="store_true", help="continue from OUT/last (model, optimiser, data position; same settings)")
     a("--overwrite", action="store_true", help="replace an --out that already holds a run")
-    a("--seed", type=cli.nonneg_int, default=0, help="seed of data order and sampling")
+    a("--seed", type=cli.seed, default=0, help="seed of data order and sampling")
     return p.parse_args(argv)
 
 
@@ -342,7 +342,8 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
 
 # Settings that may change when a run is resumed; any other difference is refused.
 RESUMABLE = {"resume", "overwrite", "max_steps", "val_every", "save_every", "val_size", "val_data", "max_model_len",
-             "vllm_kv_cache_mb", "vllm_gpu_memory", "hf_cache", "teacher_url", "teacher_retries"}  # a moved server: same teacher
+             "vllm_kv_cache_mb", "vllm_gpu_memory", "hf_cache", "teacher_url", "teacher_retries",
+             "teacher_timeout_seconds", "data_sha256"}  # a moved server: same teacher; the data: cli.check_data
 
 
 def main(argv=None):
@@ -355,7 +356,7 @@ def main(argv=None):
             cli.recover_dir(out / folder)
         if not state_file.is_file():
             cli.fail(f"--resume: no {state_file}")
-        cli.check_resume(json.loads((out / "args.json").read_text()), args, RESUMABLE)
+        cli.check_resume(cli.saved_args(out / "args.json"), args, RESUMABLE)
     cli.check_opcd_options(args)
     if args.rollout == "vllm" and not common.vllm_available():
         cli.fail("--rollout vllm: vllm is not installed (use --rollout hf)")
@@ -364,6 +365,9 @@ def main(argv=None):
         cli.fail(f"--batch-size {args.batch_size} is not divisible by the {world_size} ranks")
     try:
         train_rows = splits.load_split(args.data, kinds=["planning"])
+        args.data_sha256 = splits.fingerprint([args.data])
+        if args.resume:
+            cli.check_data(cli.saved_args(out / "args.json"), args)
         val_rows = splits.load_split(args.val_data, kinds=["planning"]) if args.val_data else []
         if len(train_rows) < args.batch_size:
             raise ValueError(f"{args.data}: {len(train_rows)} planning rows, fewer than --batch-size {args.batch_size}")
@@ -377,7 +381,8 @@ def main(argv=None):
         teacher = model if args.teacher == "live" else None if args.teacher == "none" else common.load_teacher(
             args.teacher, processor, device, dtype, args.teacher_url, args.teacher_retries,
             probe=processor.apply_chat_template(envs.teacher_messages(train_rows[0]["state"]), tokenize=False,
-                                                add_generation_prompt=True) + envs.reference_response(train_rows[0]["state"]))
+                                                add_generation_prompt=True) + envs.reference_response(train_rows[0]["state"]),
+            vocab_size=model.lm_head.out_features, timeout_seconds=args.teacher_timeout_seconds)
     except (ValueError, FileNotFoundError, chat_api.EndpointError) as e:
         cli.fail(str(e).splitlines()[0])
     val_rows = val_rows[:args.val_size] if args.val_size else val_rows
@@ -398,9 +403,12 @@ def main(argv=None):
     opt = MasterAdamW(model.parameters(), args.lr, tuple(args.betas), args.weight_decay, args.master)
     start_step, best = 0, -1.0
     if args.resume:  # trainable weights come back from the optimiser's master copy, bit-exact
-        saved = torch.load(state_file, map_location=device, weights_only=False)
-        opt.load_state_dict(saved["optimizer"])
-        start_step, best = saved["step"], saved["best_macro_success"]
+        try:
+            saved = torch.load(state_file, map_location=device, weights_only=False)
+            opt.load_state_dict(saved["optimizer"])
+            start_step, best = saved["step"], saved["best_macro_success"]
+        except Exception as e:  # a truncated or foreign file: torch and pickle raise many types
+            cli.fail(f"--resume: cannot load {state_file} ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})")
     llm = None
     if args.rollout == "vllm":
         llm = common.make_llm(args.model, seed=args.seed, max_model_len=args.max_model_len,
@@ -408,9 +416,7 @@ def main(argv=None):
                               gpu_memory_utilization=args.vllm_gpu_memory)
         common.push_weights(llm, model)
     if rank == 0:
-        if args.overwrite and not args.resume:
-            shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
+        cli.claim_out(out, clear=args.overwrite and not args.resume)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
     write_log = common.RunLog(out, start_step if args.resume else None, rank)  # a resumed run drops later lines
     common.print0(f"OPCD: {len(train_rows)} train rows, {steps_per_epoch} steps/epoch, steps {start_step}->{total_steps}, "
@@ -425,27 +431,31 @@ def main(argv=None):
     bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc="opcd")
     for step in range(start_step, total_steps):
         rows = common.batch_rows(train_rows, step, args.batch_size, args.seed, rank, world_size)
+        taken = False
         try:
             log = opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size, device)
-        except chat_api.EndpointError as e:  # the served teacher stopped answering: this step is not taken
+            taken = True
+            log["epoch"] = step // steps_per_epoch
+            validate_now = (step + 1) % args.val_every == 0 or step + 1 == total_steps
+            if val_rows and validate_now:  # keep the best checkpoint by macro success
+                log.update(common.validate(args, step, val_rows, model, llm, processor, rank, world_size))
+                if log["val_macro_success"] > best:
+                    best = log["val_macro_success"]
+                    common.save_model(model, processor, out / "best", rank=rank)
+            save_now = validate_now or (args.save_every and (step + 1) % args.save_every == 0)
+            if save_now:  # the ranks must hold identical weights
+                log["rank_weight_checksums"] = rank_checksums(opt.params, world_size)
+            write_log(log)  # before last/: a kill in between leaves a line past the checkpoint, which --resume drops
+            if save_now:
+                common.save_model(model, processor, out / "last", {"step": step + 1, "optimizer": opt.state_dict(),
+                                                                   "best_macro_success": best, "args": vars(args)}, rank)
+                if world_size > 1:
+                    dist.barrier()
+        except (chat_api.EndpointError, cli.NonFinite) as e:  # a teacher that stopped answering, a NaN: stop here
             bar.close()
-            cli.fail(f"{e}; step {step + 1} was not taken, --resume continues from the last checkpoint")
-        log["epoch"] = step // steps_per_epoch
-        validate_now = (step + 1) % args.val_every == 0 or step + 1 == total_steps
-        if val_rows and validate_now:  # keep the best checkpoint by macro success
-            log.update(common.validate(args, step, val_rows, model, llm, processor, rank, world_size))
-            if log["val_macro_success"] > best:
-                best = log["val_macro_success"]
-                common.save_model(model, processor, out / "best", rank=rank)
-        save_now = validate_now or (args.save_every and (step + 1) % args.save_every == 0)
-        if save_now:  # the ranks must hold identical weights
-            log["rank_weight_checksums"] = rank_checksums(opt.params, world_size)
-        write_log(log)  # before last/: a kill in between leaves a line past the checkpoint, which --resume drops
-        if save_now:
-            common.save_model(model, processor, out / "last", {"step": step + 1, "optimizer": opt.state_dict(),
-                                                               "best_macro_success": best, "args": vars(args)}, rank)
-            if world_size > 1:
-                dist.barrier()
+            kept = (f"{out / 'last'} keeps the last good checkpoint, --resume continues from it"
+                    if (out / "last").is_dir() else "no checkpoint was written yet")
+            cli.fail(f"{e}; step {step + 1} was {'taken but not saved' if taken else 'not taken'}: {kept}")
         bar.set_postfix(kl=f"{log['reverse_kl']:.3f}", success=f"{log['success']:.2f}")
         bar.update(1)
     bar.close()

@@ -70,7 +70,7 @@ def parse_args(argv=None):
                         "visual SFT on reference responses, RL on the success reward, each SFT then OPCD) and every row "
                         f"on held-out levels ({HELDOUT}); all: also the report's ablations; served: also MGSD with the "
                         "teacher behind vllm serve and --loss topk --topk 20 (default %(default)s)")
-    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of SFT order and OPCD sampling (default %(default)s)")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seed of SFT order and OPCD sampling (default %(default)s)")
     p.add_argument("--base", default=None, help=f"base model folder (default: the shipped {SHIPPED_BASE.relative_to(ROOT)})")
     p.add_argument("--pretrain", action="store_true", help="build the base from random weights into OUT/base instead "
                                                               f"of using {SHIPPED_BASE.relative_to(ROOT)}")
@@ -94,8 +94,13 @@ def parse_args(argv=None):
     missing = [run for run in args.aggregate or () if not (Path(run) / "results.json").is_file()]
     if missing:
         p.error(f"--aggregate: no results.json in {missing[0]}")
-    settings = [(run, json.loads((Path(run) / "settings.json").read_text())) for run in args.aggregate or ()
-                if (Path(run) / "settings.json").is_file()]
+    try:
+        settings = [(run, json.loads((Path(run) / "settings.json").read_text())) for run in args.aggregate or ()
+                    if (Path(run) / "settings.json").is_file()]
+        if not all(isinstance(saved, dict) for _, saved in settings):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        p.error(f"--aggregate: a settings.json is not a pipeline's settings ({type(e).__name__})")
     for run, theirs in settings[1:]:  # a mean over unlike runs would mean nothing
         differ = sorted(k for k in set(theirs) | set(settings[0][1]) if k not in ("seed", "out", "rows", "aggregate")
                         and theirs.get(k) != settings[0][1].get(k))
@@ -139,7 +144,7 @@ def run(cmd, done_marker):
         code = proc.wait()
     if code:
         last = next((line for line in reversed(log.read_text(errors="replace").splitlines()) if line.strip()), "")
-        sys.exit(f"error: stage failed: {shlex.join(cmd)}: {last.strip()} (its output: {log})")
+        cli.fail(f"stage failed: {shlex.join(cmd)}: {last.strip()} (its output: {log})")
     print(f"  ({time.time() - start:.0f} s)", flush=True)
 
 
@@ -196,7 +201,10 @@ def pretrain_commands(out, steps, quick=False):
 def main(argv=None):
     args = parse_args(argv)
     if args.aggregate:
-        print(aggregate_table(args.aggregate))
+        try:
+            print(aggregate_table(args.aggregate))
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError) as e:
+            cli.fail(f"--aggregate: a results.json is not a pipeline's results ({type(e).__name__}: {str(e)[:80]})")
         return
     base = Path(args.base) if args.base else SHIPPED_BASE
     build = not args.base and (args.pretrain or args.quick or not SHIPPED_BASE.is_dir())
@@ -207,10 +215,21 @@ def main(argv=None):
     if foreign or out == base.resolve() or out in base.resolve().parents:
         what = "the base model" if not foreign else "a model" if foreign == "merge.py" else f"a run of {foreign}"
         cli.fail(f"--out {out} holds {what}; choose another --out")
+    if base.resolve() in out.parents:
+        cli.fail(f"--out {out} lies inside the base model {base}; choose another --out")
+    if out.exists() and not out.is_dir():
+        cli.fail(f"--out {out} is a file")
+    if out.is_dir() and not (out / "settings.json").is_file() and any(not p.name.startswith(".") for p in out.iterdir()):
+        cli.fail(f"--out {out} holds other files than a pipeline run's; choose an empty or new folder")
     if (out / "settings.json").is_file():  # a re-run with other settings would silently reuse stages made with these
-        cli.check_resume(json.loads((out / "settings.json").read_text()), args, {"out", "rows", "aggregate"},
-                         what=f"a re-run in {out}")
-    out.mkdir(parents=True, exist_ok=True)
+        try:
+            saved = json.loads((out / "settings.json").read_text())
+            if not isinstance(saved, dict):
+                raise ValueError("not an object")
+        except (ValueError, UnicodeDecodeError) as e:
+            cli.fail(f"{out / 'settings.json'} is not a pipeline's settings ({e}); move it away or choose another --out")
+        cli.check_resume(saved, args, {"out", "rows", "aggregate"}, what=f"a re-run in {out}")
+    cli.claim_out(out)
     (out / "settings.json").write_text(json.dumps(vars(args), indent=1) + "\n")
     py = sys.executable
     os.environ.setdefault("OMP_NUM_THREADS", "2")  # the stages inherit it
@@ -403,4 +422,4 @@ def plot(results, path):
 
 
 if __name__ == "__main__":
-    main()
+    cli.interruptible(main, "a re-run of the same command continues from the finished stages")

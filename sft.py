@@ -15,7 +15,6 @@ import argparse
 import functools
 import json
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from mgsd import cli, common, lora, splits
 from mgsd.common import print0
-from mgsd.optim import all_reduce_grads, global_sum
+from mgsd.optim import all_reduce_grads, global_sum, require_finite_weights
 
 
 def parse_args(argv=None):
@@ -42,10 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--train-vision", action="store_true",
                    help="also train the vision tower and merger in full (frozen by default, as in the reference)")
     p.add_argument("--lora-rank", type=cli.positive_rank, default=8, help="LoRA rank r")
-    p.add_argument("--lora-alpha", type=cli.positive_float, default=16, help="LoRA alpha (scaling alpha/r)")
+    p.add_argument("--lora-alpha", type=cli.lora_alpha, default=16, help="LoRA alpha (scaling alpha/r)")
     p.add_argument("--lora-dropout", type=cli.nonneg_float, default=0.0, help="dropout on the LoRA input")
-    p.add_argument("--lr", type=cli.positive_float, default=1e-4, help="peak learning rate")
-    p.add_argument("--warmup-ratio", type=cli.nonneg_float, default=0.1, help="fraction of steps of linear warm-up")
+    p.add_argument("--lr", type=cli.learning_rate, default=1e-4, help="peak learning rate")
+    p.add_argument("--warmup-ratio", type=cli.fraction, default=0.1, help="fraction of steps of linear warm-up")
     p.add_argument("--weight-decay", type=cli.nonneg_float, default=0.0, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=cli.nonneg_float, default=1.0, help="gradient-norm clip (0 = off)")
     p.add_argument("--epochs", type=cli.epochs, default=3, help="number of passes over the training rows")
@@ -73,7 +72,7 @@ def parse_args(argv=None):
                    help="stop after this many steps, 0 = no limit (the schedule still spans all epochs)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings; see RESUMABLE)")
     p.add_argument("--overwrite", action="store_true", help="replace an --out that already holds a run")
-    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of LoRA init and data order")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seed of LoRA init and data order")
     return p.parse_args(argv)
 
 
@@ -229,9 +228,10 @@ def validate(model, processor, rows, args, rank, world, device, autocast):
 def save_checkpoint(path, model, optimizer, step):
     from safetensors.torch import save_file
 
+    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    cli.require_finite(weights, f"refusing to write {path}")
     with cli.atomic_dir(path) as tmp:
-        save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                  str(tmp / "trainable.safetensors"))
+        save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
 
@@ -239,18 +239,23 @@ def save_checkpoint(path, model, optimizer, step):
 def load_checkpoint(path, model, optimizer):
     from safetensors.torch import load_file
 
-    weights, params = load_file(str(path / "trainable.safetensors")), dict(model.named_parameters())
-    if set(weights) != {n for n, p in params.items() if p.requires_grad}:
-        raise ValueError(f"{path}: checkpoint does not match this model/LoRA set-up (was it trained with other flags?)")
-    for n, t in weights.items():
-        params[n].data.copy_(t)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
-    return json.loads((path / "state.json").read_text())["step"]
+    try:
+        weights, params = load_file(str(path / "trainable.safetensors")), dict(model.named_parameters())
+        if set(weights) != {n for n, p in params.items() if p.requires_grad}:
+            raise ValueError("checkpoint does not match this model/LoRA set-up (was it trained with other flags?)")
+        cli.require_finite(weights, "trainable.safetensors")
+        for n, t in weights.items():
+            params[n].data.copy_(t)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
+        return int(json.loads((path / "state.json").read_text())["step"])
+    except Exception as e:  # a truncated or foreign file: safetensors, torch and pickle raise many types
+        raise ValueError(f"{path}: cannot resume from it ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})") from None
 
 
 # Settings that may change when a run is resumed; any other difference is refused.
 RESUMABLE = {"resume", "overwrite", "max_steps", "val_every", "save_every", "val_size", "val_data", "max_new_tokens",
-             "grad_checkpointing", "checkpoint_share", "compile", "loader_workers", "loss_chunk"}
+             "grad_checkpointing", "checkpoint_share", "compile", "loader_workers", "loss_chunk",
+             "data_sha256"}  # the data: cli.check_data
 
 
 def main(argv=None):
@@ -263,11 +268,14 @@ def main(argv=None):
         cli.recover_dir(out / "checkpoint")
         if not (out / "checkpoint" / "state.json").is_file():
             cli.fail(f"--resume: no checkpoint in {out / 'checkpoint'}")
-        cli.check_resume(json.loads((out / "args.json").read_text()), args, RESUMABLE)
+        cli.check_resume(cli.saved_args(out / "args.json"), args, RESUMABLE)
     ddp, rank, _, world, device = common.compute_init(args.seed)
     try:
         kinds = args.kinds.split(",")
         rows = [r for d in args.data for r in splits.load_split(d, kinds=kinds) if r.get("messages")]
+        args.data_sha256 = splits.fingerprint(args.data)
+        if args.resume:
+            cli.check_data(cli.saved_args(out / "args.json"), args)
         val_rows = [r for d in args.val_data or () for r in splits.load_split(d, kinds=kinds)]
         val_rows = val_rows[::max(1, len(val_rows) // max(1, args.val_size))][:args.val_size]  # spread over tasks
         if not rows:
@@ -280,6 +288,9 @@ def main(argv=None):
             raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {world} ranks and at most "
                              f"the {len(rows)} training rows")
         model, processor = common.load_model(args.model, device)
+        context = model.config.get_text_config().max_position_embeddings
+        if val_rows and args.max_new_tokens > context:  # a budget past the context would run for nothing
+            raise ValueError(f"--max-new-tokens {args.max_new_tokens} exceeds the model's context of {context} tokens")
         for r in rows[:1] + val_rows:  # fail now, not after an hour, on a row the template cannot encode
             encode_chat(processor, r["messages"], args.max_length)
         # Trainable: a LoRA on the language model, or (--full) the language model + lm_head; --train-vision: the tower too
@@ -315,9 +326,7 @@ def main(argv=None):
            f"{'full' if args.full else f'LoRA r{args.lora_rank}'} ({sum(p.numel() for p in params) / 1e6:.2f}M "
            f"trainable), from step {step}")
     if rank == 0:
-        if args.overwrite and not args.resume:
-            shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
+        cli.claim_out(out, clear=args.overwrite and not args.resume)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
     log = common.RunLog(out, step if args.resume else None, rank)
     bar = tqdm(total=last_step, initial=step, desc="sft", dynamic_ncols=True, disable=rank != 0)
@@ -327,58 +336,67 @@ def main(argv=None):
                                rank=rank, per_rank=per_rank)
     loader = torch.utils.data.DataLoader(range(step, last_step), batch_size=None, collate_fn=encode, num_workers=workers,
                                          pin_memory=device.type == "cuda")
-    t0, tokens_seen = time.time(), 0
-    for micro in loader:
-        # ALGO LOGIC: this rank's share of the global batch, in micro-batches; the loss is a token mean over all ranks
-        n_target = torch.tensor(float(sum(len(b["target_positions"]) for b in micro)), device=device)
-        if ddp:
-            dist.all_reduce(n_target)  # kept on the device: the step never waits for the GPU before its last line
-        lr = lr_at(step, total_steps, args.lr, args.warmup_ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        nll_sum = torch.zeros((), device=device)
-        for b in micro:
-            tokens_seen += int(b["attention_mask"].sum())
-            b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-            with autocast:
-                nll = sft_loss(model, b, args.train_vision, args.loss_chunk)
-            (nll / n_target.clamp(min=1.0)).backward()  # the token mean over the global batch, once summed over ranks
-            nll_sum += nll.detach()
-        all_reduce_grads(params, world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm > 0 else torch.zeros(())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-
-        loss = global_sum([nll_sum.item()], device)[0] / max(1.0, n_target.item())
-        log({"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm), "epoch": step / steps_per_epoch,
-             "tokens_per_second": tokens_seen * world / (time.time() - t0)})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        if (args.save_every and step % args.save_every == 0) or step == last_step:  # before a validation can crash
-            if rank == 0:
-                save_checkpoint(out / "checkpoint", model, optimizer, step)
+    t0, tokens_seen, saved_step = time.time(), 0, step
+    try:  # a NaN or inf in a gradient, or in weights about to be written, stops the run: nothing non-finite is saved
+        for micro in loader:
+            # ALGO LOGIC: this rank's share of the global batch, in micro-batches; the loss is a token mean over all ranks
+            n_target = torch.tensor(float(sum(len(b["target_positions"]) for b in micro)), device=device)
             if ddp:
-                dist.barrier()
-        if val_rows and ((args.val_every and step % args.val_every == 0) or step == last_step):
-            val = validate(model, processor, val_rows, args, rank, world, device, autocast)
-            log({"step": step, **val})
-            print0(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in val.items()))
+                dist.all_reduce(n_target)  # kept on the device: the step never waits for the GPU before its last line
+            lr = lr_at(step, total_steps, args.lr, args.warmup_ratio)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            nll_sum = torch.zeros((), device=device)
+            for b in micro:
+                tokens_seen += int(b["attention_mask"].sum())
+                b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+                with autocast:
+                    nll = sft_loss(model, b, args.train_vision, args.loss_chunk)
+                (nll / n_target.clamp(min=1.0)).backward()  # the token mean over the global batch, once summed over ranks
+                nll_sum += nll.detach()
+            all_reduce_grads(params, world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf)  # 0: the norm, no clip
+            if not torch.isfinite(grad_norm):  # the same on every rank: the step is not taken
+                raise cli.NonFinite(f"step {step + 1}: gradient norm {grad_norm.item()}, the step was not taken")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            require_finite_weights(params)  # an update that overflowed: stop before it is saved or sampled from
+            step += 1
 
-    if ddp:  # one all-reduce a step keeps the replicas identical; check it rather than trust it
-        flat = torch.cat([p.detach().float().flatten() for p in params])
-        replicas = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(replicas, flat)
-        spread = max((r - replicas[0]).abs().max().item() for r in replicas)
-        log({"step": step, "ddp/replica_max_abs_diff": spread})
-        print0(f"ddp: replicas differ by at most {spread:.3g}")
-    if rank == 0:  # the product of this run (after --max-steps: the weights at that step)
-        if args.full:
-            model.gradient_checkpointing_disable()
-            common.save_model(model, processor, out / "model")
-        else:
-            lora.save_adapter(model, out / "adapter", args.model)
-        print0(f"wrote {out / ('model' if args.full else 'adapter')}")
+            loss = global_sum([nll_sum.item()], device)[0] / max(1.0, n_target.item())
+            log({"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm), "epoch": step / steps_per_epoch,
+                 "tokens_per_second": tokens_seen * world / (time.time() - t0)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if (args.save_every and step % args.save_every == 0) or step == last_step:  # before a validation can crash
+                if rank == 0:
+                    save_checkpoint(out / "checkpoint", model, optimizer, step)
+                    saved_step = step
+                if ddp:
+                    dist.barrier()
+            if val_rows and ((args.val_every and step % args.val_every == 0) or step == last_step):
+                val = validate(model, processor, val_rows, args, rank, world, device, autocast)
+                log({"step": step, **val})
+                print0(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in val.items()))
+
+        if ddp:  # one all-reduce a step keeps the replicas identical; check it rather than trust it
+            flat = torch.cat([p.detach().float().flatten() for p in params])
+            replicas = [torch.empty_like(flat) for _ in range(world)]
+            dist.all_gather(replicas, flat)
+            spread = max((r - replicas[0]).abs().max().item() for r in replicas)
+            log({"step": step, "ddp/replica_max_abs_diff": spread})
+            print0(f"ddp: replicas differ by at most {spread:.3g}")
+        if rank == 0:  # the product of this run (after --max-steps: the weights at that step)
+            if args.full:
+                model.gradient_checkpointing_disable()
+                common.save_model(model, processor, out / "model")
+            else:
+                lora.save_adapter(model, out / "adapter", args.model)
+            print0(f"wrote {out / ('model' if args.full else 'adapter')}")
+    except cli.NonFinite as e:
+        bar.close()
+        cli.fail(f"{e}; " + (f"{out / 'checkpoint'} keeps step {saved_step}, --resume continues from it" if saved_step
+                             else "no checkpoint was written yet"))
     bar.close()
     log.close()
     common.compute_cleanup()

@@ -167,6 +167,12 @@ def main(argv=None):
         p.add_argument("--frozenlake-style", default="plain", choices=pictures.STYLES,
                        help="FrozenLake pictures drawn (see envs.py data); sprites: as the VSP benchmark's own")
     args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    for src in [args.src] if isinstance(args.src, str) else args.src:
+        if out == Path(src).resolve() or Path(src).resolve() in out.parents:
+            cli.fail(f"--out {args.out} lies inside the source {src}; choose another --out")
+    if not 64 <= args.image_size <= 2048 or (args.cell_size is not None and args.cell_size < 8):
+        cli.fail(f"--image-size {args.image_size} must be 64..2048 and --cell-size at least 8")
     try:
         items = import_vsp(args.src, args.draw_missing) if args.benchmark == "vsp" else import_visualplanning(args.src)
         out = write_split(items, args.out, args.image_size, args.cell_size, args.frozenlake_style)
@@ -182,4 +188,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.interruptible(main, "nothing written (written whole or not at all)")

@@ -71,6 +71,24 @@ epochs = lambda text: _number(float, 0.0, True, text, high=1e6)  # noqa: E731
 rank = lambda text: _number(int, 0, False, text, high=4096)  # noqa: E731  LoRA ranks past any model's width fail
 backoff_seconds = lambda text: _number(float, 0.0, False, text, high=600)  # noqa: E731
 positive_rank = lambda text: _number(int, 0, True, text, high=4096)  # noqa: E731
+seed = lambda text: _number(int, 0, False, text, high=2 ** 32 - 1)  # noqa: E731  numpy's seeds are 32-bit
+lora_alpha = lambda text: _number(float, 0.0, True, text, high=1e6)  # noqa: E731
+learning_rate = lambda text: _number(float, 0.0, True, text, high=1.0)  # noqa: E731  past 1: every step moves weights by >1
+timeout_seconds = lambda text: _number(float, 0.0, True, text, high=86400)  # noqa: E731  a day at most
+
+
+def http_url(text):
+    """An http(s) URL with a host: never file:// or another scheme that urllib would open."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018  raises ValueError on a port that is not a number
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a URL: {text!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
+    return text
 
 
 def names(text):
@@ -102,6 +120,8 @@ def check_out(out, resume=False, overwrite=False, inputs=(), script=None):
     non-empty folder needs --resume (continue it) or --overwrite (replace it), and both accept only a
     folder that holds a run of `script`."""
     out = Path(out)
+    if out.is_symlink() and not out.exists():
+        fail(f"--out {out} is a symbolic link to nothing; remove it or choose another --out")
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file")
     here = out.resolve()
@@ -120,8 +140,84 @@ def check_out(out, resume=False, overwrite=False, inputs=(), script=None):
             fail(f"--out {out} does not hold a run of {script}; {'--resume' if resume else '--overwrite'} "
                  f"accepts only a folder that {script} wrote")
     anchor = next(p for p in [out, *out.parents] if p.exists())
-    if not anchor.is_dir() or not os.access(anchor, os.W_OK | os.X_OK):
+    if not anchor.is_dir() or not os.access(anchor, os.W_OK | os.X_OK) or not _can_make_folder(anchor):
         fail(f"--out {out}: cannot write into {anchor}")
+
+
+def _can_make_folder(parent):
+    """Whether a folder can be made in `parent` (os.access says yes for root in /proc and on read-only mounts)."""
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".mgsd-probe-"))
+        return True
+    except OSError:
+        return False
+
+
+class NonFinite(ValueError):
+    """A NaN or an infinity where training would take it for a number: a gradient, a weight to be written."""
+
+
+def require_finite(tensors, where):
+    """NonFinite naming the first tensor of `tensors` ({name: tensor}) that holds a NaN or an infinity: loaders and
+    every writer of weights call it, so that no non-finite weight is trained from or ever reaches a checkpoint."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise NonFinite(f"{where}: {len(bad)} of {len(tensors)} tensors hold NaN or inf (e.g. {bad[0]})")
+
+
+_CLAIMS = {}  # run folder -> the descriptor of its lock, held by this process until it ends (or claims it again)
+
+
+def claim_out(out, clear=False):
+    """Make `out` this process's run folder: an exclusive lock on the folder itself (flock; no file is written, and
+    it is released when the process ends, however it ends) refuses a second run into the same folder in one line;
+    then, with clear (--overwrite), what the folder holds is removed (the folder, and so the lock, stays)."""
+    import fcntl
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = str(out.resolve())
+    if key in _CLAIMS:  # a run of this same process (tests call main in turn): its lock is ours to take back
+        os.close(_CLAIMS.pop(key))
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        fail(f"--out {out} is in use by another run; wait for it to end or choose another --out")
+    _CLAIMS[key] = fd
+    for p in out.iterdir() if clear else []:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def check_out_file(out, overwrite=False):
+    """An output file: refused when it is a folder, or exists and overwrite is not given."""
+    out = Path(out)
+    if out.is_dir():
+        fail(f"--out {out} is a folder; name a file")
+    if out.exists() and not overwrite:
+        fail(f"--out {out} exists; --overwrite replaces it")
+
+
+def saved_args(path):
+    """A run's saved settings (args.json) as a dict, or one line and exit 2."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        fail(f"--resume: cannot read {path} ({type(e).__name__})")
+    if not isinstance(saved, dict):
+        fail(f"--resume: {path} does not hold a run's settings")
+    return saved
+
+
+def check_data(saved, args):
+    """--resume on the rows the run started with: the data.jsonl fingerprint saved in args.json (runs saved before
+    it was recorded pass)."""
+    if saved.get("data_sha256", args.data_sha256) != args.data_sha256:
+        fail(f"--resume: --data holds other rows than when the run started (data.jsonl sha256 "
+             f"{saved['data_sha256'][:12]} -> {args.data_sha256[:12]}); start a new run")
 
 
 def check_resume(saved_args, args, safe, what="--resume"):

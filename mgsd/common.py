@@ -56,6 +56,7 @@ def save_model(model, processor, out_dir, trainer_state=None, rank=0):
     """A from_pretrained-loadable folder (LoRA layers merged), plus trainer_state.pt for --resume; atomic.
     Every rank calls it (under --fsdp the weights are gathered); rank 0 writes."""
     weights = hf_state_dict(model)
+    cli.require_finite(weights, f"refusing to write {out_dir}")
     if rank == 0:
         with cli.atomic_dir(out_dir) as tmp:
             write_model_files(model, processor, tmp, weights)
@@ -150,20 +151,31 @@ def load_model(path, device="cpu", dtype=None):
     path = str(path)
     try:
         processor = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f"{path}: cannot load a processor ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # a malformed config.json or tokenizer.json: transformers raises many types
+        raise ValueError(f"{path}: cannot load a processor ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:100] if str(e) else ''})") from None
     if not isinstance(processor, ProcessorMixin) or getattr(processor, "image_processor", None) is None:
         # AutoProcessor silently falls back to the bare tokenizer when the processor cannot be built.
         raise ValueError(f"{path}: no multimodal processor (got {type(processor).__name__}; "
                          "need preprocessor_config.json, video_preprocessor_config.json and a tokenizer)")
+    probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "probe"}]}]
+    try:  # every stage renders chats with it: a template that does not compile or raises fails here, in one line
+        processor.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    except Exception as e:
+        raise ValueError(f"{path}: its chat template fails ({type(e).__name__}: {str(e).splitlines()[0][:80]})") from None
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report of missing weights would come before our one line about them
     try:
         model, info = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32, output_loading_info=True)
     except Exception as e:  # a truncated or foreign weights file: one line, not a traceback
         raise ValueError(f"{path}: cannot load the weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     for what in ("missing", "unexpected", "mismatched"):  # HF would start such weights at random, with a warning
         if info.get(f"{what}_keys"):
             keys = sorted(map(str, info[f"{what}_keys"]))
             raise ValueError(f"{path}: {len(keys)} {what} weight(s) in the checkpoint, e.g. {keys[0]}")
+    cli.require_finite(dict(model.named_parameters()), f"{path}: the weights")
     model.to(device)
     if torch.device(device).type == "cpu":
         use_shared_kv_attention(model)
@@ -173,17 +185,21 @@ def load_model(path, device="cpu", dtype=None):
     return model, processor
 
 
-def load_teacher(path, processor, device, dtype, url=None, retries=4, probe=""):
+def load_teacher(path, processor, device, dtype, url=None, retries=4, probe="", vocab_size=None, timeout_seconds=600.0):
     """The frozen teacher: a model loaded here, or with `url` a vLLM server's client (chat_api.ServedTeacher),
     checked now to tokenize the text `probe` as the student's tokenizer does. The teacher must share the student's
-    tokenizer (its size and depth are free). ValueError / EndpointError with one line on a mismatch."""
+    tokenizer and output vocabulary (`vocab_size` rows of the student's head; its size and depth are free).
+    ValueError / EndpointError with one line on a mismatch."""
     if url:
-        teacher = chat_api.ServedTeacher(url, path, retries=retries)
+        teacher = chat_api.ServedTeacher(url, path, timeout_seconds, retries=retries, vocab_size=vocab_size)
         teacher.check_tokenizer(processor.tokenizer, [probe])
         return teacher
     teacher, teacher_processor = load_model(path, device, dtype)
     if teacher_processor.tokenizer.get_vocab() != processor.tokenizer.get_vocab():
         raise ValueError(f"teacher {path} has a different tokenizer from the student")
+    if vocab_size is not None and teacher.lm_head.out_features != vocab_size:
+        raise ValueError(f"teacher {path} scores {teacher.lm_head.out_features} tokens, the student {vocab_size}: "
+                         "the two output vocabularies must be the same")
     return teacher.requires_grad_(False).eval()
 
 
@@ -337,17 +353,18 @@ def served_teacher_scores(teacher, prompt_batch, response_ids, response_mask, to
 def teacher_topk(hidden, head, tokens, mask, k, chunk=256, temperature=1.0):
     """The in-process teacher's (ℓ_T of each response token [B, R], its top-k ids and log-probs [B, R, k], and the
     log-prob of the rest, log Σ_{v∉top k} p_T(v) [B, R], a log-sum-exp: exact however confident the teacher), from
-    its last hidden states, `chunk` positions at a time."""
+    its last hidden states, `chunk` positions at a time. The log-softmax runs in float64 (no gradient here): an fp32
+    one shifts every log-prob by its rounded normaliser (~5e-7), which a served teacher's 1 − Σ top does not see."""
     keep = mask.bool()
     h, ids = hidden[keep], tokens[keep]
     picked, top_lp, top_ids, tails = [], [], [], []
     for i in range(0, len(ids), chunk):
-        log_q = torch.log_softmax(head(h[i:i + chunk]).float() / temperature, -1)
+        log_q = torch.log_softmax(head(h[i:i + chunk]).double() / temperature, -1)
         values, indices = log_q.topk(min(k, log_q.shape[-1]), -1)
-        picked.append(log_q.gather(-1, ids[i:i + chunk, None]).squeeze(-1))
-        top_lp.append(values)
+        picked.append(log_q.gather(-1, ids[i:i + chunk, None]).squeeze(-1).float())
+        top_lp.append(values.float())
         top_ids.append(indices)
-        tails.append(log_q.scatter(-1, indices, float("-inf")).logsumexp(-1))
+        tails.append(log_q.scatter(-1, indices, float("-inf")).logsumexp(-1).float())
     K = min(k, head.out_features)
     out = [torch.zeros(mask.shape, device=mask.device), torch.zeros(*mask.shape, K, dtype=torch.long, device=mask.device),
            torch.zeros(*mask.shape, K, device=mask.device), torch.zeros(mask.shape, device=mask.device)]
@@ -395,6 +412,15 @@ def generate_responses(model, processor, messages_list, max_new_tokens=256, temp
     return results
 
 
+def logged_step(line):
+    """The step of a log.jsonl line; infinity for a line that is not one (a line torn by a kill is dropped)."""
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+    return step if isinstance(step, int) else math.inf
+
+
 class RunLog:
     """OUT/log.jsonl, one JSON line of metrics a call (and TensorBoard scalars under OUT/tb where it is
     installed), written by rank 0 only. Resuming from `resume_step` first drops the lines logged after it."""
@@ -404,11 +430,12 @@ class RunLog:
         if rank != 0:
             return
         path = Path(out) / "log.jsonl"
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step] \
+        kept = [line for line in path.read_text(errors="replace").splitlines() if logged_step(line) <= resume_step] \
             if resume_step is not None and path.is_file() else []
-        self.file = open(path, "w")
-        self.file.write("".join(line + "\n" for line in kept))
-        self.file.flush()
+        tmp = path.with_name(f".log.jsonl.tmp-{os.getpid()}")  # the kept lines replace the log whole or not at all
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+        self.file = open(path, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -18,6 +18,8 @@ import os
 import signal
 from pathlib import Path
 
+from PIL import Image
+
 from envs import (DEFAULT_LEVELS, LEVEL_RANGE, TASKS, _text, _user, direct_response, draft, generate, perception_answer,
                   perception_messages, perception_prompt, reference_response, score_perception, score_planning,
                   simulate, solve, student_messages, teacher_context, teacher_messages, text_state,
@@ -236,6 +238,8 @@ def row_problem(row):
         return f"unknown task/kind {task!r}/{kind!r} (tasks: {', '.join(TASKS)}; kinds: {', '.join(KINDS)})"
     if not isinstance(row["level"], int) or isinstance(row["level"], bool):
         return f"level must be an integer, got {row['level']!r}"
+    if task == "grid" and row["level"] not in grids.GRID_SIZES:  # the oracle solves any size: keep it to the known
+        return f"a grid row's level must be one of {grids.GRID_SIZES}, got {row['level']}"
     state = row["state"]
     if not isinstance(state, dict) or state.get("task") != task or state.get("level") != row["level"]:
         return f"state does not describe this {task} level {row['level']} row"
@@ -304,6 +308,17 @@ def state_problem(state, plan):
     return None
 
 
+MAX_PIXELS = 4096 * 4096  # a task picture is a few hundred pixels a side; anything far larger is a decompression bomb
+
+
+def fingerprint(data_dirs):
+    """sha256 of the data.jsonl files of `data_dirs`, in order: a resumed run checks that it trains on the same rows."""
+    digest = hashlib.sha256()
+    for folder in data_dirs:
+        digest.update((Path(folder) / "data.jsonl").read_bytes())
+    return digest.hexdigest()
+
+
 def load_split(data_dir, kinds=None):
     """Rows of data_dir/data.jsonl (optionally only `kinds`), with image paths made absolute.
     FileNotFoundError / ValueError with a one-line message on a missing or malformed split."""
@@ -327,6 +342,13 @@ def load_split(data_dir, kinds=None):
             with open(full, "rb") as picture:
                 if picture.read(8) != b"\x89PNG\r\n\x1a\n":
                     raise ValueError(f"{where}: image {rel} is not a PNG file")
+            try:  # every chunk read and its checksum checked (no pixels decoded): a broken picture fails now
+                with Image.open(full) as im:
+                    if im.width * im.height > MAX_PIXELS:
+                        raise ValueError(f"{im.width}x{im.height} pixels, more than {MAX_PIXELS}")
+                    im.verify()
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                raise ValueError(f"{where}: image {rel} cannot be decoded ({type(e).__name__}: {str(e)[:60]})") from None
             resolved[rel] = str(full)
         return resolved[rel]
 
@@ -364,10 +386,14 @@ def load_split(data_dir, kinds=None):
             seen.add(seen_key)
             if row.get("image"):
                 row["image"] = resolve(row["image"], where)
-            for message in row["messages"]:
-                for item in message["content"]:
-                    if item.get("type") == "image" and isinstance(item.get("image"), str):
-                        item["image"] = resolve(item["image"], where)
+            items = [item for m in row["messages"] if isinstance(m["content"], list) for item in m["content"]]
+            for item in items:
+                if item.get("type") == "image" and isinstance(item.get("image"), str):
+                    item["image"] = resolve(item["image"], where)
+            pictures = {item["image"] for item in items if item.get("type") == "image"}
+            if row.get("image") and row["kind"] in ("planning", "planning-direct", "perception") \
+                    and pictures and pictures != {row["image"]}:  # sft reads the chat's copy, opcd and evaluate the row's
+                raise ValueError(f"{where}: the chat shows another picture than the row's image {row['image']}")
             rows.append(row)
     return rows
 
@@ -395,9 +421,13 @@ def _show(args):
     if state is None:
         raise ValueError(f"{args.task} level {args.level} seed {args.seed} is skipped (no valid instance)")
     out = Path(args.out or f"{args.task}-{args.level}-{args.seed}.png")
-    try:  # the picture first: a bad --out fails before anything is printed
-        render(state, args.image_size, args.cell_size, args.frozenlake_style).save(out)
+    cli.check_out_file(out, args.overwrite)
+    tmp = out.parent / f".{out.stem}.tmp-{os.getpid()}{out.suffix}"  # the same suffix: PIL picks the format by it
+    try:  # the picture first: a bad --out fails before anything is printed; written whole or not at all
+        render(state, args.image_size, args.cell_size, args.frozenlake_style).save(tmp)
+        os.replace(tmp, out)
     except (ValueError, OSError) as e:
+        tmp.unlink(missing_ok=True)
         raise ValueError(f"cannot write the picture to {out} ({e})") from None
     section = lambda title, text: print(f"===== {title}\n{text}\n")
     section("state (JSON)", json.dumps(state))
@@ -438,8 +468,9 @@ def main(argv=None):
     show = sub.add_parser("show", help="print every view, prompt and QA pair of one instance and write its picture")
     show.add_argument("task", choices=TASKS, help="the task")
     show.add_argument("--level", type=int, required=True, help="grid side")
-    show.add_argument("--seed", type=int, required=True, help="instance seed")
+    show.add_argument("--seed", type=cli.seed, required=True, help="instance seed")
     show.add_argument("--out", help="picture path (default TASK-LEVEL-SEED.png)")
+    show.add_argument("--overwrite", action="store_true", help="replace an existing picture at --out")
     show.add_argument("--image-size", type=int, default=256, help="picture side in pixels")
     show.add_argument("--cell-size", type=int, default=None, help="cell side in pixels (see data --cell-size)")
     show.add_argument("--frozenlake-style", default="plain", choices=STYLES, help="see data --frozenlake-style")

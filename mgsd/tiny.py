@@ -40,10 +40,10 @@ def grid_row(seed, split, canvas=160, cell=32):
 
 def write_grids(out_dir, split, count, canvas=160, cell=32):
     """out_dir/data.jsonl + images/, written to a temporary sibling and renamed."""
-    if count < 1:
-        raise ValueError(f"--count must be at least 1, got {count}")
-    if canvas < 3 * cell:
-        raise ValueError(f"--canvas {canvas} cannot hold a 3x3 grid of {cell}-pixel cells")
+    if not 1 <= count <= 10 ** 6:
+        raise ValueError(f"--count must be at least 1 and at most 1000000, got {count}")
+    if cell < 8 or canvas < 3 * cell or canvas > 2048:
+        raise ValueError(f"--canvas {canvas} (at most 2048) cannot hold a 3x3 grid of {cell}-pixel cells (at least 8)")
     out = Path(out_dir).absolute()
     if out.exists():
         raise ValueError(f"{out} exists; remove it first")
@@ -167,8 +167,9 @@ def build_model(out_dir, size="tiny", seed=0, image_size=128, tokenizer=None):
         raise ValueError(f"{out_dir} exists; remove it first")
     if size not in MODEL_SIZES:
         raise ValueError(f"unknown size {size!r}; choose from {sorted(MODEL_SIZES)}")
-    if image_size < 32 or image_size % 32:
-        raise ValueError(f"image_size must be a positive multiple of 32 (one token per 32x32 pixels), got {image_size}")
+    if image_size < 32 or image_size % 32 or image_size > 2048:
+        raise ValueError(f"image_size must be a positive multiple of 32 (one token per 32x32 pixels), at most 2048, "
+                         f"got {image_size}")
     tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(tokenizer_corpus())
     hidden, layers, heads, kv_heads, head_dim, mlp = MODEL_SIZES[size]["text"]
     v_hidden, v_depth, v_heads, v_mlp, deepstack = MODEL_SIZES[size]["vision"]
@@ -226,11 +227,13 @@ def main(argv=None):
     m.add_argument("--out", required=True, help="output model folder")
     m.add_argument("--size", default="tiny", choices=sorted(MODEL_SIZES),
                    help="tiny (<1M, tests), small (3.5M, the miniature), medium (>=30M)")
-    m.add_argument("--seed", type=cli.nonneg_int, default=0, help="weight initialisation seed")
+    m.add_argument("--seed", type=cli.seed, default=0, help="weight initialisation seed")
     m.add_argument("--image-size", type=int, default=128, help="the fixed image side in pixels (multiple of 32)")
     m.add_argument("--tokenizer", default=None, help="keep the tokenizer of this model folder (built here) instead of "
                                                      "training one on the project's text: how the shipped base is rebuilt")
     args = parser.parse_args(argv)
+    if args.command == "model" and args.tokenizer and Path(args.tokenizer).resolve() in Path(args.out).resolve().parents:
+        cli.fail(f"--out {args.out} lies inside the --tokenizer folder {args.tokenizer}; choose another --out")
     try:
         if args.command == "grids":
             out = write_grids(args.out, args.split, args.count, args.canvas, args.cell_size)
@@ -249,4 +252,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.interruptible(main, "nothing written")

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 import evaluate
 import merge
@@ -36,6 +37,105 @@ def number_cases(script, table):
     return [(script, [flag, value], flag) for flag, kind in table.items() for value in NUMBERS[kind][:4 if kind == "positive" else 3]]
 
 
+# Weights that hold NaN or inf, and flags that would make them: refused before any work.
+NON_FINITE = [(script, [flag, "{%s}" % model, *extra], "hold NaN or inf")
+              for model in ("inf_weight", "nan_weight")
+              for script, flag, extra in (("sft", "--model", []), ("opcd", "--model", []), ("opcd", "--teacher", []),
+                                          ("evaluate", "--model", ["--backend", "hf"]),
+                                          ("merge", "--base", ["--adapter", "{adapter}"]),
+                                          ("merge-checkpoint", "--base", ["--checkpoint", "{other_checkpoint}"]))] + [
+    ("merge", ["--adapter", "{adapter_nan}"], "hold NaN or inf"),
+    ("opcd", ["--teacher", "{wide_vocab}"], "output vocabularies must be the same"),
+]
+# Files that exist but cannot be read: models, adapters, checkpoints, pictures.
+BROKEN_FILES = [(script, [flag, "{%s}" % name, *extra], expected)
+                for name, expected in (("config_garbage", "config_garbage: cannot load"),
+                                       ("config_list", "config_list: cannot load"),
+                                       ("tokenizer_garbage", "tokenizer_garbage: cannot load"))
+                for script, flag, extra in (("sft", "--model", []), ("opcd", "--model", []), ("opcd", "--teacher", []),
+                                            ("evaluate", "--model", ["--backend", "hf"]),
+                                            ("merge", "--base", ["--adapter", "{adapter}"]))] + [
+    (script, [flag, "{%s}" % name, *extra], "chat template")
+    for name in ("template_syntax", "template_raises")
+    for script, flag, extra in (("sft", "--model", []), ("opcd", "--model", []), ("opcd", "--teacher", []),
+                                ("evaluate", "--model", ["--backend", "hf"]))] + [
+    (script, ["--data", "{bad:%s}" % name], "cannot be decoded")
+    for name in ("png_truncated", "png_garbage", "png_bad_crc", "png_bomb") for script in ("sft", "opcd", "evaluate")] + [
+    ("merge", ["--adapter", "{adapter_no_r}"], "not a LoRA adapter config"),
+    ("merge", ["--adapter", "{adapter_r_string}"], "not a LoRA adapter config"),
+    ("merge", ["--adapter", "{adapter_alpha_huge}"], "not a LoRA adapter config"),
+    ("merge", ["--adapter", "{adapter_config_garbage}"], "not a LoRA adapter config"),
+    ("merge", ["--adapter", "{adapter_other_rank}"], "this base and rank 8 need"),
+    ("merge", ["--adapter", "{adapter_truncated}"], "cannot read the adapter's weights"),
+    ("merge-checkpoint", ["--checkpoint", "{other_checkpoint}"], "a checkpoint of another model?"),
+    ("merge-checkpoint", ["--checkpoint", "{checkpoint_truncated}"], "cannot read it"),
+] + [("merge", ["--adapter", "{adapter}", "--device", device], "--device") for device in ("tpu", "cuda:7", "nonsense", "")]
+# A served teacher's flags: only http(s) URLs, timeouts that are numbers of seconds.
+SERVED_FLAGS = [("opcd", ["--teacher-url", url], "--teacher-url")
+                for url in ("file:///etc/passwd", "ftp://127.0.0.1/v1", "localhost:8000/v1", "http://", "http://host:port/v1",
+                            "javascript:alert(1)", "")] + [
+    ("opcd", ["--teacher-url", "http://127.0.0.1:1/v1", "--teacher-timeout-seconds", value], "--teacher-timeout-seconds")
+    for value in ("0", "-1", "nan", "1e308", "x")]
+# Outputs that would replace or mix with what is there.
+OUTPUTS = [
+    ("envs", ["show", "maze", "--level", "3", "--seed", "1", "--out", "{file}"], "exists; --overwrite replaces it"),
+    ("envs", ["show", "maze", "--level", "3", "--seed", "1", "--out", "{tmp}"], "is a folder"),
+    ("pipeline", ["--base", "{model}", "--out", "{model}/inside"], "lies inside the base model"),
+    ("pipeline", ["--out", "{data}"], "holds other files than a pipeline run's"),
+    ("pipeline", ["--out", "{tmp}/bad-settings"], "is not a pipeline's settings"),
+    ("sft", ["--model", "{model}", "--val-data", "{data}", "--max-new-tokens", "1000000000000"], "exceeds the model's context"),
+] + [(script, ["--lr", lr], "--lr") for script in ("sft", "opcd") for lr in ("1e308", "2", "inf")]
+# Numbers past what the program can use: 64-bit seeds, huge ratios, sizes that would exhaust memory.
+LIMITS = [(script, [*extra, "--seed", seed], "--seed") for seed in ("4294967296", "1e3", "18446744073709551616")
+          for script, extra in (("sft", []), ("opcd", []), ("pipeline", ["--out", "{out}"]),
+                                ("tiny", ["model", "--out", "{out}"]),
+                                ("envs", ["show", "maze", "--level", "3", "--out", "{out}.png"]))] + [
+    ("sft", ["--warmup-ratio", "1e308"], "--warmup-ratio"), ("sft", ["--warmup-ratio", "1.5"], "--warmup-ratio"),
+    ("sft", ["--lora-alpha", "1e308"], "--lora-alpha"), ("sft", ["--lora-alpha", "inf"], "--lora-alpha"),
+    ("evaluate", ["--timeout-seconds", "1e308"], "--timeout-seconds"),
+    ("tiny", ["model", "--out", "{out}", "--image-size", "1048576"], "at most 2048"),
+    ("tiny", ["grids", "--out", "{out}", "--split", "train", "--count", "1", "--canvas", "100000"], "at most 2048"),
+    ("tiny", ["grids", "--out", "{out}", "--split", "train", "--count", "1", "--cell-size", "0"], "at least 8"),
+    ("tiny", ["grids", "--out", "{out}", "--split", "train", "--count", "1000000000"], "at most 1000000"),
+    ("envs", ["data", "--out", "{out}", "--split", "train", "--per-level", "1", "--image-size", "100000"], "out of range"),
+    ("envs", ["show", "maze", "--level", "3", "--seed", "1", "--image-size", "100000", "--out", "{out}.png"],
+     "out of range"),
+] + [(script, [*extra, "--out", "{dangling}"], "symbolic link to nothing")
+     for script, extra in (("sft", []), ("opcd", []), ("evaluate", []), ("merge", ["--adapter", "{adapter}"]))] + [
+    (script, [*extra, "--out", "/proc/mgsd-out"], "cannot write into")
+    for script, extra in (("sft", []), ("opcd", []), ("evaluate", []), ("merge", ["--adapter", "{adapter}"]))] + [
+    ("pipeline", ["--aggregate", "{tmp}/agg-garbage"], "--aggregate"),
+    ("pipeline", ["--aggregate", "{tmp}/agg-list"], "--aggregate"),
+    ("pipeline", ["--aggregate", "{tmp}/agg-shape"], "--aggregate"),
+    ("pipeline", ["--aggregate", "{tmp}/agg-settings", "{tmp}/agg-a"], "--aggregate"),
+    ("pipeline", ["--aggregate", "{tmp}/agg-settings-garbage"], "--aggregate"),
+    ("benchmarks", ["vsp", "{tmp}", "--out", "{tmp}/imported"], "lies inside the source"),
+    ("benchmarks", ["vsp", "{tmp}", "--out", "{tmp}"], "lies inside the source"),
+    ("benchmarks", ["visualplanning", "{file}", "--out", "{file}/x"], "lies inside the source"),
+    ("benchmarks", ["vsp", "{tmp}/nowhere", "--out", "{out}", "--image-size", "100000"], "--image-size"),
+    ("benchmarks", ["vsp", "{tmp}/nowhere", "--out", "{out}", "--image-size", "0"], "--image-size"),
+    ("benchmarks", ["vsp", "{tmp}/nowhere", "--out", "{out}", "--cell-size", "0"], "--cell-size"),
+    ("benchmarks", ["vsp", "{tmp}/nowhere", "--out", "{out}", "--image-size", "x"], "--image-size"),
+    ("benchmarks", ["nonsense", "{tmp}", "--out", "{out}"], "invalid choice"),
+    ("tiny", ["model", "--out", "{model}/inner", "--tokenizer", "{model}"], "lies inside the --tokenizer folder"),
+    ("tiny", ["model", "--out", "{out}", "--size", "huge"], "invalid choice"),
+    ("tiny", ["grids", "--out", "{out}", "--split", "nope", "--count", "1"], "invalid choice"),
+    ("tiny", ["grids", "--out", "{out}", "--split", "train", "--count", "x"], "--count"),
+    ("envs", ["show", "sokoban", "--level", "3", "--seed", "1"], "invalid choice"),
+    ("envs", ["show", "maze", "--level", "300000", "--seed", "1", "--out", "{out}.png"], "out of range"),
+    ("envs", ["show", "maze", "--level", "x", "--seed", "1"], "--level"),
+    ("envs", ["data", "--out", "{out}", "--split", "train", "--per-level", "x"], "--per-level"),
+    ("envs", ["data", "--out", "{out}", "--split", "train", "--per-level", "1", "--levels", "maze=200000"],
+     "out of range"),
+    ("evaluate", ["--backend", "openai", "--base-url", "gopher://127.0.0.1/v1"], "--base-url"),
+    ("merge", ["--adapter", "{adapter}", "--tolerance", "nan"], "--tolerance"),
+    ("merge", ["--adapter", "{adapter}", "--tolerance", "-1"], "--tolerance"),
+    ("opcd", ["--teacher-retries", "1e308"], "--teacher-retries"),
+    ("evaluate", ["--backend", "openai", "--base-url", "http://user:pw@example.com/v1"], "--base-url"),
+    ("evaluate", ["--backend", "openai", "--base-url", "http://127.0.0.1:1/v1", "--api-key-env", "sk-secret-123"],
+     "--api-key-env"),
+]
+
 # (script, extra arguments, text the error line must contain). Base arguments are added per script;
 # {model}, {data}, {out}, {bad:...} are filled in by the fixture.
 CASES = (
@@ -62,6 +162,8 @@ CASES = (
         ("sft", ["--data", "{bad:level_string}"], "level must be an integer, got '3'"),
         ("sft", ["--data", "{bad:unknown_task}"], "'sokoban'"),
         ("sft", ["--data", "{bad:image_item}"], "message item must be"),
+        *[(script, ["--data", "{bad:image_disagrees}"], "another picture than the row's image")
+          for script in ("sft", "opcd", "evaluate")],
         ("sft", ["--data", "{bad:not_json}"], "malformed JSON"),
         ("sft", ["--data", "{bad:not_object}"], "a row must be a JSON object"),
         ("sft", ["--data", "{bad:plan_string}"], "plan must be a list"),
@@ -187,7 +289,7 @@ CASES = (
                   "frozenlake"], "which --tasks leaves out"),
         ("benchmarks", ["vsp", "{tmp}/nowhere", "--out", "{out}"], "no levelN folders"),
         ("benchmarks", ["visualplanning", "{tmp}/nowhere.jsonl", "--out", "{out}"], "unreadable"),
-    ])
+    ] + NON_FINITE + BROKEN_FILES + SERVED_FLAGS + OUTPUTS + LIMITS)
 
 def _state(row, **changes):
     """The row's on-disk state (a JSON string) with `changes`."""
@@ -217,6 +319,113 @@ BAD_ROWS = {
 }
 
 
+def _png_bomb(_):
+    """A valid PNG header that declares 60000 x 60000 pixels (3.6e9): decoding it would take gigabytes."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b""))
+
+
+BAD_PICTURES = {
+    "png_truncated": lambda data: data[:len(data) // 2],
+    "png_garbage": lambda data: data[:8] + b"garbage" * 20,
+    "png_bad_crc": lambda data: data[:30] + bytes([data[30] ^ 0xFF]) + data[31:],
+    "png_bomb": _png_bomb,
+}
+
+
+def _edit_weights(folder, change):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _one_value(value):
+    def change(tensors):
+        name = sorted(k for k in tensors if "layers.0.mlp.up_proj" in k)[0]
+        tensors[name].view(-1)[3] = value
+    return change
+
+
+def _wider_vocabulary(folder):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    model.resize_token_embeddings(model.get_input_embeddings().num_embeddings + 64)
+    model.save_pretrained(folder)
+
+
+def _json_edit(name, change):
+    def edit(folder):
+        path = folder / name
+        path.write_text(change(path.read_text()))
+    return edit
+
+
+BAD_MODELS = {  # copies of the tiny model, each broken in one way
+    "inf_weight": lambda f: _edit_weights(f, _one_value(float("inf"))),
+    "nan_weight": lambda f: _edit_weights(f, _one_value(float("nan"))),
+    "wide_vocab": _wider_vocabulary,
+    "config_garbage": _json_edit("config.json", lambda text: text[:len(text) // 2]),
+    "config_list": _json_edit("config.json", lambda text: "[1, 2]"),
+    "tokenizer_garbage": _json_edit("tokenizer.json", lambda text: text[:len(text) // 3]),
+    "template_syntax": _json_edit("chat_template.jinja", lambda text: "{% for m in messages %}{{ m.role }"),
+    "template_raises": _json_edit("chat_template.jinja", lambda text: "{{ raise_exception('no chats here') }}"),
+}
+
+
+def adapters(root, tiny_model):
+    """A real LoRA adapter of the tiny model and broken copies of it; an sft.py --full checkpoint of another shape."""
+    from safetensors.torch import load_file, save_file
+
+    from mgsd import lora
+
+    model, _ = common.load_model(tiny_model)
+    up_proj = next(n for n, _ in model.named_parameters() if "layers.0.mlp.up_proj.weight" in n)
+    lora.add_lora(model, rank=4, alpha=8)
+    good = lora.save_adapter(model, root / "adapter", tiny_model)
+    made = {"adapter": good}
+
+    def variant(name, change_config=None, change_weights=None, cut=False):
+        folder = made[name] = root / name
+        shutil.copytree(good, folder)
+        if change_config:
+            config = json.loads((folder / "adapter_config.json").read_text())
+            change_config(config)
+            (folder / "adapter_config.json").write_text(json.dumps(config))
+        weights = folder / "adapter_model.safetensors"
+        if change_weights:
+            tensors = load_file(str(weights))
+            change_weights(tensors)
+            save_file(tensors, str(weights))
+        if cut:
+            weights.write_bytes(weights.read_bytes()[:100])
+
+    variant("adapter_no_r", lambda c: c.pop("r"))
+    variant("adapter_r_string", lambda c: c.update(r="four"))
+    variant("adapter_other_rank", lambda c: c.update(r=8))
+    variant("adapter_alpha_huge", lambda c: c.update(lora_alpha=1e308))
+    variant("adapter_truncated", cut=True)
+    variant("adapter_nan", change_weights=lambda t: next(v for k, v in sorted(t.items()) if "lora_B" in k).fill_(float("nan")))
+    (root / "adapter_config_garbage").mkdir()
+    shutil.copy(good / "adapter_model.safetensors", root / "adapter_config_garbage")
+    (root / "adapter_config_garbage" / "adapter_config.json").write_text("{not json")
+    made["adapter_config_garbage"] = root / "adapter_config_garbage"
+    other = made["other_checkpoint"] = root / "other-checkpoint"  # sft.py --full's layout, tensors of another shape
+    other.mkdir()
+    save_file({up_proj: torch.zeros(3, 3)}, str(other / "trainable.safetensors"))
+    cut = made["checkpoint_truncated"] = root / "checkpoint-truncated"
+    cut.mkdir()
+    (cut / "trainable.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1")
+    return made
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model, make_data):
     """A tiny model, good data, a folder holding a finished-looking run, broken copies of model and data."""
@@ -226,6 +435,17 @@ def world(tmp_path_factory, tiny_model, make_data):
     run.mkdir()
     (run / "log.jsonl").write_text('{"step": 1}\n')
     (root / "a-file").write_text("x")
+    (root / "bad-settings").mkdir()
+    (root / "bad-settings" / "settings.json").write_text('{"seed": ')
+    dangling = tmp_path_factory.mktemp("links") / "dangling"  # outside root, whose snapshot follows links
+    dangling.symlink_to(root / "nowhere-at-all")
+    for name, results, settings in (("agg-garbage", '{"a": ', None), ("agg-list", "[1, 2]", None),
+                                    ("agg-shape", '{"MGSD": {"conditions": 5}}', None),
+                                    ("agg-settings", "{}", "[1]"), ("agg-settings-garbage", "{}", "{x")):
+        (root / name).mkdir()
+        (root / name / "results.json").write_text(results)
+        if settings:
+            (root / name / "settings.json").write_text(settings)
     for name, steps in (("agg-a", 40), ("agg-b", 2)):  # two finished-looking main jobs made with other settings
         (root / name).mkdir()
         (root / name / "results.json").write_text("{}")
@@ -247,7 +467,9 @@ def world(tmp_path_factory, tiny_model, make_data):
     lines = (data / "data.jsonl").read_text().splitlines()
     bad = {}
     last = {json.loads(line)["kind"]: json.loads(line)["id"] for line in lines}  # the last instance's id of each kind
-    edits = {**BAD_ROWS, "id_shared": lambda r: r.update(id=last[r["kind"]])}
+    other_picture = json.loads(lines[-1])["image"]  # the last instance's
+    edits = {**BAD_ROWS, "id_shared": lambda r: r.update(id=last[r["kind"]]),
+             "image_disagrees": lambda r: r.update(image=other_picture)}
     for name, edit in list(edits.items()) + [("not_json", None), ("not_object", None)]:
         folder = root / f"bad-{name}"
         shutil.copytree(data, folder)
@@ -264,11 +486,24 @@ def world(tmp_path_factory, tiny_model, make_data):
     bad["row_twice"] = root / "bad-row_twice"  # one perception row written twice
     shutil.copytree(data, bad["row_twice"])
     (bad["row_twice"] / "data.jsonl").write_text("\n".join(lines[:3] + lines[2:]) + "\n")
+    for name, corrupt in BAD_PICTURES.items():  # the picture of the first rows, broken in place
+        folder = root / f"bad-{name}"
+        shutil.copytree(data, folder)
+        picture = folder / json.loads(lines[1])["image"]
+        picture.write_bytes(corrupt(picture.read_bytes()))
+        bad[name] = folder
+    models = {}
+    for name, change in BAD_MODELS.items():
+        models[name] = root / name
+        shutil.copytree(tiny_model, models[name])
+        change(models[name])
     return {"tmp": root, "model": tiny_model, "data": data, "run": run, "file": root / "a-file", "no_tokenizer": no_tok,
-            "truncated": truncated, "missing_tensor": missing_tensor, "bad": bad}
+            "truncated": truncated, "missing_tensor": missing_tensor, "bad": bad, "dangling": dangling, **models,
+            **adapters(root, tiny_model)}
 
 
-SCRIPTS = {"sft": sft.main, "opcd": opcd.main, "evaluate": evaluate.main, "merge": merge.main, "envs": splits.main,
+SCRIPTS = {"sft": sft.main, "opcd": opcd.main, "evaluate": evaluate.main, "merge": merge.main,
+           "merge-checkpoint": merge.main, "envs": splits.main,
            "tiny": tiny.main, "benchmarks": benchmarks.main, "pipeline": pipeline.main}
 
 
@@ -279,6 +514,7 @@ def base_args(script, w, out):
                      "--batch-size", 2, "--max-steps", 1],
             "evaluate": ["--model", "oracle", "--backend", "oracle", "--data", w["data"], "--out", out],
             "merge": ["--base", w["model"], "--adapter", w["tmp"] / "no-adapter", "--out", out],
+            "merge-checkpoint": ["--base", w["model"], "--checkpoint", w["tmp"] / "no-checkpoint", "--out", out],
             }.get(script, [])
 
 
@@ -286,8 +522,7 @@ def fill(arg, w, out):
     arg = str(arg)
     if arg.startswith("{bad:"):
         return str(w["bad"][arg[5:-1]])
-    return arg.format(tmp=w["tmp"], model=w["model"], data=w["data"], run=w["run"], file=w["file"], out=out,
-                      no_tokenizer=w["no_tokenizer"], truncated=w["truncated"], missing_tensor=w["missing_tensor"])
+    return arg.format(out=out, **{k: v for k, v in w.items() if k != "bad"})
 
 
 def snapshot(root):
@@ -296,6 +531,10 @@ def snapshot(root):
 
 def test_the_catalogue_has_over_a_hundred_cases():
     assert len(CASES) >= 100 and {script for script, _, _ in CASES} == set(SCRIPTS)
+
+
+def test_the_catalogue_has_450_cases_and_no_case_twice():
+    assert len(CASES) >= 450 and len({(s, tuple(e)) for s, e, _ in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("script, extra, expected", CASES, ids=[f"{s}:{' '.join(e)}" for s, e, _ in CASES])
@@ -472,3 +711,128 @@ def test_ctrl_c_is_one_line_and_exit_130(script, tiny_model, world, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: interrupted"), lines
     if script == "envs":
         assert not out.exists()
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_in_one_line(tiny_model, world, tmp_path):
+    """Two runs into one --out used to race: one deleted the other's temporary checkpoint. The folder is locked
+    (flock) by the run that writes it; another process is refused, whatever its flags, and changes nothing."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mgsd import cli; cli.claim_out(sys.argv[1]); "
+                               "print('held', flush=True); time.sleep(60)", str(out)],
+                              cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (out / "args.json").write_text(json.dumps({"kinds": "planning"}))  # what the first run has written so far
+        before = snapshot(out)
+        for script, argv in (("sft", base_args("sft", world, out) + ["--overwrite"]),
+                             ("opcd", base_args("opcd", world, out) + ["--overwrite"])):
+            with pytest.raises(SystemExit) as exit_info:
+                SCRIPTS[script]([str(a) for a in argv])
+            assert exit_info.value.code == 2 and snapshot(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    sft.main([str(a) for a in base_args("sft", world, out) + ["--overwrite"]])  # free again once the first run ends
+    assert (out / "model").is_dir() or (out / "adapter").is_dir()
+
+
+@pytest.mark.parametrize("script", ["sft", "opcd"])
+def test_resume_refuses_data_that_changed_and_reads_a_torn_log_line(script, tiny_model, world, make_data, tmp_path,
+                                                                      capsys):
+    out = tmp_path / "run"
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    argv = [str(a) for a in base_args(script, world, out)]
+    argv[argv.index("--data") + 1] = str(data)
+    argv[argv.index("--max-steps") + 1] = "1"
+    SCRIPTS[script](argv + (["--epochs", "4"] if script == "sft" else []))
+    log = out / "log.jsonl"
+    log.write_text(log.read_text() + '{"step": 2, "lo')  # a kill in the middle of a line
+    more = argv[:argv.index("--max-steps")] + ["--max-steps", "2"] + argv[argv.index("--max-steps") + 2:]
+    SCRIPTS[script](more + (["--epochs", "4"] if script == "sft" else []) + ["--resume"])
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines() if "loss" in json.loads(x)] == [1, 2]
+    other = make_data("train", 6, tasks=["maze"], levels=[3], kinds=("perception", "planning"))
+    shutil.rmtree(data)
+    shutil.copytree(other, data)  # maze rows where the run trained on frozenlake rows
+    before = snapshot(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        SCRIPTS[script](more[:more.index("--max-steps")] + ["--max-steps", "3"] + more[more.index("--max-steps") + 2:]
+                        + (["--epochs", "4"] if script == "sft" else []) + ["--resume"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "holds other rows than when the run started" in err, err
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("part", ["trainable.safetensors", "optimizer.pt", "state.json", "trainer_state.pt"])
+def test_resume_from_a_truncated_checkpoint_is_one_line(part, tiny_model, world, tmp_path, capsys):
+    script = "opcd" if part == "trainer_state.pt" else "sft"
+    out = tmp_path / "run"
+    argv = [str(a) for a in base_args(script, world, out)] + (["--epochs", "4"] if script == "sft" else [])
+    SCRIPTS[script](argv)
+    path = out / ("last" if script == "opcd" else "checkpoint") / part
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    before = snapshot(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        SCRIPTS[script](argv[:argv.index("--max-steps")] + ["--max-steps", "2"] + argv[argv.index("--max-steps") + 2:]
+                        + ["--resume"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "cannot" in err, err
+    assert snapshot(out) == before
+
+
+def test_requests_that_carry_a_key_bypass_a_proxy_unless_asked(world, tmp_path, monkeypatch):
+    """With $http_proxy set, every request (its Authorization header included) went to the proxy. Two real HTTP
+    servers: the endpoint, and a proxy that records what reaches it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = {"endpoint": [], "proxy": []}
+
+    def server(name):
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                seen[name].append(self.headers.get("Authorization"))
+                body = json.dumps({"choices": [{"message": {"content": "Plan: R"}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+    endpoint, endpoint_url = server("endpoint")
+    proxy, proxy_url = server("proxy")
+    monkeypatch.setenv("http_proxy", proxy_url)
+    monkeypatch.setenv("no_proxy", "")
+    monkeypatch.setenv("MGSD_TEST_KEY", "sk-secret-123")
+    argv = ["--model", "m", "--backend", "openai", "--base-url", endpoint_url + "/v1", "--api-key-env", "MGSD_TEST_KEY",
+            "--data", str(world["data"]), "--limit", "2", "--retries", "0"]
+    try:
+        evaluate.main(argv + ["--out", str(tmp_path / "direct")])
+        assert seen == {"endpoint": ["Bearer sk-secret-123"] * 2, "proxy": []}
+        evaluate.main(argv + ["--out", str(tmp_path / "proxied"), "--proxy-from-env"])
+        assert seen["proxy"] == ["Bearer sk-secret-123"] * 2 and len(seen["endpoint"]) == 2
+    finally:
+        endpoint.shutdown()
+        proxy.shutdown()
+
+
+@pytest.mark.parametrize("key", ["sk-abc\n", "sk-abc\r\nX-Other: 1", " sk-abc", "sk-äbc"])
+def test_an_api_key_no_header_can_carry_is_refused_before_any_request(key, world, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MGSD_TEST_KEY", key)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--model", "m", "--backend", "openai", "--base-url", "http://127.0.0.1:1/v1", "--api-key-env",
+                       "MGSD_TEST_KEY", "--data", str(world["data"]), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "MGSD_TEST_KEY" in err and key.strip() not in err
+    assert not (tmp_path / "out").exists()
