@@ -111,18 +111,24 @@ def solve(state, done=lambda sim, status: status == "success", actions=None):
     return None
 
 
-def rollout(state, actions):
-    """(final sim, status, steps) of `actions` from the initial state, stopping at the first success or
-    failure (method.md §4); an illegal action leaves the position where it was."""
+def trajectory(state, actions):
+    """([every sim visited, the start first], status, steps) of `actions` from the initial state, stopping at the
+    first success or failure (method.md §4); an illegal action leaves the position where it was."""
     world = World(state)
-    sim, status, steps = world.start, "ok", 0
+    sims, status, steps = [world.start], "ok", 0
     for a in actions:
-        nxt, status = world.step(sim, a)
+        nxt, status = world.step(sims[-1], a)
         steps += 1
-        sim = nxt if status != "illegal" else sim
+        sims.append(nxt if status != "illegal" else sims[-1])
         if status != "ok":
             break
-    return sim, status, steps
+    return sims, status, steps
+
+
+def rollout(state, actions):
+    """(final sim, status, steps): trajectory's last position."""
+    sims, status, steps = trajectory(state, actions)
+    return sims[-1], status, steps
 
 
 def simulate(state, actions):

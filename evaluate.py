@@ -19,7 +19,7 @@ import urllib.parse
 from pathlib import Path
 
 import envs
-from mgsd import chat_api, cli, splits
+from mgsd import chat_api, cli, gallery, splits
 
 BACKENDS = ("hf", "vllm", "openai", "oracle")
 PLANNING_METRICS = ("success", "optimal", "parse_ok", "illegal")
@@ -248,6 +248,16 @@ def plot(summary, metric, path):
     os.replace(tmp, path)
 
 
+def write_gallery(rows, records, path, title, per_group=4):
+    """gallery.png: a seeded sample of episodes per task and condition, failures first (mgsd/gallery.py).
+    Returns what each tile shows: (id, condition, last cell, mark)."""
+    image, drawn = gallery.sheet(gallery.groups(rows, records, per_group), title)
+    tmp = path.with_suffix(".tmp.png")
+    image.save(tmp)
+    os.replace(tmp, path)
+    return drawn
+
+
 def atomic_write(path, text):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -377,8 +387,11 @@ def evaluate(args):
     report, metrics = write_report(summary, out, args.kind)
     headline = next((m for m in ("success", "all_correct", "correct") if m in metrics), metrics[0])
     plot(summary, headline, out / f"{headline}.png")
+    if args.kind == "planning":  # what the model did, drawn by the simulator that scored it
+        write_gallery([ep["row"] for ep in episodes], records, out / "gallery.png", f"{args.model} ({args.backend})")
     print(report)
-    print(f"wrote {out}/episodes.jsonl, summary.json, report.md, {headline}.png")
+    print(f"wrote {out}/episodes.jsonl, summary.json, report.md, {headline}.png"
+          + (", gallery.png" if args.kind == "planning" else ""))
     errored = sum(r["error"] for r in records)
     if errored > args.max_error_share * len(records):
         print(f"error: {errored} of {len(records)} episodes errored (more than --max-error-share "

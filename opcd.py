@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import envs
-from mgsd import chat_api, cli, common, lora, splits
+from mgsd import chat_api, cli, common, lora, splits, tracking
 from mgsd.optim import MasterAdamW, all_reduce_grads, global_sum, rank_checksums, shard_model
 
 
@@ -99,6 +99,8 @@ def parse_args(argv=None):
     a("--vllm-gpu-memory", type=cli.positive_float, default=0.3, help="vLLM share of GPU memory (the trainer shares the GPU)")
     a("--resume", action="store_true", help="continue from OUT/last (model, optimiser, data position; same settings)")
     a("--overwrite", action="store_true", help="replace an --out that already holds a run")
+    a("--report-to", default="none", choices=tracking.CHOICES,
+      help="also send log.jsonl's numbers and the settings to this tracker (installed separately)")
     a("--seed", type=cli.seed, default=0, help="seed of data order and sampling")
     return p.parse_args(argv)
 
@@ -343,7 +345,8 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
 # Settings that may change when a run is resumed; any other difference is refused.
 RESUMABLE = {"resume", "overwrite", "max_steps", "val_every", "save_every", "val_size", "val_data", "max_model_len",
              "vllm_kv_cache_mb", "vllm_gpu_memory", "hf_cache", "teacher_url", "teacher_retries",
-             "teacher_timeout_seconds", "data_sha256"}  # a moved server: same teacher; the data: cli.check_data
+             "teacher_timeout_seconds", "data_sha256", "report_to"}  # a moved server: the same teacher;
+# the data's fingerprint is checked by cli.check_data
 
 
 def main(argv=None):
@@ -358,6 +361,7 @@ def main(argv=None):
             cli.fail(f"--resume: no {state_file}")
         cli.check_resume(cli.saved_args(out / "args.json"), args, RESUMABLE)
     cli.check_opcd_options(args)
+    tracking.check_installed(args.report_to)
     if args.rollout == "vllm" and not common.vllm_available():
         cli.fail("--rollout vllm: vllm is not installed (use --rollout hf)")
     ddp, rank, local_rank, world_size, device = common.compute_init(args.seed)
@@ -418,7 +422,8 @@ def main(argv=None):
     if rank == 0:
         cli.claim_out(out, clear=args.overwrite and not args.resume)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-    write_log = common.RunLog(out, start_step if args.resume else None, rank)  # a resumed run drops later lines
+    # a resumed run drops the lines logged after its checkpoint
+    write_log = common.RunLog(out, start_step if args.resume else None, rank, args.report_to, vars(args))
     common.print0(f"OPCD: {len(train_rows)} train rows, {steps_per_epoch} steps/epoch, steps {start_step}->{total_steps}, "
                   f"{world_size} rank(s), rollout {args.rollout}, loss {args.loss}, teacher {args.teacher}")
     if start_step == 0 and val_rows:  # as the reference: validate the starting model, which may stay the best

@@ -33,7 +33,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from envs import TASKS
-from mgsd import cli, splits
+from mgsd import cli, splits, tracking
 
 ROOT = Path(__file__).resolve().parent
 SHIPPED_BASE = ROOT / "models" / "mini-base"
@@ -79,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--aggregate", nargs="+", metavar="RUN", help="print mean ± std over these run folders and exit")
     p.add_argument("--backend", default=None, choices=("hf", "vllm"),
                    help="engine of OPCD rollouts and evaluation (default: vllm where installed, else hf)")
+    p.add_argument("--report-to", default="none", choices=tracking.CHOICES,
+                   help="the SFT and OPCD stages also send their logs to this tracker (default %(default)s)")
     for key, text in HELP.items():
         kind = (str if key == "levels" else cli.positive_float if key.endswith("lr") else cli.fraction
                 if key.endswith("share") else cli.positive_int)
@@ -102,7 +104,7 @@ def parse_args(argv=None):
     except (ValueError, UnicodeDecodeError) as e:
         p.error(f"--aggregate: a settings.json is not a pipeline's settings ({type(e).__name__})")
     for run, theirs in settings[1:]:  # a mean over unlike runs would mean nothing
-        differ = sorted(k for k in set(theirs) | set(settings[0][1]) if k not in ("seed", "out", "rows", "aggregate")
+        differ = sorted(k for k in set(theirs) | set(settings[0][1]) if k not in ("seed", "out", "rows", "aggregate", "report_to")
                         and theirs.get(k) != settings[0][1].get(k))
         if differ:
             p.error(f"--aggregate: {run} was made with other settings than {settings[0][0]} ("
@@ -206,6 +208,7 @@ def main(argv=None):
         except (ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError) as e:
             cli.fail(f"--aggregate: a results.json is not a pipeline's results ({type(e).__name__}: {str(e)[:80]})")
         return
+    tracking.check_installed(args.report_to)
     base = Path(args.base) if args.base else SHIPPED_BASE
     build = not args.base and (args.pretrain or args.quick or not SHIPPED_BASE.is_dir())
     if not build and not (base / "config.json").is_file():  # before anything is written
@@ -228,7 +231,7 @@ def main(argv=None):
                 raise ValueError("not an object")
         except (ValueError, UnicodeDecodeError) as e:
             cli.fail(f"{out / 'settings.json'} is not a pipeline's settings ({e}); move it away or choose another --out")
-        cli.check_resume(saved, args, {"out", "rows", "aggregate"}, what=f"a re-run in {out}")
+        cli.check_resume(saved, args, {"out", "rows", "aggregate", "report_to"}, what=f"a re-run in {out}")
     cli.claim_out(out)
     (out / "settings.json").write_text(json.dumps(vars(args), indent=1) + "\n")
     py = sys.executable
@@ -278,7 +281,8 @@ def main(argv=None):
         run([py, "sft.py", "--model", student, "--data", *folders, "--val-data", data / "val", "--kinds", kinds,
              "--full", "--lr", args.perception_lr, "--epochs", epochs, "--batch-size", 16,
              "--micro-batch-size", 16, "--no-grad-checkpointing", "--val-size", 64, "--max-new-tokens",
-             args.max_new_tokens, "--seed", args.seed, "--out", out / name, "--overwrite"], out / name / "model" / "config.json")
+             args.max_new_tokens, "--seed", args.seed, "--out", out / name, "--overwrite", "--report-to", args.report_to],
+            out / name / "model" / "config.json")
         return out / name / "model"
 
     def opcd(name, student, *extra):
@@ -289,7 +293,7 @@ def main(argv=None):
              "--out", out / name, "--rollout", backend, "--max-steps", args.opcd_steps, "--batch-size", args.opcd_batch,
              "--lr", args.opcd_lr, "--max-new-tokens", args.max_new_tokens, "--val-every", max(1, args.opcd_steps // 4),
              "--seed", args.seed, "--loss", "full", "--no-grad-checkpointing", resume, "--text-share",
-             args.opcd_text_share, *extra],
+             args.opcd_text_share, "--report-to", args.report_to, *extra],
             out / name / "done.json")
         return out / name / "best"
 
@@ -313,6 +317,7 @@ def main(argv=None):
     evaluate("base", base)
     psft = evaluate("+ perception SFT", sft("psft", base, "perception,text-planning"))
     evaluate("+ OPCD (MGSD)", opcd("mgsd", psft))
+    stage_gallery(out / "gallery.png", data / "test", out / "eval" / "row1", out / "eval" / "row2")
     if args.rows in ("baselines", "all"):  # the paper's baselines, from the base or stage 1 as the paper's
         direct_sft = evaluate("answer-only visual SFT (the paper's direct SFT)",
                               sft("direct-sft", base, "planning-direct,text-planning"), direct=True)
@@ -386,6 +391,21 @@ def markdown(rows):
 
 def results_table(results):
     return markdown([(name, [f"{100 * v:.1f}" for v in row_cells(summary)]) for name, summary in results.items()])
+
+
+def stage_gallery(path, data_dir, before, after, per_group=3):
+    """gallery.png: stage 1 (left) and MGSD (right) on the same test instances, MGSD's failures first
+    (mgsd/gallery.py). Returns what each side's tiles show: [(id, condition, last cell, mark)] x 2."""
+    from mgsd import gallery
+
+    rows = splits.load_split(data_dir, kinds=["planning"])
+    episodes = [[json.loads(x) for x in (Path(d) / "episodes.jsonl").read_text().splitlines()] for d in (before, after)]
+    right = gallery.groups(rows, episodes[1], per_group)
+    left = gallery.groups(rows, episodes[0], keys={g: [r["id"] for _, r in pairs] for g, pairs in right.items()})
+    (left_image, left_drawn), (right_image, right_drawn) = (gallery.sheet(left, "stage 1: perception SFT"),
+                                                            gallery.sheet(right, "MGSD: stage 1 + OPCD"))
+    gallery.side_by_side(left_image, right_image).save(path)
+    return left_drawn, right_drawn
 
 
 def aggregate_table(run_dirs):

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mgsd import cli, common, lora, splits
+from mgsd import cli, common, lora, splits, tracking
 from mgsd.common import print0
 from mgsd.optim import all_reduce_grads, global_sum, require_finite_weights
 
@@ -72,6 +72,8 @@ def parse_args(argv=None):
                    help="stop after this many steps, 0 = no limit (the schedule still spans all epochs)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings; see RESUMABLE)")
     p.add_argument("--overwrite", action="store_true", help="replace an --out that already holds a run")
+    p.add_argument("--report-to", default="none", choices=tracking.CHOICES,
+                   help="also send log.jsonl's numbers and the settings to this tracker (installed separately)")
     p.add_argument("--seed", type=cli.seed, default=0, help="seed of LoRA init and data order")
     return p.parse_args(argv)
 
@@ -255,13 +257,14 @@ def load_checkpoint(path, model, optimizer):
 # Settings that may change when a run is resumed; any other difference is refused.
 RESUMABLE = {"resume", "overwrite", "max_steps", "val_every", "save_every", "val_size", "val_data", "max_new_tokens",
              "grad_checkpointing", "checkpoint_share", "compile", "loader_workers", "loss_chunk",
-             "data_sha256"}  # the data: cli.check_data
+             "data_sha256", "report_to"}  # the data: cli.check_data
 
 
 def main(argv=None):
     args = parse_args(None if argv is None else [str(a) for a in argv])
     out = Path(args.out)
     cli.check_out(out, args.resume, args.overwrite, [args.model, *args.data, *(args.val_data or ())], "sft.py")
+    tracking.check_installed(args.report_to)
     if args.train_vision and not args.full:
         cli.fail("--train-vision needs --full (a LoRA adapter holds no vision weights)")
     if args.resume:
@@ -328,7 +331,7 @@ def main(argv=None):
     if rank == 0:
         cli.claim_out(out, clear=args.overwrite and not args.resume)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-    log = common.RunLog(out, step if args.resume else None, rank)
+    log = common.RunLog(out, step if args.resume else None, rank, args.report_to, vars(args))
     bar = tqdm(total=last_step, initial=step, desc="sft", dynamic_ncols=True, disable=rank != 0)
 
     workers = args.loader_workers if args.loader_workers is not None else 4 if device.type == "cuda" else 0

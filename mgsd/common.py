@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 import envs
-from mgsd import chat_api, cli, optim
+from mgsd import chat_api, cli, optim, tracking
 from mgsd.lora import LoRALinear
 
 # ------------------------------------------------------------------------------------------
@@ -422,11 +422,12 @@ def logged_step(line):
 
 
 class RunLog:
-    """OUT/log.jsonl, one JSON line of metrics a call (and TensorBoard scalars under OUT/tb where it is
-    installed), written by rank 0 only. Resuming from `resume_step` first drops the lines logged after it."""
+    """OUT/log.jsonl, one JSON line of metrics a call, written by rank 0 only, and sent to the tracker of
+    --report-to (mgsd/tracking.py) with the run's `config`. Resuming from `resume_step` first drops the lines
+    logged after it."""
 
-    def __init__(self, out, resume_step=None, rank=0):
-        self.file, self.writer = None, None
+    def __init__(self, out, resume_step=None, rank=0, report_to="none", config=None):
+        self.file, self.tracker = None, None
         if rank != 0:
             return
         path = Path(out) / "log.jsonl"
@@ -436,24 +437,18 @@ class RunLog:
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
         self.file = open(path, "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(Path(out) / "tb"))
-        except ImportError:
-            pass
+        self.tracker = tracking.open_tracker(report_to, out, config or {})
 
     def __call__(self, metrics):
         if self.file is None:
             return
         self.file.write(json.dumps(metrics) + "\n")
         self.file.flush()
-        for key, value in metrics.items():
-            if self.writer is not None and key != "step" and isinstance(value, (int, float)):
-                self.writer.add_scalar(key, value, metrics["step"])
+        if self.tracker is not None:
+            self.tracker.log(metrics, metrics["step"])
 
     def close(self):
-        for handle in (self.file, self.writer):
+        for handle in (self.file, self.tracker):
             if handle is not None:
                 handle.close()
 

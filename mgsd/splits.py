@@ -23,7 +23,7 @@ from PIL import Image
 from envs import (DEFAULT_LEVELS, LEVEL_RANGE, TASKS, _text, _user, direct_response, draft, generate, perception_answer,
                   perception_messages, perception_prompt, reference_response, score_perception, score_planning,
                   simulate, solve, student_messages, teacher_context, teacher_messages, text_state,
-                  text_student_messages)
+                  text_student_messages, parse_plan, trajectory, fmt)
 from mgsd import cli, dynamics, grids
 from mgsd.pictures import STYLES, render, sprite_folder
 
@@ -423,8 +423,18 @@ def _show(args):
     out = Path(args.out or f"{args.task}-{args.level}-{args.seed}.png")
     cli.check_out_file(out, args.overwrite)
     tmp = out.parent / f".{out.stem}.tmp-{os.getpid()}{out.suffix}"  # the same suffix: PIL picks the format by it
+    plan = None
+    if args.plan is not None:
+        plan = parse_plan(f"<answer>{args.plan}</answer>", args.task)
+        if plan is None:
+            raise ValueError(f"--plan {args.plan!r} is not a plan of {args.task} actions")
     try:  # the picture first: a bad --out fails before anything is printed; written whole or not at all
-        render(state, args.image_size, args.cell_size, args.frozenlake_style).save(tmp)
+        if plan is None:
+            render(state, args.image_size, args.cell_size, args.frozenlake_style).save(tmp)
+        else:  # the gallery's tile: the plan as a path, stopped where the simulator stops, and its mark
+            from mgsd import gallery
+
+            gallery.tile(state, plan, f"plan {args.plan}")[0].save(tmp)
         os.replace(tmp, out)
     except (ValueError, OSError) as e:
         tmp.unlink(missing_ok=True)
@@ -442,6 +452,9 @@ def _show(args):
     section("perception answer", perception_answer(state))
     for sub, question, answer, _ in dynamics.questions(state, args.seed):
         section(f"dynamics {sub}", f"{question}\n-> {answer}")
+    if plan is not None:
+        sims, status, steps = trajectory(state, plan)
+        print(f"plan drawn: {steps} of {len(plan)} actions taken, {status} at {fmt(sims[-1][:2])}")
     print(f"picture written to {out}")
 
 
@@ -471,6 +484,8 @@ def main(argv=None):
     show.add_argument("--seed", type=cli.seed, required=True, help="instance seed")
     show.add_argument("--out", help="picture path (default TASK-LEVEL-SEED.png)")
     show.add_argument("--overwrite", action="store_true", help="replace an existing picture at --out")
+    show.add_argument("--plan", default=None, help="draw this plan over the instance as the gallery does (UURD or "
+                                                   "U,PICK,R,DROP): its path, where the simulator stops, and its mark")
     show.add_argument("--image-size", type=int, default=256, help="picture side in pixels")
     show.add_argument("--cell-size", type=int, default=None, help="cell side in pixels (see data --cell-size)")
     show.add_argument("--frozenlake-style", default="plain", choices=STYLES, help="see data --frozenlake-style")
