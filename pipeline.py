@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -137,13 +138,18 @@ def run(cmd, done_marker):
     start = time.time()
     with open(log, "wb") as f, tqdm(desc=f"  {out.name}", leave=False, dynamic_ncols=True) as bar:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
-            f.write(chunk)
-            f.flush()
-            if found := PROGRESS.findall(chunk):
-                bar.total, bar.n = int(found[-1][1]), int(found[-1][0])
-                bar.refresh()
-        code = proc.wait()
+        try:
+            for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
+                f.write(chunk)
+                f.flush()
+                if found := PROGRESS.findall(chunk):
+                    bar.total, bar.n = int(found[-1][1]), int(found[-1][0])
+                    bar.refresh()
+            code = proc.wait()
+        except KeyboardInterrupt:  # the stage stops with the pipeline (its own Ctrl-C handling keeps its state)
+            proc.send_signal(signal.SIGINT)
+            proc.wait()
+            raise
     if code:
         last = next((line for line in reversed(log.read_text(errors="replace").splitlines()) if line.strip()), "")
         cli.fail(f"stage failed: {shlex.join(cmd)}: {last.strip()} (its output: {log})")

@@ -148,6 +148,10 @@ def write_split(items, out_dir, image_size=256, cell_size=None, style="plain"):
                 row = splits._message_row(base, "planning", envs.student_messages(state, image),
                                         envs.reference_response(state), image=image)
                 f.write(splits._disk_row(row) + "\n")
+        try:  # read back as every stage will read it: a split evaluate.py would refuse is never written
+            splits.load_split(tmp)
+        except (ValueError, FileNotFoundError) as e:
+            raise BenchmarkError(f"the imported split would not load: {str(e).replace(str(tmp), str(out))}") from None
     return out
 
 

@@ -139,3 +139,14 @@ def test_oracle_scores_100_percent_and_the_hf_backend_runs_on_imported_benchmark
     summary = evaluate.main(["--model", tiny_model, "--data", str(out), "--backend", "hf", "--max-new-tokens", "8",
                              "--out", str(tmp_path / "hf")])
     assert summary["conditions"]["image"]["n"] == 6 and summary["conditions"]["image"]["errors"] == 0
+
+
+def test_an_import_whose_split_would_not_load_writes_nothing(tmp_path):
+    """A benchmark picture that is a PNG only by its name (a JPEG renamed, a truncated file): the importer used to
+    write a split that evaluate.py then refused; it reads its own output back first."""
+    src = vsp_folder(tmp_path / "vsp", {3: states("frozenlake", 3, 2)})
+    picture = src / "level3" / "img" / "0.png"
+    picture.write_bytes(picture.read_bytes()[:40])
+    with pytest.raises(benchmarks.BenchmarkError, match=r"would not load: .*vsp-frozenlake-3-0\.png cannot be decoded"):
+        benchmarks.write_split(benchmarks.import_vsp(src, draw_missing=True), tmp_path / "split")
+    assert not (tmp_path / "split").exists() and not list(tmp_path.glob(".split.tmp-*"))

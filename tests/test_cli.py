@@ -836,3 +836,49 @@ def test_an_api_key_no_header_can_carry_is_refused_before_any_request(key, world
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "MGSD_TEST_KEY" in err and key.strip() not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_evaluation_into_a_folder_in_use_is_refused(world, tmp_path, capsys):
+    """Two evaluations at once used to end in a traceback at os.replace."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "eval"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mgsd import cli; cli.claim_out(sys.argv[1]); "
+                               "print('held', flush=True); time.sleep(60)", str(out)],
+                              cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (out / "run.json").write_text(json.dumps({"kind": "planning"}))
+        before = snapshot(out)
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main([str(a) for a in base_args("evaluate", world, out)] + ["--overwrite"])
+        assert exit_info.value.code == 2 and "in use by another run" in capsys.readouterr().err
+        assert snapshot(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_ctrl_c_in_the_pipeline_stops_its_stage_and_is_one_line(tmp_path):
+    """The pipeline printed a KeyboardInterrupt traceback and left its running stage behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "mini"
+    proc = subprocess.Popen([sys.executable, "pipeline.py", "--quick", "--out", str(out)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("**/logs/*.log")):  # a stage is running
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)  # to the pipeline alone: it must stop its stage itself
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if "error" in line.lower()]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert len(lines) == 1 and "error: interrupted" in lines[0], lines
+    stages = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert stages == [], stages  # no stage of this run is left running
