@@ -95,8 +95,18 @@ def adapter_state_dict(model):
     return sd
 
 
+def base_fingerprint(model):
+    """sha256 of the input embeddings as float32: the base an adapter was trained on (LoRA never trains them), the
+    same whatever dtype the base was loaded in. Two bases of one shape but other weights differ here."""
+    import hashlib
+
+    weights = model.get_input_embeddings().weight.detach().float().cpu().contiguous()
+    return hashlib.sha256(weights.numpy().tobytes()).hexdigest()
+
+
 def save_adapter(model, out_dir, base_model_path):
-    """Save the LoRA adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""
+    """Save the LoRA adapter in PEFT format (adapter_config.json + adapter_model.safetensors), with the fingerprint
+    of its base (PEFT ignores the extra key)."""
     from safetensors.torch import save_file
 
     cfg = model._lora_config
@@ -105,7 +115,7 @@ def save_adapter(model, out_dir, base_model_path):
         "r": cfg["rank"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg["dropout"],
         "target_modules": lora_target_regex(cfg["targets"]), "bias": "none", "fan_in_fan_out": False,
         "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
-        "inference_mode": True,
+        "inference_mode": True, "mgsd_base_fingerprint": base_fingerprint(model),
     }
     weights = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
     cli.require_finite(weights, f"refusing to write {out_dir}")
@@ -116,7 +126,8 @@ def save_adapter(model, out_dir, base_model_path):
 
 
 def load_adapter(model, adapter_dir):
-    """Add LoRA layers as described by adapter_config.json and load their weights."""
+    """Add LoRA layers as described by adapter_config.json and load their weights; an adapter saved here with the
+    fingerprint of another base (same shapes, other weights) is refused."""
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
@@ -134,6 +145,10 @@ def load_adapter(model, adapter_dir):
             targets = targets.rsplit("(", 1)[1].rstrip(")").split("|")
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_file}: not a LoRA adapter config ({type(e).__name__}: {str(e)[:80]})") from None
+    saved_base = cfg.get("mgsd_base_fingerprint")
+    if saved_base is not None and saved_base != base_fingerprint(model):
+        raise ValueError(f"{adapter_dir} was trained on another base model ({cfg.get('base_model_name_or_path')}); "
+                         "its weights differ from this one's")
     add_lora(model, rank=rank, alpha=alpha, dropout=dropout, targets=targets)
     try:
         weights = load_file(str(weights_file))

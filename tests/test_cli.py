@@ -67,6 +67,7 @@ BROKEN_FILES = [(script, [flag, "{%s}" % name, *extra], expected)
     ("merge", ["--adapter", "{adapter_config_garbage}"], "not a LoRA adapter config"),
     ("merge", ["--adapter", "{adapter_other_rank}"], "this base and rank 8 need"),
     ("merge", ["--adapter", "{adapter_truncated}"], "cannot read the adapter's weights"),
+    ("merge", ["--base", "{other_base}", "--adapter", "{adapter}"], "was trained on another base model"),
     ("merge-checkpoint", ["--checkpoint", "{other_checkpoint}"], "a checkpoint of another model?"),
     ("merge-checkpoint", ["--checkpoint", "{checkpoint_truncated}"], "cannot read it"),
 ] + [("merge", ["--adapter", "{adapter}", "--device", device], "--device") for device in ("tpu", "cuda:7", "nonsense", "")]
@@ -390,7 +391,8 @@ def adapters(root, tiny_model):
     up_proj = next(n for n, _ in model.named_parameters() if "layers.0.mlp.up_proj.weight" in n)
     lora.add_lora(model, rank=4, alpha=8)
     good = lora.save_adapter(model, root / "adapter", tiny_model)
-    made = {"adapter": good}
+    made = {"adapter": good,  # a base of the same shapes with other weights (seed 1), the tokenizer shared
+            "other_base": tiny.build_model(root / "other-base", size="tiny", seed=1, tokenizer=tiny_model)}
 
     def variant(name, change_config=None, change_weights=None, cut=False):
         folder = made[name] = root / name
