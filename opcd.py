@@ -456,7 +456,7 @@ def main(argv=None):
                                                                    "best_macro_success": best, "args": vars(args)}, rank)
                 if world_size > 1:
                     dist.barrier()
-        except (chat_api.EndpointError, cli.NonFinite) as e:  # a teacher that stopped answering, a NaN: stop here
+        except (chat_api.EndpointError, cli.NonFinite, OSError) as e:  # a teacher gone, a NaN, a full disk: stop here
             bar.close()
             kept = (f"{out / 'last'} keeps the last good checkpoint, --resume continues from it"
                     if (out / "last").is_dir() else "no checkpoint was written yet")

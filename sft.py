@@ -232,7 +232,7 @@ def save_checkpoint(path, model, optimizer, step):
 
     weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     cli.require_finite(weights, f"refusing to write {path}")
-    with cli.atomic_dir(path) as tmp:
+    with cli.atomic_dir(path) as tmp, cli.write_failure(path):
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
@@ -340,7 +340,7 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(range(step, last_step), batch_size=None, collate_fn=encode, num_workers=workers,
                                          pin_memory=device.type == "cuda")
     t0, tokens_seen, saved_step = time.time(), 0, step
-    try:  # a NaN or inf in a gradient, or in weights about to be written, stops the run: nothing non-finite is saved
+    try:  # a NaN or inf in a gradient or in weights about to be written, or a failed write, stops the run in one line
         for micro in loader:
             # ALGO LOGIC: this rank's share of the global batch, in micro-batches; the loss is a token mean over all ranks
             n_target = torch.tensor(float(sum(len(b["target_positions"]) for b in micro)), device=device)
@@ -396,7 +396,7 @@ def main(argv=None):
             else:
                 lora.save_adapter(model, out / "adapter", args.model)
             print0(f"wrote {out / ('model' if args.full else 'adapter')}")
-    except cli.NonFinite as e:
+    except (cli.NonFinite, OSError) as e:  # a NaN, or a disk that is full: the last whole checkpoint stays
         bar.close()
         cli.fail(f"{e}; " + (f"{out / 'checkpoint'} keeps step {saved_step}, --resume continues from it" if saved_step
                              else "no checkpoint was written yet"))

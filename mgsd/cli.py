@@ -253,6 +253,18 @@ def recover_dir(path):
 
 
 @contextmanager
+def write_failure(path):
+    """A failed write as an OSError naming `path`: safetensors and torch.save raise their own types when the disk
+    is full."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        raise OSError(f"cannot write {path}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from e
+
+
+@contextmanager
 def atomic_dir(path):
     """Yield a temporary sibling folder; on success it replaces `path`, on error it is deleted.
     A reader never sees a half-written checkpoint."""

@@ -58,7 +58,7 @@ def save_model(model, processor, out_dir, trainer_state=None, rank=0):
     weights = hf_state_dict(model)
     cli.require_finite(weights, f"refusing to write {out_dir}")
     if rank == 0:
-        with cli.atomic_dir(out_dir) as tmp:
+        with cli.atomic_dir(out_dir) as tmp, cli.write_failure(out_dir):
             write_model_files(model, processor, tmp, weights)
             if trainer_state is not None:
                 torch.save(trainer_state, tmp / "trainer_state.pt")

@@ -119,7 +119,7 @@ def save_adapter(model, out_dir, base_model_path):
     }
     weights = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
     cli.require_finite(weights, f"refusing to write {out_dir}")
-    with cli.atomic_dir(out_dir) as tmp:
+    with cli.atomic_dir(out_dir) as tmp, cli.write_failure(out_dir):
         save_file(weights, str(tmp / "adapter_model.safetensors"))
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return Path(out_dir)

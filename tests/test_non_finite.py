@@ -298,3 +298,31 @@ def test_bf16_gradients_are_summed_in_fp32_across_ranks():
     results = mp.Manager().dict()
     mp.spawn(_reduce, args=(3, port, results), nprocs=3)
     assert dict(results) == {0: 1 + 2 ** -7, 1: 1 + 2 ** -7, 2: 1 + 2 ** -7}
+
+
+@pytest.mark.parametrize("script", ["sft", "opcd"])
+def test_a_disk_that_fills_up_during_a_save_is_one_line_and_leaves_no_partial_checkpoint(script, tiny_model, make_data,
+                                                                                        tmp_path):
+    """The file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes every write past 256 KiB fail with an OSError, as a
+    full disk does: the tiny model's checkpoint (3 MB) cannot be written."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))
+
+    data = make_data("train", 2, tasks=["frozenlake"], kinds=("planning",))
+    out = tmp_path / "run"
+    argv = {"sft": ["sft.py", "--model", tiny_model, "--data", data, "--out", out, "--batch-size", 2,
+                    "--micro-batch-size", 2, "--full", "--max-steps", 1, "--kinds", "planning"],
+            "opcd": ["opcd.py", "--model", tiny_model, "--teacher", tiny_model, "--data", data, "--out", out,
+                     "--rollout", "hf", "--batch-size", 2, "--max-new-tokens", 6, "--max-steps", 1]}[script]
+    result = subprocess.run([sys.executable, *map(str, argv)], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, preexec_fn=small_disk)
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(errors) == 1 and "File too large" in errors[0], errors
+    assert not list(out.glob(".*.tmp-*")) and not (out / "model").exists() and not (out / "last").exists()
