@@ -176,6 +176,9 @@ def load_model(path, device="cpu", dtype=None):
             keys = sorted(map(str, info[f"{what}_keys"]))
             raise ValueError(f"{path}: {len(keys)} {what} weight(s) in the checkpoint, e.g. {keys[0]}")
     cli.require_finite(dict(model.named_parameters()), f"{path}: the weights")
+    rows = model.get_input_embeddings().num_embeddings
+    if len(processor.tokenizer) > rows:  # a token id past the embedding would fail deep inside the first forward
+        raise ValueError(f"{path}: its tokenizer has {len(processor.tokenizer)} tokens, its embedding {rows} rows")
     model.to(device)
     if torch.device(device).type == "cpu":
         use_shared_kv_attention(model)

@@ -305,10 +305,15 @@ def state_problem(state, plan):
     shortest = solve(state)
     if len(plan) != len(shortest):
         return f"the stored plan has {len(plan)} actions; the shortest has {len(shortest)}"
+    if "plan" in state and state["plan"] != plan:  # the scorer's "optimal" reads the state's copy
+        return f"the state's plan {''.join(map(str, state['plan']))!r} is not the row's {''.join(plan)!r}"
     return None
 
 
 MAX_PIXELS = 4096 * 4096  # a task picture is a few hundred pixels a side; anything far larger is a decompression bomb
+
+
+PLAN_KINDS = ("planning", "planning-direct", "text-planning", "teacher")  # rows whose answer is the plan
 
 
 def fingerprint(data_dirs):
@@ -391,6 +396,11 @@ def load_split(data_dir, kinds=None):
                 if item.get("type") == "image" and isinstance(item.get("image"), str):
                     item["image"] = resolve(item["image"], where)
             pictures = {item["image"] for item in items if item.get("type") == "image"}
+            target = row["messages"][-1]["content"] if row["kind"] in PLAN_KINDS else None  # what sft.py trains on
+            if isinstance(target, list):
+                target = "".join(item.get("text", "") for item in target if item.get("type") == "text")
+            if target is not None and parse_plan(target, row["task"]) != row["plan"]:
+                raise ValueError(f"{where}: the assistant's plan is not the row's plan {''.join(row['plan'])!r}")
             if row.get("image") and row["kind"] in ("planning", "planning-direct", "perception") \
                     and pictures and pictures != {row["image"]}:  # sft reads the chat's copy, opcd and evaluate the row's
                 raise ValueError(f"{where}: the chat shows another picture than the row's image {row['image']}")

@@ -46,7 +46,9 @@ NON_FINITE = [(script, [flag, "{%s}" % model, *extra], "hold NaN or inf")
                                           ("merge-checkpoint", "--base", ["--checkpoint", "{other_checkpoint}"]))] + [
     ("merge", ["--adapter", "{adapter_nan}"], "hold NaN or inf"),
     ("opcd", ["--teacher", "{wide_vocab}"], "output vocabularies must be the same"),
-]
+] + [(script, [flag, "{narrow_vocab}", *extra], "its embedding")  # token ids past the embedding
+     for script, flag, extra in (("sft", "--model", []), ("opcd", "--model", []), ("opcd", "--teacher", []),
+                                 ("evaluate", "--model", ["--backend", "hf"]), ("merge", "--base", ["--adapter", "{adapter}"]))]
 # Files that exist but cannot be read: models, adapters, checkpoints, pictures.
 BROKEN_FILES = [(script, [flag, "{%s}" % name, *extra], expected)
                 for name, expected in (("config_garbage", "config_garbage: cannot load"),
@@ -171,6 +173,9 @@ CASES = (
         ("sft", ["--val-data", "{bad:no_assistant}"], "no assistant turn"),
         ("sft", ["--data", "{bad:plan_not_shortest}"], "the shortest has"),
         ("sft", ["--data", "{bad:plan_misses_goal}"], "does not reach the goal"),
+        *[(script, ["--data", "{bad:state_plan_differs}"], "is not the row's") for script in ("sft", "opcd", "evaluate")],
+        *[(script, ["--data", "{bad:answer_plan_differs}", *extra], "the assistant's plan is not the row's plan")
+          for script, extra in (("sft", ["--kinds", "planning"]), ("opcd", []), ("evaluate", []))],
         ("sft", ["--data", "{bad:start_off_grid}"], "is not a cell of the 3x3 grid"),
         ("sft", ["--data", "{bad:hole_off_grid}"], "must be a list of cells"),
         ("sft", ["--data", "{bad:holes_number}"], "must be a list of cells"),
@@ -308,6 +313,9 @@ BAD_ROWS = {
     "plan_string": lambda r: r.update(plan="RRD"),
     "plan_not_shortest": lambda r: r.update(plan=r["plan"] + ["U", "D"]),
     "plan_misses_goal": lambda r: r.update(plan=r["plan"][:-1]),
+    "state_plan_differs": lambda r: r.update(state=_state(r, plan=list(reversed(json.loads(r["state"])["plan"])))),
+    "answer_plan_differs": lambda r: [item.update(text=item["text"].replace("<answer>", "<answer>U"))
+                                      for item in r["messages"][-1]["content"]],
     "start_off_grid": lambda r: r.update(state=_state(r, start=[0, 9])),
     "hole_off_grid": lambda r: r.update(state=_state(r, holes=[[7, 7]])),
     "holes_number": lambda r: r.update(state=_state(r, holes=5)),
@@ -362,6 +370,14 @@ def _wider_vocabulary(folder):
     model.save_pretrained(folder)
 
 
+def _narrower_vocabulary(folder):
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    model.resize_token_embeddings(len(AutoTokenizer.from_pretrained(folder)) - 8)
+    model.save_pretrained(folder)
+
+
 def _json_edit(name, change):
     def edit(folder):
         path = folder / name
@@ -373,6 +389,7 @@ BAD_MODELS = {  # copies of the tiny model, each broken in one way
     "inf_weight": lambda f: _edit_weights(f, _one_value(float("inf"))),
     "nan_weight": lambda f: _edit_weights(f, _one_value(float("nan"))),
     "wide_vocab": _wider_vocabulary,
+    "narrow_vocab": _narrower_vocabulary,
     "config_garbage": _json_edit("config.json", lambda text: text[:len(text) // 2]),
     "config_list": _json_edit("config.json", lambda text: "[1, 2]"),
     "tokenizer_garbage": _json_edit("tokenizer.json", lambda text: text[:len(text) // 3]),
