@@ -9,7 +9,8 @@ from PIL import Image, ImageDraw
 import envs
 from mgsd import pictures
 
-TILE, CAPTION, LABEL = 168, 46, 118  # picture side, caption height, width of a row's label (pixels)
+TILE, CAPTION, LABEL = 168, 58, 118  # picture side, caption height, width of a row's label (pixels)
+WIDTH = 27  # characters of a caption line that fit under a tile
 MARKS = {  # mark -> (colour, words)
     "optimal": ((20, 150, 60), "success, shortest"),
     "success": ((110, 190, 60), "success, longer"),
@@ -73,8 +74,8 @@ def tile(state, plan, caption):
         draw.ellipse([x - r, y - r, x + r, y + r], outline=colour, width=width)
     draw.rectangle([0, 0, TILE - 1, TILE - 1], outline=colour, width=4)
     draw.text((4, TILE + 2), words, fill=colour)
-    for i, line in enumerate(caption.splitlines()[:2]):
-        draw.text((4, TILE + 16 + 14 * i), line[:28], fill=(0, 0, 0))
+    for i, line in enumerate(caption.splitlines()[:3]):
+        draw.text((4, TILE + 15 + 14 * i), line if len(line) <= WIDTH else line[:WIDTH - 1] + "…", fill=(0, 0, 0))
     return img, cells[-1], mark
 
 
@@ -115,8 +116,9 @@ def sheet(chosen, title=""):
         draw.text((6, y + TILE // 2 - 12), f"{envs.NAMES[task]}\nfrom the {condition}", fill=(0, 0, 0))
         for j, (row, record) in enumerate(pairs):
             plan = record.get("plan")
-            caption = (f"level {row['level']}  plan {envs.plan_text(plan, task) if plan else '-'}\n"
-                       f"shortest {envs.plan_text(row['state']['plan'], task)}")
+            caption = (f"level {row['level']}, {len(plan) if plan else 0} actions\n"
+                       f"plan {envs.plan_text(plan, task) if plan else '-'}\n"
+                       f"best {envs.plan_text(row['state']['plan'], task)}")
             picture, last, mark = tile(row["state"], plan, caption)
             img.paste(picture, (LABEL + j * (TILE + 6), y))
             drawn.append((record["id"], condition, last, mark))
