@@ -407,6 +407,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("error: interrupted; finished episodes are kept in episodes.jsonl (--resume continues)", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # a full disk while writing the results
+        cli.fail(f"cannot write the results ({e}); the episodes written so far are kept (--resume continues)")
 
 
 if __name__ == "__main__":

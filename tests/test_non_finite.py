@@ -326,3 +326,23 @@ def test_a_disk_that_fills_up_during_a_save_is_one_line_and_leaves_no_partial_ch
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert len(errors) == 1 and "File too large" in errors[0], errors
     assert not list(out.glob(".*.tmp-*")) and not (out / "model").exists() and not (out / "last").exists()
+
+
+def test_a_disk_that_fills_up_during_an_evaluation_is_one_line(make_data, tmp_path):
+    """The same file-size limit, at 8 KiB: episodes.jsonl outgrows it; evaluate.py stops in one line, exit 2."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 10, 8 << 10))
+
+    data = make_data("test", 2, kinds=("planning",))
+    result = subprocess.run([sys.executable, "evaluate.py", "--model", "oracle", "--backend", "oracle", "--data", data,
+                             "--condition", "both", "--out", str(tmp_path / "eval")],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, preexec_fn=small_disk)
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(errors) == 1 and "File too large" in errors[0], errors
