@@ -106,7 +106,7 @@ def base_fingerprint(model):
 
 def save_adapter(model, out_dir, base_model_path):
     """Save the LoRA adapter in PEFT format (adapter_config.json + adapter_model.safetensors), with the fingerprint
-    of its base (PEFT ignores the extra key)."""
+    of its base in the weights file's metadata (which PEFT does not read)."""
     from safetensors.torch import save_file
 
     cfg = model._lora_config
@@ -115,12 +115,13 @@ def save_adapter(model, out_dir, base_model_path):
         "r": cfg["rank"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg["dropout"],
         "target_modules": lora_target_regex(cfg["targets"]), "bias": "none", "fan_in_fan_out": False,
         "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
-        "inference_mode": True, "mgsd_base_fingerprint": base_fingerprint(model),
+        "inference_mode": True,
     }
     weights = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
     cli.require_finite(weights, f"refusing to write {out_dir}")
     with cli.atomic_dir(out_dir) as tmp, cli.write_failure(out_dir):
-        save_file(weights, str(tmp / "adapter_model.safetensors"))
+        save_file(weights, str(tmp / "adapter_model.safetensors"),
+                  metadata={"format": "pt", "mgsd_base_fingerprint": base_fingerprint(model)})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return Path(out_dir)
 
@@ -145,7 +146,13 @@ def load_adapter(model, adapter_dir):
             targets = targets.rsplit("(", 1)[1].rstrip(")").split("|")
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_file}: not a LoRA adapter config ({type(e).__name__}: {str(e)[:80]})") from None
-    saved_base = cfg.get("mgsd_base_fingerprint")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights_file), "pt") as f:
+            saved_base = (f.metadata() or {}).get("mgsd_base_fingerprint")
+    except Exception as e:  # a truncated or foreign file: safetensors raises its own error type
+        raise ValueError(f"{weights_file}: cannot read the adapter's weights ({type(e).__name__})") from None
     if saved_base is not None and saved_base != base_fingerprint(model):
         raise ValueError(f"{adapter_dir} was trained on another base model ({cfg.get('base_model_name_or_path')}); "
                          "its weights differ from this one's")

@@ -87,14 +87,20 @@ def test_wandb_offline_run_holds_the_logged_numbers_and_settings_and_no_key(tiny
     assert not any(key.encode() in p.read_bytes() for p in out.rglob("*") if p.is_file())
 
 
-def test_an_uninstalled_tracker_is_one_line_before_any_work(tiny_model, make_data, tmp_path, capsys):
+@pytest.mark.parametrize("script", ["sft", "opcd", "pipeline"])
+def test_an_uninstalled_tracker_is_one_line_before_any_work(script, tiny_model, make_data, tmp_path, capsys):
     """swanlab is in requirements-track.txt, not in the test environment: the refusal is tested with it."""
-    pytest.importorskip("tensorboard")  # the environment this suite runs in
+    import pipeline
+
     if tracking.importlib.util.find_spec("swanlab") is not None:
         pytest.skip("swanlab is installed here")
     data = make_data("train", 2, tasks=["frozenlake"], kinds=("planning",))
+    argv = {"sft": sft_args(tiny_model, data, tmp_path / "run"),
+            "opcd": [str(a) for a in ["--model", tiny_model, "--teacher", tiny_model, "--data", data, "--out",
+                                      tmp_path / "run", "--rollout", "hf", "--batch-size", 2]],
+            "pipeline": ["--out", str(tmp_path / "run")]}[script]
     with pytest.raises(SystemExit) as exit_info:
-        sft.main(sft_args(tiny_model, data, tmp_path / "run", "--report-to", "swanlab"))
+        {"sft": sft.main, "opcd": opcd.main, "pipeline": pipeline.main}[script](argv + ["--report-to", "swanlab"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "swanlab is not installed" in err
     assert not (tmp_path / "run").exists()
