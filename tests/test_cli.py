@@ -901,3 +901,31 @@ def test_ctrl_c_in_the_pipeline_stops_its_stage_and_is_one_line(tmp_path):
     assert len(lines) == 1 and "error: interrupted" in lines[0], lines
     stages = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     assert stages == [], stages  # no stage of this run is left running
+
+
+def test_a_failed_pipeline_stage_is_one_line_and_exit_2(world, tmp_path):
+    """A base whose weights hold NaN: the first evaluation refuses it; the pipeline used to exit 1."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "pipeline.py", "--base", str(world["nan_weight"]), "--out",
+                             str(tmp_path / "mini"), "--backend", "hf"], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True)
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith("error: stage failed") and "NaN or inf" in errors[0], errors
+
+
+def test_a_grid_row_of_an_unknown_size_is_refused_before_the_oracle_runs(tmp_path, capsys):
+    """A vision row of level 200000 hung the oracle (it solved the grid)."""
+    grids = tiny.write_grids(tmp_path / "grids", "test", 2)
+    lines = (grids / "data.jsonl").read_text().splitlines()
+    row = json.loads(lines[0])
+    row["level"] = 200000
+    row["state"] = json.dumps({**json.loads(row["state"]), "level": 200000})
+    (grids / "data.jsonl").write_text("\n".join([json.dumps(row)] + lines[1:]) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--model", "oracle", "--backend", "oracle", "--kind", "vision", "--data", str(grids), "--out",
+                       str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "a grid row's level must be one of" in err and not (tmp_path / "eval").exists()
