@@ -112,23 +112,22 @@ def solve(state, done=lambda sim, status: status == "success", actions=None):
 
 
 def trajectory(state, actions):
-    """([every sim visited, the start first], status, steps) of `actions` from the initial state, stopping at the
-    first success or failure (method.md §4); an illegal action leaves the position where it was."""
+    """([every sim visited, the start first: one more than the steps taken], status) of `actions` from the initial
+    state, stopping at the first success or failure (method.md §4); an illegal action leaves the position as it was."""
     world = World(state)
-    sims, status, steps = [world.start], "ok", 0
+    sims, status = [world.start], "ok"
     for a in actions:
         nxt, status = world.step(sims[-1], a)
-        steps += 1
         sims.append(nxt if status != "illegal" else sims[-1])
         if status != "ok":
             break
-    return sims, status, steps
+    return sims, status
 
 
 def rollout(state, actions):
     """(final sim, status, steps): trajectory's last position."""
-    sims, status, steps = trajectory(state, actions)
-    return sims[-1], status, steps
+    sims, status = trajectory(state, actions)
+    return sims[-1], status, len(sims) - 1
 
 
 def simulate(state, actions):

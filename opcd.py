@@ -99,8 +99,7 @@ def parse_args(argv=None):
     a("--vllm-gpu-memory", type=cli.positive_float, default=0.3, help="vLLM share of GPU memory (the trainer shares the GPU)")
     a("--resume", action="store_true", help="continue from OUT/last (model, optimiser, data position; same settings)")
     a("--overwrite", action="store_true", help="replace an --out that already holds a run")
-    a("--report-to", default="none", choices=tracking.CHOICES,
-      help="also send log.jsonl's numbers and the settings to this tracker (installed separately)")
+    a("--report-to", default="none", choices=tracking.CHOICES, help="also send log.jsonl's numbers to this tracker")
     a("--seed", type=cli.seed, default=0, help="seed of data order and sampling")
     return p.parse_args(argv)
 
@@ -155,9 +154,7 @@ def full_reverse_kl(student_hidden, student_head, teacher_hidden, teacher_head, 
 
 def _topk_chunk(student_hidden, student_head, top_ids, top_logprobs, teacher_tail, tokens, temperature):
     log_p = F.log_softmax(student_head(student_hidden).float() / temperature, -1)
-    log_p_top = log_p.gather(-1, top_ids)
-    # log Σ_{v∉S} p(v) as a log-sum-exp over the ids outside the top K: exact in fp32, where 1 − Σ_{v∈S} p(v)
-    # rounds to 0 once the tail is below ~1e-7. An empty tail (K = vocabulary) is e^-1000: its term is 0.
+    log_p_top = log_p.gather(-1, top_ids)  # tail: a log-sum-exp (1 − Σ_top p rounds to 0); K = V: e^-1000, term 0
     log_p_tail = log_p.scatter(-1, top_ids, float("-inf")).logsumexp(-1).clamp(min=-1000.0)
     log_q_tail = teacher_tail.clamp(min=-1000.0)
     kl = (log_p_top.exp() * (log_p_top - top_logprobs)).sum() + (log_p_tail.exp() * (log_p_tail - log_q_tail)).sum()
@@ -170,10 +167,9 @@ def topk_reverse_kl(student_hidden, student_head, top_ids, top_logprobs, teacher
     rest, p(tail) = Σ_{v∉S_t} p(v):
         Σ_t m_t [Σ_{v∈S_t} p_S(v)(log p_S(v) − log p_T(v)) + p_S(tail)(log p_S(tail) − log p_T(tail))] / N,
     never above the full KL (coarsening never adds divergence), equal to it at K = vocabulary. The teacher side is
-    its top-K ids and log-probs [B, R, K] and log p_T(tail) [B, R] (teacher_topk, or served_tail for a served
-    teacher); the student's tail is a log-sum-exp over the ids outside S_t, exact in fp32 however small.
-    The student's logits exist `chunk` positions at a time. Returns (loss, ℓ_S of the sampled tokens, detached,
-    [B, R])."""
+    its top-K ids and log-probs [B, R, K] and log p_T(tail) [B, R] (common.teacher_topk or served_teacher_scores);
+    the student's tail is exact in fp32 however small. The student's logits exist `chunk` positions at a time.
+    Returns (loss, ℓ_S of the sampled tokens, detached, [B, R])."""
     keep = mask.bool()
     hs, ids, lp, tail = student_hidden[keep], top_ids[keep], top_logprobs[keep], teacher_tail[keep]
     total, picked = 0.0, []
@@ -183,20 +179,6 @@ def topk_reverse_kl(student_hidden, student_head, top_ids, top_logprobs, teacher
         total, picked = total + kl, picked + [s]
     student_lp = torch.zeros(mask.shape, device=mask.device).masked_scatter(keep, torch.cat(picked or [torch.zeros(0)]))
     return total / n_tokens, student_lp
-
-
-SERVED_TAIL_FLOOR = 1e-5
-
-
-def served_tail(top_logprobs):
-    """log p_T(tail) [B, R] of a served teacher, which returns only its top-K log-probs [B, R, K]: 1 − Σ exp(top)
-    in float64, at least SERVED_TAIL_FLOOR. The server's log-probs are fp32 log-softmax values, each off by at
-    most a few ulps of the logits' scale (|logit| ≤ 64: ≤ 8e-6), so 1 − Σ exp(top) is never below the true tail
-    by more than 1e-5 (Σ_v p_v(e^ε − 1) ≤ e^ε − 1); a top-1 log-prob that rounded to 0 leaves a tail of 0,
-    hence the floor. A tail below 1e-5 is not resolved: its term is then that of a teacher tail of 1e-5, smaller
-    than the true one (p log(p/q) falls as q grows), so the loss stays below the coarsened KL's."""
-    tail = 1 - top_logprobs.double().exp().sum(-1)
-    return tail.clamp(min=SERVED_TAIL_FLOOR).log().to(top_logprobs.dtype)
 
 
 # ------------------------------------------------------------------------------------------
@@ -231,17 +213,15 @@ def teacher_prompts(args, processor, rows, student_in, device):
 
 @torch.no_grad()
 def teacher_scores(args, teacher, teacher_in, resp, micro):
-    """What the loss needs of the frozen teacher, per micro-batch. The teacher reads its prompt, then the student's
-    exact response ids: ℓ_T [B, R] (--loss sampled), its last hidden states (full), or ℓ_T, its top-k ids and
-    log-probs [B, R, K] and the log-prob of the rest [B, R] (topk); None with --teacher none."""
+    """What the loss needs of the frozen teacher per micro-batch, reading its prompt then the student's exact response
+    ids: ℓ_T [B, R] (sampled), its last hidden states (full), ℓ_T + top-k ids, log-probs and tail (topk); or None."""
     if teacher_in is None:
         return [None] * len(micro)
     T, out = args.temperature, []  # log-probs are those of logits / T, the distribution that was sampled
     for ix, (ids, mask) in zip(micro, resp):
         prompts = common.take_prompts(teacher_in, ix)
         if args.teacher_url:  # from the server, for the same prompt and response ids
-            scores = common.served_teacher_scores(teacher, prompts, ids, mask, args.topk if args.loss == "topk" else 0)
-            out.append(scores + (served_tail(scores[2]),) if args.loss == "topk" else scores)
+            out.append(common.served_teacher_scores(teacher, prompts, ids, mask, args.topk if args.loss == "topk" else 0))
         elif args.loss == "sampled":
             out.append(common.response_logprobs(teacher, prompts, ids, mask, T))
         else:
@@ -345,8 +325,7 @@ def opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size,
 # Settings that may change when a run is resumed; any other difference is refused.
 RESUMABLE = {"resume", "overwrite", "max_steps", "val_every", "save_every", "val_size", "val_data", "max_model_len",
              "vllm_kv_cache_mb", "vllm_gpu_memory", "hf_cache", "teacher_url", "teacher_retries",
-             "teacher_timeout_seconds", "data_sha256", "report_to"}  # a moved server: the same teacher;
-# the data's fingerprint is checked by cli.check_data
+             "teacher_timeout_seconds", "data_sha256", "report_to"}  # data_sha256: cli.check_data
 
 
 def main(argv=None):
@@ -370,8 +349,7 @@ def main(argv=None):
     try:
         train_rows = splits.load_split(args.data, kinds=["planning"])
         args.data_sha256 = splits.fingerprint([args.data])
-        if args.resume:
-            cli.check_data(cli.saved_args(out / "args.json"), args)
+        cli.check_data(out, args)
         val_rows = splits.load_split(args.val_data, kinds=["planning"]) if args.val_data else []
         if len(train_rows) < args.batch_size:
             raise ValueError(f"{args.data}: {len(train_rows)} planning rows, fewer than --batch-size {args.batch_size}")
@@ -407,12 +385,8 @@ def main(argv=None):
     opt = MasterAdamW(model.parameters(), args.lr, tuple(args.betas), args.weight_decay, args.master)
     start_step, best = 0, -1.0
     if args.resume:  # trainable weights come back from the optimiser's master copy, bit-exact
-        try:
-            saved = torch.load(state_file, map_location=device, weights_only=False)
-            opt.load_state_dict(saved["optimizer"])
-            start_step, best = saved["step"], saved["best_macro_success"]
-        except Exception as e:  # a truncated or foreign file: torch and pickle raise many types
-            cli.fail(f"--resume: cannot load {state_file} ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})")
+        saved = opt.load(state_file, device)
+        start_step, best = saved["step"], saved["best_macro_success"]
     llm = None
     if args.rollout == "vllm":
         llm = common.make_llm(args.model, seed=args.seed, max_model_len=args.max_model_len,
@@ -422,8 +396,7 @@ def main(argv=None):
     if rank == 0:
         cli.claim_out(out, clear=args.overwrite and not args.resume)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-    # a resumed run drops the lines logged after its checkpoint
-    write_log = common.RunLog(out, start_step if args.resume else None, rank, args.report_to, vars(args))
+    write_log = tracking.RunLog(out, start_step if args.resume else None, rank, args.report_to, vars(args))
     common.print0(f"OPCD: {len(train_rows)} train rows, {steps_per_epoch} steps/epoch, steps {start_step}->{total_steps}, "
                   f"{world_size} rank(s), rollout {args.rollout}, loss {args.loss}, teacher {args.teacher}")
     if start_step == 0 and val_rows:  # as the reference: validate the starting model, which may stay the best
@@ -436,10 +409,9 @@ def main(argv=None):
     bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc="opcd")
     for step in range(start_step, total_steps):
         rows = common.batch_rows(train_rows, step, args.batch_size, args.seed, rank, world_size)
-        taken = False
+        log = None
         try:
             log = opcd_step(args, step, rows, model, teacher, llm, processor, opt, world_size, device)
-            taken = True
             log["epoch"] = step // steps_per_epoch
             validate_now = (step + 1) % args.val_every == 0 or step + 1 == total_steps
             if val_rows and validate_now:  # keep the best checkpoint by macro success
@@ -458,9 +430,8 @@ def main(argv=None):
                     dist.barrier()
         except (chat_api.EndpointError, cli.NonFinite, OSError) as e:  # a teacher gone, a NaN, a full disk: stop here
             bar.close()
-            kept = (f"{out / 'last'} keeps the last good checkpoint, --resume continues from it"
-                    if (out / "last").is_dir() else "no checkpoint was written yet")
-            cli.fail(f"{e}; step {step + 1} was {'taken but not saved' if taken else 'not taken'}: {kept}")
+            kept = f"{out / 'last'} keeps the last good one (--resume)" if (out / "last").is_dir() else "no checkpoint yet"
+            cli.fail(f"{e}; step {step + 1} was {'not taken' if log is None else 'taken but not saved'}: {kept}")
         bar.set_postfix(kl=f"{log['reverse_kl']:.3f}", success=f"{log['success']:.2f}")
         bar.update(1)
     bar.close()

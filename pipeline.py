@@ -34,7 +34,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from envs import TASKS
-from mgsd import cli, splits, tracking
+from mgsd import cli, gallery, splits, tracking
 
 ROOT = Path(__file__).resolve().parent
 SHIPPED_BASE = ROOT / "models" / "mini-base"
@@ -323,7 +323,9 @@ def main(argv=None):
     evaluate("base", base)
     psft = evaluate("+ perception SFT", sft("psft", base, "perception,text-planning"))
     evaluate("+ OPCD (MGSD)", opcd("mgsd", psft))
-    stage_gallery(out / "gallery.png", data / "test", out / "eval" / "row1", out / "eval" / "row2")
+    gallery.compare(splits.load_split(data / "test", kinds=["planning"]), *(
+        [json.loads(x) for x in (out / "eval" / row / "episodes.jsonl").read_text().splitlines()] for row in ("row1", "row2")),
+        out / "gallery.png")  # stage 1 and MGSD on the same test instances
     if args.rows in ("baselines", "all"):  # the paper's baselines, from the base or stage 1 as the paper's
         direct_sft = evaluate("answer-only visual SFT (the paper's direct SFT)",
                               sft("direct-sft", base, "planning-direct,text-planning"), direct=True)
@@ -397,21 +399,6 @@ def markdown(rows):
 
 def results_table(results):
     return markdown([(name, [f"{100 * v:.1f}" for v in row_cells(summary)]) for name, summary in results.items()])
-
-
-def stage_gallery(path, data_dir, before, after, per_group=3):
-    """gallery.png: stage 1 (left) and MGSD (right) on the same test instances, MGSD's failures first
-    (mgsd/gallery.py). Returns what each side's tiles show: [(id, condition, last cell, mark)] x 2."""
-    from mgsd import gallery
-
-    rows = splits.load_split(data_dir, kinds=["planning"])
-    episodes = [[json.loads(x) for x in (Path(d) / "episodes.jsonl").read_text().splitlines()] for d in (before, after)]
-    right = gallery.groups(rows, episodes[1], per_group)
-    left = gallery.groups(rows, episodes[0], keys={g: [r["id"] for _, r in pairs] for g, pairs in right.items()})
-    (left_image, left_drawn), (right_image, right_drawn) = (gallery.sheet(left, "stage 1: perception SFT"),
-                                                            gallery.sheet(right, "MGSD: stage 1 + OPCD"))
-    gallery.side_by_side(left_image, right_image).save(path)
-    return left_drawn, right_drawn
 
 
 def aggregate_table(run_dirs):

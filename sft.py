@@ -277,8 +277,7 @@ def main(argv=None):
         kinds = args.kinds.split(",")
         rows = [r for d in args.data for r in splits.load_split(d, kinds=kinds) if r.get("messages")]
         args.data_sha256 = splits.fingerprint(args.data)
-        if args.resume:
-            cli.check_data(cli.saved_args(out / "args.json"), args)
+        cli.check_data(out, args)
         val_rows = [r for d in args.val_data or () for r in splits.load_split(d, kinds=kinds)]
         val_rows = val_rows[::max(1, len(val_rows) // max(1, args.val_size))][:args.val_size]  # spread over tasks
         if not rows:
@@ -331,7 +330,7 @@ def main(argv=None):
     if rank == 0:
         cli.claim_out(out, clear=args.overwrite and not args.resume)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-    log = common.RunLog(out, step if args.resume else None, rank, args.report_to, vars(args))
+    log = tracking.RunLog(out, step if args.resume else None, rank, args.report_to, vars(args))
     bar = tqdm(total=last_step, initial=step, desc="sft", dynamic_ncols=True, disable=rank != 0)
 
     workers = args.loader_workers if args.loader_workers is not None else 4 if device.type == "cuda" else 0

@@ -212,9 +212,10 @@ def saved_args(path):
     return saved
 
 
-def check_data(saved, args):
-    """--resume on the rows the run started with: the data.jsonl fingerprint saved in args.json (runs saved before
-    it was recorded pass)."""
+def check_data(out, args):
+    """With --resume, the rows the run started with: the data.jsonl fingerprint args.data_sha256 against the one saved
+    in OUT/args.json (runs saved before it was recorded pass)."""
+    saved = saved_args(Path(out) / "args.json") if args.resume else {}
     if saved.get("data_sha256", args.data_sha256) != args.data_sha256:
         fail(f"--resume: --data holds other rows than when the run started (data.jsonl sha256 "
              f"{saved['data_sha256'][:12]} -> {args.data_sha256[:12]}); start a new run")

@@ -3,7 +3,6 @@ one `load_model` for a local folder or hub id (the real Qwen3-VL and our tiny mo
 writes; prompt encoding (left padding); HF and vLLM decoding that ban the same tokens; per-token log-probs
 on the layout [left-padded prompt P | right-padded response R]; the run log; the in-process vLLM engine."""
 import importlib.util
-import json
 import math
 import os
 import random
@@ -15,7 +14,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 import envs
-from mgsd import chat_api, cli, optim, tracking
+from mgsd import chat_api, cli, optim
 from mgsd.lora import LoRALinear
 
 # ------------------------------------------------------------------------------------------
@@ -332,9 +331,23 @@ def response_logprobs(model, prompt_batch, response_ids, response_mask, temperat
     return torch.zeros(keep.shape, dtype=picked.dtype, device=picked.device).masked_scatter(keep, picked)
 
 
+SERVED_TAIL_FLOOR = 1e-5
+
+
+def served_tail(top_logprobs):
+    """log p_T(tail) [B, R] of a served teacher, which returns only its top-K log-probs [B, R, K]: 1 − Σ exp(top)
+    in float64, at least SERVED_TAIL_FLOOR. The server's log-probs are fp32 log-softmax values, each off by at
+    most a few ulps of the logits' scale (|logit| ≤ 64: ≤ 8e-6), so 1 − Σ exp(top) is never below the true tail
+    by more than 1e-5 (Σ_v p_v(e^ε − 1) ≤ e^ε − 1); a top-1 log-prob that rounded to 0 leaves a tail of 0,
+    hence the floor. A tail below 1e-5 is not resolved: its term is then that of a teacher tail of 1e-5, smaller
+    than the true one (p log(p/q) falls as q grows), so the loss stays below the coarsened KL's."""
+    tail = 1 - top_logprobs.double().exp().sum(-1)
+    return tail.clamp(min=SERVED_TAIL_FLOOR).log().to(top_logprobs.dtype)
+
+
 def served_teacher_scores(teacher, prompt_batch, response_ids, response_mask, topk):
-    """A served teacher's ℓ_T [B, R] (and, with topk, its top-k ids and log-probs [B, R, k]) of the student's exact
-    response ids after the exact prompt ids that the in-process teacher would read."""
+    """A served teacher's ℓ_T [B, R] (and, with topk, its top-k ids and log-probs [B, R, k] and log p_T(tail) [B, R],
+    served_tail) of the student's exact response ids after the exact prompt ids the in-process teacher would read."""
     prompts = [row[m.bool()].tolist() for row, m in zip(prompt_batch["input_ids"], prompt_batch["attention_mask"])]
     responses = [row[m.bool()].tolist() for row, m in zip(response_ids, response_mask)]
     scored = teacher.score([p + r for p, r in zip(prompts, responses)], [len(p) for p in prompts], topk)
@@ -349,7 +362,7 @@ def served_teacher_scores(teacher, prompt_batch, response_ids, response_mask, to
     rows = [sorted(top.items(), key=lambda kv: -kv[1])[:K] for _, tops in scored for top in tops]
     top_ids[keep] = torch.tensor([[t for t, _ in r] for r in rows], dtype=torch.long, device=device).reshape(-1, K)
     top_lp[keep] = torch.tensor([[lp for _, lp in r] for r in rows], device=device).reshape(-1, K)
-    return picked, top_ids, top_lp
+    return picked, top_ids, top_lp, served_tail(top_lp)
 
 
 @torch.no_grad()
@@ -413,47 +426,6 @@ def generate_responses(model, processor, messages_list, max_new_tokens=256, temp
         results.append(dict(token_ids=ids, logprobs=None, text=processor.tokenizer.decode(ids, skip_special_tokens=True),
                             finished=end is not None))
     return results
-
-
-def logged_step(line):
-    """The step of a log.jsonl line; infinity for a line that is not one (a line torn by a kill is dropped)."""
-    try:
-        step = json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-    return step if isinstance(step, int) else math.inf
-
-
-class RunLog:
-    """OUT/log.jsonl, one JSON line of metrics a call, written by rank 0 only, and sent to the tracker of
-    --report-to (mgsd/tracking.py) with the run's `config`. Resuming from `resume_step` first drops the lines
-    logged after it."""
-
-    def __init__(self, out, resume_step=None, rank=0, report_to="none", config=None):
-        self.file, self.tracker = None, None
-        if rank != 0:
-            return
-        path = Path(out) / "log.jsonl"
-        kept = [line for line in path.read_text(errors="replace").splitlines() if logged_step(line) <= resume_step] \
-            if resume_step is not None and path.is_file() else []
-        tmp = path.with_name(f".log.jsonl.tmp-{os.getpid()}")  # the kept lines replace the log whole or not at all
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
-        self.file = open(path, "a")
-        self.tracker = tracking.open_tracker(report_to, out, config or {})
-
-    def __call__(self, metrics):
-        if self.file is None:
-            return
-        self.file.write(json.dumps(metrics) + "\n")
-        self.file.flush()
-        if self.tracker is not None:
-            self.tracker.log(metrics, metrics["step"])
-
-    def close(self):
-        for handle in (self.file, self.tracker):
-            if handle is not None:
-                handle.close()
 
 
 # ------------------------------------------------------------------------------------------

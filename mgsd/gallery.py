@@ -26,7 +26,7 @@ def outcome(state, plan):
     """(cells visited [(r, c)], where the plan was picked up and dropped, the mark) of a parsed plan (None: none)."""
     if plan is None:
         return [tuple(envs.World(state).start[:2])], [], "unparsed"
-    sims, status, _ = envs.trajectory(state, plan)
+    sims, status = envs.trajectory(state, plan)
     mark = {"success": "optimal" if len(plan) == len(state["plan"]) else "success", "illegal": "illegal",
             "fell": "fell", "ok": "short"}[status]
     actions = [(a, sims[i][:2]) for i, a in enumerate(plan[:len(sims) - 1]) if a in ("PICK", "DROP")]
@@ -125,9 +125,16 @@ def sheet(chosen, title=""):
     return img, drawn
 
 
-def side_by_side(left, right, gap=12):
-    """Two sheets next to each other (stage 1 | MGSD)."""
-    img = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), (255, 255, 255))
-    img.paste(left, (0, 0))
-    img.paste(right, (left.width + gap, 0))
-    return img
+def compare(rows, before, after, path, per_group=3):
+    """pipeline.py's gallery.png: stage 1's episodes `before` (left) and MGSD's `after` (right) on the same instances,
+    MGSD's failures first. Returns what each side's tiles show: [(id, condition, last cell, mark)] x 2."""
+    right = groups(rows, after, per_group)
+    left = groups(rows, before, keys={g: [r["id"] for _, r in pairs] for g, pairs in right.items()})
+    (left_image, left_drawn), (right_image, right_drawn) = sheet(left, "stage 1: perception SFT"), \
+        sheet(right, "MGSD: stage 1 + OPCD")
+    img = Image.new("RGB", (left_image.width + 12 + right_image.width, max(left_image.height, right_image.height)),
+                    (255, 255, 255))
+    img.paste(left_image, (0, 0))
+    img.paste(right_image, (left_image.width + 12, 0))
+    img.save(path)
+    return left_drawn, right_drawn

@@ -91,6 +91,16 @@ class MasterAdamW:
         opt["state"] = {i: {k: full_tensor(v) for k, v in s.items()} for i, s in opt["state"].items()}
         return {"opt": opt, "master": [full_tensor(m.detach()).clone() for m in self.master]}
 
+    def load(self, path, device):
+        """The trainer state opcd.py saved at `path` (its optimizer part restored here); one line, exit 2 if it
+        cannot be read."""
+        try:
+            saved = torch.load(path, map_location=device, weights_only=False)
+            self.load_state_dict(saved["optimizer"])
+            return saved
+        except Exception as e:  # a truncated or foreign file: torch and pickle raise many types
+            cli.fail(f"--resume: cannot load {path} ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})")
+
     def load_state_dict(self, state):
         if self.mode == "stochastic":
             self.t = state["t"]

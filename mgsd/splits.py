@@ -463,8 +463,8 @@ def _show(args):
     for sub, question, answer, _ in dynamics.questions(state, args.seed):
         section(f"dynamics {sub}", f"{question}\n-> {answer}")
     if plan is not None:
-        sims, status, steps = trajectory(state, plan)
-        print(f"plan drawn: {steps} of {len(plan)} actions taken, {status} at {fmt(sims[-1][:2])}")
+        sims, status = trajectory(state, plan)
+        print(f"plan drawn: {len(sims) - 1} of {len(plan)} actions taken, {status} at {fmt(sims[-1][:2])}")
     print(f"picture written to {out}")
 
 

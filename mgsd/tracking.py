@@ -1,5 +1,5 @@
-"""--report-to: what a run's log.jsonl holds, also sent to a tracker people already watch (TensorBoard, Weights &
-Biases, SwanLab), with the run's settings. log.jsonl stays the record: a tracker is optional (none by default),
+"""The run log of sft.py and opcd.py: OUT/log.jsonl (RunLog), and --report-to: what it holds, also sent to a
+tracker people already watch (TensorBoard, Weights & Biases, SwanLab), with the run's settings. log.jsonl stays the record: a tracker is optional (none by default),
 an uninstalled one is one line and exit 2 before any work, and a tracker that fails mid-run never stops training
 (one warning, then the run goes on without it). Nothing here handles API keys: the trackers read their own
 environment (WANDB_API_KEY, WANDB_MODE=offline, SWANLAB_MODE, ...).
@@ -9,6 +9,7 @@ environment (WANDB_API_KEY, WANDB_MODE=offline, SWANLAB_MODE, ...).
     tracker.close()"""
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
 
@@ -107,3 +108,44 @@ class Tracker:
 def open_tracker(name, out, config):
     """The tracker for --report-to `name` (None for none), already started."""
     return None if name == "none" else Tracker(name, out, config)
+
+
+def logged_step(line):
+    """The step of a log.jsonl line; infinity for a line that is not one (a line torn by a kill is dropped)."""
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+    return step if isinstance(step, int) else math.inf
+
+
+class RunLog:
+    """OUT/log.jsonl, one JSON line of metrics a call, written by rank 0 only, and sent to the tracker of
+    --report-to (below) with the run's `config`. Resuming from `resume_step` first drops the lines
+    logged after it."""
+
+    def __init__(self, out, resume_step=None, rank=0, report_to="none", config=None):
+        self.file, self.tracker = None, None
+        if rank != 0:
+            return
+        path = Path(out) / "log.jsonl"
+        kept = [line for line in path.read_text(errors="replace").splitlines() if logged_step(line) <= resume_step] \
+            if resume_step is not None and path.is_file() else []
+        tmp = path.with_name(f".log.jsonl.tmp-{os.getpid()}")  # the kept lines replace the log whole or not at all
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+        self.file = open(path, "a")
+        self.tracker = open_tracker(report_to, out, config or {})
+
+    def __call__(self, metrics):
+        if self.file is None:
+            return
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        if self.tracker is not None:
+            self.tracker.log(metrics, metrics["step"])
+
+    def close(self):
+        for handle in (self.file, self.tracker):
+            if handle is not None:
+                handle.close()

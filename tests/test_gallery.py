@@ -100,8 +100,6 @@ def test_envs_show_draws_a_given_plan_over_the_instance(tmp_path):
 def test_the_pipelines_sheet_shows_stage_1_and_mgsd_on_the_same_instances(make_data, tmp_path):
     """Two evaluations of the same split (the oracle, and a model that answers nothing): the right side's sample
     (failures first) picks the instances, the left side draws the same ones."""
-    import pipeline
-
     data = make_data("test", 2, kinds=("planning",))
     evaluate.main(["--model", "oracle", "--backend", "oracle", "--data", data, "--condition", "both", "--out",
                    str(tmp_path / "oracle")])
@@ -112,7 +110,8 @@ def test_the_pipelines_sheet_shows_stage_1_and_mgsd_on_the_same_instances(make_d
     (silent / "episodes.jsonl").write_text("".join(
         json.dumps(evaluate.score_episode({"row": rows[r["id"]], "condition": r["condition"]}, "no idea", None)) + "\n"
         for r in records))
-    left, right = pipeline.stage_gallery(tmp_path / "gallery.png", data, tmp_path / "oracle", silent)
+    left, right = gallery.compare(list(rows.values()), records, [json.loads(x) for x in
+                                  (silent / "episodes.jsonl").read_text().splitlines()], tmp_path / "gallery.png")
     assert [(i, c) for i, c, _, _ in left] == [(i, c) for i, c, _, _ in right] and len(left) == 3 * 2 * 3
     assert {m for *_, m in right} == {"unparsed"} and {m for *_, m in left} == {"optimal"}
     assert Image.open(tmp_path / "gallery.png").width > 2 * gallery.LABEL + 6 * gallery.TILE

@@ -871,8 +871,8 @@ def test_a_served_teachers_tail_is_never_more_than_1e5_below_the_true_one(teache
     floored at 1e-5 where the fp32 values cannot resolve the tail."""
     logits, _ = _confident_teacher(teacher_tail)
     top_lp = torch.log_softmax(logits, -1).topk(5, -1).values  # fp32, what the server computes
-    tail = opcd.served_tail(top_lp).double().exp()
-    assert (tail >= teacher_tail - 1e-5).all() and (tail >= opcd.SERVED_TAIL_FLOOR * (1 - 1e-6)).all()
+    tail = common.served_tail(top_lp).double().exp()
+    assert (tail >= teacher_tail - 1e-5).all() and (tail >= common.SERVED_TAIL_FLOOR * (1 - 1e-6)).all()
     if teacher_tail >= 1e-4:  # resolved: within the fp32 values' error
         assert (tail - teacher_tail).abs().max() <= 1e-5
 

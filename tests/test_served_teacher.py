@@ -54,7 +54,7 @@ def test_the_served_teachers_log_probs_and_top_k_are_the_in_process_teachers(ser
         hidden = common.response_hidden(model, teacher_in, ids, mask)
         local_lp, local_ids, local_top, _ = common.teacher_topk(hidden, model.lm_head, ids, mask, k=5)
     served = common.served_teacher_scores(teacher, teacher_in, ids, mask, 0)
-    served_lp, served_ids, served_top = common.served_teacher_scores(teacher, teacher_in, ids, mask, 5)
+    served_lp, served_ids, served_top, _ = common.served_teacher_scores(teacher, teacher_in, ids, mask, 5)
     keep = mask.bool()
     assert keep.sum() == 12 + 8
     assert (served[keep] - local[keep]).abs().max() <= 1e-4  # every response token
